@@ -1,0 +1,35 @@
+// Op schemas of the idid_kernels library. Implementations register per dispatch key in
+// cpu/*.cpp and cuda/*_binding.cpp; autograd and fake (meta) kernels are registered from Python
+// in idid_kernels/ops/, so the plumbing is written once for every backend.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(idid_kernels, m) {
+  // out_n = sigmoid((||x_n|| - offset) / temperature) in x's dtype; norm_n = ||x_n|| in the
+  // accumulation dtype (float32, float64 for float64 x), saved for backward.
+  m.def("norm_contraction_forward(Tensor x, float offset, float temperature) -> (Tensor out, Tensor norm)");
+  m.def(
+      "norm_contraction_backward(Tensor grad_out, Tensor? grad_norm, Tensor x, Tensor norm, float offset, "
+      "float temperature) -> Tensor");
+}
+
+// A plain extension module so that `import idid_kernels._C` loads the library and runs the
+// registrations above; it also reports whether CUDA kernels were compiled in.
+namespace {
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "idid_kernels C++/CUDA kernels", -1, nullptr};
+}
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+#ifdef IDID_KERNELS_WITH_CUDA
+  const int with_cuda = 1;
+#else
+  const int with_cuda = 0;
+#endif
+  if (PyModule_AddIntConstant(module, "with_cuda", with_cuda) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

@@ -1,0 +1,109 @@
+"""Which backends exist, which are usable here, and which one runs a given op.
+
+Backends: ``reference`` (pure PyTorch, always there), ``cpp`` (the C++ CPU kernels of the
+``idid_kernels._C`` extension), ``cuda`` (its CUDA kernels, where built with CUDA) and ``triton``
+(fused Triton kernels). A backend is *available* when it can run here at all and *implements* an op
+when it has kernels for it; ``backend="auto"`` takes the first backend in the device's preference
+order that is available, implements the op and runs on the tensors' device.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+BACKENDS = ("reference", "cpp", "cuda", "triton")
+BACKEND_CHOICES = ("auto",) + BACKENDS
+
+# Fastest first, per device type.
+_PREFERENCE = {"cpu": ("cpp", "reference"), "cuda": ("triton", "cuda", "reference")}
+_DEVICE_TYPES = {"reference": None, "cpp": ("cpu",), "cuda": ("cuda",), "triton": ("cuda",)}
+
+# op name -> backends with kernels for it. Grows as kernels land; the reference has everything.
+IMPLEMENTED: dict[str, set[str]] = {
+    "cm_margin_loss": {"reference"},
+    "idid_loss": {"reference"},
+    "pairwise_cosine": {"reference"},
+    "class_density": {"reference"},
+    "norm_contraction": {"reference", "cpp", "cuda"},
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend that exists was asked for but cannot run here; the message says what is missing."""
+
+
+_ext_state: dict[str, object] = {}
+
+
+def extension():
+    """The loaded ``idid_kernels._C`` module, or None (the import error is kept for messages)."""
+    if "module" not in _ext_state:
+        try:
+            _ext_state["module"] = importlib.import_module("idid_kernels._C")
+            # Registers fake kernels and autograd for the C++ ops.
+            importlib.import_module("idid_kernels.ops")
+        except ImportError as exc:  # not built, or built against another torch
+            _ext_state["module"] = None
+            _ext_state["error"] = f"{type(exc).__name__}: {exc}"
+    return _ext_state["module"]
+
+
+def _triton_missing() -> str | None:
+    try:
+        importlib.import_module("triton")
+    except ImportError as exc:
+        return f"triton is not importable ({exc}); pip install triton"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return "triton needs a CUDA GPU, or TRITON_INTERPRET=1 (set before triton is imported) to run on the CPU"
+    return "the triton kernels are not part of this build yet"
+
+
+def missing(backend: str) -> str | None:
+    """Why ``backend`` cannot run here, or None when it can."""
+    if backend == "reference":
+        return None
+    if backend in ("cpp", "cuda"):
+        ext = extension()
+        if ext is None:
+            return (f"the C++ extension idid_kernels._C is not built or failed to load "
+                    f"({_ext_state.get('error')}); build it with `pip install --no-build-isolation -e .`")
+        if backend == "cuda":
+            if not getattr(ext, "with_cuda", 0):
+                return ("idid_kernels._C was built without CUDA (CPU torch, no nvcc, or IDID_KERNELS_NO_CUDA=1); "
+                        "rebuild with a CUDA build of torch and nvcc on PATH")
+            if not torch.cuda.is_available():
+                return "no CUDA device is visible to torch"
+        return None
+    if backend == "triton":
+        return _triton_missing()
+    raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+
+
+def available_backends() -> list[str]:
+    """Backends that can run on this machine, e.g. ``["reference", "cpp"]``."""
+    return [b for b in BACKENDS if missing(b) is None]
+
+
+def select_backend(op: str, backend: str, device: torch.device) -> str:
+    """Resolve ``backend`` for ``op`` on ``device``; raises a clear error for an impossible choice."""
+    if not isinstance(backend, str) or backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+    implemented = IMPLEMENTED[op]
+    if backend == "auto":
+        for name in _PREFERENCE.get(device.type, ("reference",)):
+            devices = _DEVICE_TYPES[name]
+            if name in implemented and (devices is None or device.type in devices) and missing(name) is None:
+                return name
+        return "reference"
+    why = missing(backend)
+    if why is not None:
+        raise BackendUnavailableError(f"backend {backend!r} is not available: {why}")
+    if backend not in implemented:
+        have = sorted(b for b in implemented if missing(b) is None)
+        raise NotImplementedError(f"backend {backend!r} has no kernel for {op} yet; backends that do here: {have}")
+    devices = _DEVICE_TYPES[backend]
+    if devices is not None and device.type not in devices:
+        raise ValueError(f"backend {backend!r} runs on {'/'.join(devices)} tensors, but the inputs are on {device}")
+    return backend
