@@ -86,6 +86,12 @@ def available_backends() -> list[str]:
     return [b for b in BACKENDS if missing(b) is None]
 
 
+def runs_on(backend: str, device: torch.device) -> bool:
+    """Whether ``backend``'s kernels take tensors on ``device`` (the reference takes any)."""
+    devices = _DEVICE_TYPES[backend]
+    return devices is None or device.type in devices
+
+
 def select_backend(op: str, backend: str, device: torch.device) -> str:
     """Resolve ``backend`` for ``op`` on ``device``; raises a clear error for an impossible choice."""
     if not isinstance(backend, str) or backend not in BACKEND_CHOICES:
@@ -93,8 +99,7 @@ def select_backend(op: str, backend: str, device: torch.device) -> str:
     implemented = IMPLEMENTED[op]
     if backend == "auto":
         for name in _PREFERENCE.get(device.type, ("reference",)):
-            devices = _DEVICE_TYPES[name]
-            if name in implemented and (devices is None or device.type in devices) and missing(name) is None:
+            if name in implemented and runs_on(name, device) and missing(name) is None:
                 return name
         return "reference"
     why = missing(backend)
@@ -103,7 +108,7 @@ def select_backend(op: str, backend: str, device: torch.device) -> str:
     if backend not in implemented:
         have = sorted(b for b in implemented if missing(b) is None)
         raise NotImplementedError(f"backend {backend!r} has no kernel for {op} yet; backends that do here: {have}")
-    devices = _DEVICE_TYPES[backend]
-    if devices is not None and device.type not in devices:
-        raise ValueError(f"backend {backend!r} runs on {'/'.join(devices)} tensors, but the inputs are on {device}")
+    if not runs_on(backend, device):
+        raise ValueError(f"backend {backend!r} runs on {'/'.join(_DEVICE_TYPES[backend])} tensors, "
+                         f"but the inputs are on {device}")
     return backend

@@ -82,8 +82,7 @@ at::Tensor norm_contraction_backward_cpu(const at::Tensor& grad_out_in, const st
     at::parallel_for(0, n, row_grain(d), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const acc r = np[i];
-        const acc sig = contraction(r, off, inv_t);
-        acc radial = gp[i] * contraction_grad(sig, inv_t);
+        acc radial = gp[i] * contraction_grad(r, off, inv_t);
         if (gnp != nullptr) radial += gnp[i];
         const acc coef = radial * inv_norm_or_zero(r);
         const scalar_t* row = xp + i * d;

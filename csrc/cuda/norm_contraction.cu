@@ -54,7 +54,7 @@ __global__ void norm_contraction_backward_kernel(const Acc* __restrict__ grad_ou
   const int lane = threadIdx.x % kWarp;
   if (row >= n) return;
   const Acc r = norm[row];
-  Acc radial = grad_out[row] * contraction_grad(contraction(r, offset, inv_t), inv_t);
+  Acc radial = grad_out[row] * contraction_grad(r, offset, inv_t);
   if (grad_norm != nullptr) radial += grad_norm[row];
   const Acc coef = radial * inv_norm_or_zero(r);
   const T* xr = x + row * d;

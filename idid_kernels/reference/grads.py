@@ -35,9 +35,12 @@ def norm_backward(grad_r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def sigmoid_contraction_grad(r: torch.Tensor, offset: float, temperature: float) -> torch.Tensor:
-    """g'(r) = sig (1 - sig) / T with sig = sigmoid((r - offset) / T) (never 1 - sig alone)."""
-    sig = torch.sigmoid((r - offset) / temperature)
-    return sig * (1.0 - sig) / temperature
+    """g'(r) = sig(z) (1 - sig(z)) / T, z = (r - offset) / T, as sig(z) sig(-z) / T.
+
+    1 - sig(z) = sig(-z) exactly; evaluating it directly keeps full precision where sig(z) rounds
+    to nearly 1 (the kernels use the equivalent e / (1 + e)^2, e = exp(-|z|))."""
+    z = (r - offset) / temperature
+    return torch.sigmoid(z) * torch.sigmoid(-z) / temperature
 
 
 def norm_contraction_backward(grad_out: torch.Tensor, x: torch.Tensor, offset: float = 0.0,

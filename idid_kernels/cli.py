@@ -1,0 +1,60 @@
+"""Command line: ``python -m idid_kernels {check,info}``."""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _cmd_info(args) -> int:
+    from . import __version__
+    from ._backends import BACKENDS, missing
+    print(f"idid_kernels {__version__}  torch {torch.__version__}  python {platform.python_version()}  "
+          f"{platform.machine()}")
+    print(f"CUDA devices: {torch.cuda.device_count() if torch.cuda.is_available() else 0}")
+    for name in BACKENDS:
+        why = missing(name)
+        print(f"  {name:<10} {'available' if why is None else 'unavailable: ' + why}")
+    return 0
+
+
+def _cmd_check(args) -> int:
+    from .check import format_table, run_check
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is visible to torch", file=sys.stderr)
+        return 2
+    rows = run_check(device=args.device, dtype=DTYPES[args.dtype], seed=args.seed)
+    print(f"idid_kernels check: device={args.device} dtype={args.dtype} seed={args.seed}; "
+          f"errors are ||a - b|| / ||b|| against the float64 reference")
+    print(format_table(rows))
+    bad = [r for r in rows if r.status != "ok"]
+    backends = sorted({r.backend for r in rows})
+    print(f"\n{len(rows) - len(bad)} ok, {len(bad)} mismatched; backends checked: {', '.join(backends)}")
+    return 1 if bad else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m idid_kernels",
+                                     description="Fused kernels for IDID-R1 and contraction-mapped margin losses.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="compare every available backend with the float64 reference")
+    check.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    check.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    check.add_argument("--seed", type=int, default=0)
+    check.set_defaults(func=_cmd_check)
+    info = sub.add_parser("info", help="versions and which backends can run here")
+    info.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
