@@ -9,12 +9,12 @@ error of the eager reference in that dtype plus 1e-2.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from . import functional as F
+from . import functional, reference
 from ._backends import IMPLEMENTED, available_backends, runs_on
 
 TOLERANCES = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-4)}
@@ -22,10 +22,19 @@ TOLERANCES = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-4)}
 
 @dataclass
 class Case:
+    """One configuration of one op: ``make`` builds float64 inputs (positional tensors, of which
+    the floating ones get gradients, and constant tensor keywords); ``kw`` holds fixed keywords."""
+
     op: str
     label: str
-    make: Callable[[torch.Generator], list[torch.Tensor]]  # float64 inputs; floating ones get grads
-    run: Callable[..., torch.Tensor]  # run(backend, *inputs) -> output tensor
+    make: Callable[[torch.Generator], tuple[list[torch.Tensor], dict]]
+    kw: dict = field(default_factory=dict)
+
+    def run(self, backend: str | None, args: list, tensor_kw: dict) -> torch.Tensor:
+        """The op through the public dispatch (``backend``), or the reference module (None)."""
+        if backend is None:
+            return getattr(reference, self.op)(*args, **tensor_kw, **self.kw)
+        return getattr(functional, self.op)(*args, **tensor_kw, **self.kw, backend=backend)
 
 
 @dataclass
@@ -51,33 +60,25 @@ def _labels(g, n, c, ignore=0):
 
 def cases() -> list[Case]:
     out = [
-        Case("norm_contraction", "N=37 d=19 offset=0.5 T=2",
-             lambda g: [_feats(g, 37, 19)],
-             lambda b, x: F.norm_contraction(x, offset=0.5, temperature=2.0, backend=b)),
-        Case("pairwise_cosine", "N=33 M=17 d=24",
-             lambda g: [_feats(g, 33, 24), _feats(g, 17, 24)],
-             lambda b, x, y: F.pairwise_cosine(x, y, backend=b)),
+        Case("norm_contraction", "N=37 d=19 offset=0.5 T=2", lambda g: ([_feats(g, 37, 19)], {}),
+             dict(offset=0.5, temperature=2.0)),
+        Case("pairwise_cosine", "N=33 M=17 d=24", lambda g: ([_feats(g, 33, 24), _feats(g, 17, 24)], {})),
         Case("class_density", "B=40 C=7 d=16 t=2",
-             lambda g: [_feats(g, 40, 16), torch.randint(0, 7, (40,), generator=g)],
-             lambda b, x, y: F.class_density(x, y, 7, t=2.0, backend=b)),
+             lambda g: ([_feats(g, 40, 16), torch.randint(0, 7, (40,), generator=g), 7], {}), dict(t=2.0)),
     ]
     cm = [("cosface", {}), ("arcface", {}), ("combined", dict(m1=1.1, m2=0.2, m3=0.1)),
           ("sphereface", dict(sphere_lambda=1.0)), ("none", {})]
     for margin, kw in cm:
-        out.append(Case(
-            "cm_margin_loss", f"{margin} N=29 C=53 d=32 s=30",
-            lambda g: [_feats(g, 29, 32), _feats(g, 53, 32), _labels(g, 29, 53, ignore=3)],
-            lambda b, x, w, y, margin=margin, kw=kw: F.cm_margin_loss(x, w, y, margin=margin, backend=b, **kw)))
-    out.append(Case(
-        "cm_margin_loss", "cosface reduction=none class_weight",
-        lambda g: [_feats(g, 23, 16), _feats(g, 11, 16), _labels(g, 23, 11, ignore=2),
-                   torch.rand(11, generator=g, dtype=torch.float64) + 0.5],
-        lambda b, x, w, y, cw: F.cm_margin_loss(x, w, y, class_weight=cw.detach(), reduction="none", backend=b)))
-    out.append(Case(
-        "idid_loss", "B=48 C=9 d=16 (singletons, ignored rows)",
-        lambda g: [_feats(g, 48, 16), _feats(g, 9, 16), 0.5 * _feats(g, 9, 9),
-                   torch.cat([torch.tensor([-100, 8]), torch.randint(0, 8, (46,), generator=g)])],
-        lambda b, x, w, s, y: F.idid_loss(x, w, s, y, backend=b)))
+        out.append(Case("cm_margin_loss", f"{margin} N=29 C=53 d=32 s=30",
+                        lambda g: ([_feats(g, 29, 32), _feats(g, 53, 32), _labels(g, 29, 53, ignore=3)], {}),
+                        dict(margin=margin, **kw)))
+    out.append(Case("cm_margin_loss", "cosface reduction=none class_weight",
+                    lambda g: ([_feats(g, 23, 16), _feats(g, 11, 16), _labels(g, 23, 11, ignore=2)],
+                               dict(class_weight=torch.rand(11, generator=g, dtype=torch.float64) + 0.5)),
+                    dict(reduction="none")))
+    out.append(Case("idid_loss", "B=48 C=9 d=16 (singletons, ignored rows)",
+                    lambda g: ([_feats(g, 48, 16), _feats(g, 9, 16), 0.5 * _feats(g, 9, 9),
+                                torch.cat([torch.tensor([-100, 8]), torch.randint(0, 8, (46,), generator=g)])], {})))
     return out
 
 
@@ -88,18 +89,22 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(num / den) if den > 0 else float(num)
 
 
-def _evaluate(case: Case, inputs64, backend: str, dtype: torch.dtype, device: torch.device, seed: int):
-    """(output, grads) of ``case`` under ``backend`` with inputs cast to ``dtype``."""
-    leaves = []
-    for t in inputs64:
+def _evaluate(case: Case, inputs, backend: str | None, dtype: torch.dtype, device: torch.device, seed: int):
+    """(output, grads) of ``case`` under ``backend`` (None: the reference module) in ``dtype``."""
+    args64, kw64 = inputs
+
+    def cast(t, grad):
+        if not isinstance(t, torch.Tensor):
+            return t
         t = t.to(device)
-        if t.dtype.is_floating_point:
-            t = t.to(dtype).requires_grad_(True)
-        leaves.append(t)
-    out = case.run(backend, *leaves)
+        return t.to(dtype).requires_grad_(grad) if t.dtype.is_floating_point else t
+
+    args = [cast(t, True) for t in args64]
+    tensor_kw = {k: cast(t, False) for k, t in kw64.items()}
+    out = case.run(backend, args, tensor_kw)
     g = torch.Generator().manual_seed(seed + 1)
     upstream = torch.randn(out.shape, generator=g, dtype=torch.float64).to(device=device, dtype=out.dtype)
-    diff = [t for t in leaves if t.requires_grad]
+    diff = [t for t in args if isinstance(t, torch.Tensor) and t.requires_grad]
     grads = torch.autograd.grad(out, diff, upstream, allow_unused=True, materialize_grads=True)
     return out.detach(), [gr.detach() for gr in grads]
 
@@ -112,10 +117,9 @@ def run_check(device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int
     for case in cases():
         g = torch.Generator().manual_seed(seed)
         inputs = case.make(g)
-        truth_out, truth_grads = _evaluate(case, inputs, "reference", torch.float64, torch.device("cpu"), seed)
+        truth_out, truth_grads = _evaluate(case, inputs, None, torch.float64, torch.device("cpu"), seed)
         eager_err = None
-        names = ["reference"] + [b for b in backends if b != "reference"]
-        for backend in names:
+        for backend in backends:  # "reference" first: its error is the low-precision yardstick
             if backend not in IMPLEMENTED[case.op] or not runs_on(backend, dev):
                 continue
             out, grads = _evaluate(case, inputs, backend, dtype, dev, seed)
