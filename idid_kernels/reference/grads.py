@@ -85,18 +85,17 @@ def cm_row_weights(grad_out: torch.Tensor, labels: torch.Tensor, class_weight: t
                    ignore_index: int, reduction: str, dtype: torch.dtype) -> torch.Tensor:
     """g_n w_{y_n} (/ sum of weights for ``mean``): the factor in front of (p - onehot), (N,).
 
-    Matches ``F.cross_entropy``: ignored rows get 0, and an all-ignored ``mean`` gives zero grads.
+    Exactly ``F.cross_entropy``: ignored rows get 0 (so an all-ignored ``mean`` has zero grads), and
+    a ``mean`` whose non-ignored rows weigh 0 in total is 0/0 = NaN, in the loss and the grads.
     """
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels))
     w = torch.ones(labels.shape, dtype=dtype, device=labels.device) if class_weight is None \
         else class_weight.to(dtype)[safe]
-    w = torch.where(valid, w, torch.zeros_like(w))
-    if reduction == "none":
-        return grad_out.to(dtype) * w
+    zero = torch.zeros_like(w)
+    w = torch.where(valid, w, zero)
     if reduction == "mean":
-        total = w.sum()
-        w = torch.where(total > 0, w / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(w))
+        w = torch.where(valid, w / w.sum(), zero)
     return grad_out.to(dtype) * w
 
 
