@@ -11,6 +11,24 @@ TORCH_LIBRARY(idid_kernels, m) {
   m.def(
       "norm_contraction_backward(Tensor grad_out, Tensor? grad_norm, Tensor x, Tensor norm, float offset, "
       "float temperature) -> Tensor");
+
+  // Contraction-mapped margin softmax (spec/cm_margin.md). margin_kind: 0 none, 1 cosface (c - m3),
+  // 2 angular (cos(m1 theta + m2) - m3), 3 sphereface (m1, sphere_lambda); see
+  // idid_kernels/reference/margins.py. chunk_rows <= 0 lets the kernel choose.
+#define IDK_CM_CFG                                                                                            \
+  "float s, int margin_kind, float m1, float m2, float m3, float sphere_lambda, bool easy_margin, "          \
+  "bool exact_grad, bool contraction, float offset, float temperature, bool detach_norm, int ignore_index, " \
+  "int chunk_rows"
+  // Per-row losses (0 on ignored rows) and the statistics backward needs.
+  m.def("cm_margin_forward(Tensor x, Tensor weight, Tensor labels, " IDK_CM_CFG
+        ") -> (Tensor loss_rows, Tensor lse, Tensor x_norm, Tensor w_norm)");
+  // Gradients for any per-row upstream gradient; recomputes the cosines chunk by chunk.
+  m.def("cm_margin_backward(Tensor grad_rows, Tensor x, Tensor weight, Tensor labels, Tensor lse, Tensor x_norm, "
+        "Tensor w_norm, " IDK_CM_CFG ") -> (Tensor dx, Tensor dweight)");
+  // loss = sum_n row_weight_n loss_n with its gradients formed in the same pass (scalar reductions).
+  m.def("cm_margin_fused(Tensor x, Tensor weight, Tensor labels, Tensor row_weight, " IDK_CM_CFG
+        ") -> (Tensor loss, Tensor dx, Tensor dweight)");
+#undef IDK_CM_CFG
 }
 
 // A plain extension module so that `import idid_kernels._C` loads the library and runs the

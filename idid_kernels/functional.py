@@ -25,13 +25,18 @@ def _norm_contraction_ext(x, offset, temperature):
     return op(x, offset, temperature)
 
 
+def _cm_margin_loss_ext(x, weight, labels, *, margin, m, m1, m2, m3, sphere_lambda, easy_margin, **kwargs):
+    from .ops.cm_margin import cm_margin_loss as op
+    return op(x, weight, labels, resolve_margin(margin, m, m1, m2, m3, sphere_lambda, easy_margin), **kwargs)
+
+
 # op -> backend -> callable taking the validated arguments of the public function.
 _KERNELS = {
     "norm_contraction": {"reference": ref.norm_contraction, "cpp": _norm_contraction_ext,
                          "cuda": _norm_contraction_ext},
     "pairwise_cosine": {"reference": ref.pairwise_cosine},
     "class_density": {"reference": ref.class_density},
-    "cm_margin_loss": {"reference": ref.cm_margin_loss},
+    "cm_margin_loss": {"reference": ref.cm_margin_loss, "cpp": _cm_margin_loss_ext},
     "idid_loss": {"reference": ref.idid_loss},
 }
 

@@ -1,0 +1,126 @@
+// Row epilogues of the contraction-mapped margin softmax (spec/cm_margin.md), shared by the CPU
+// driver (csrc/cpu/cm_margin.cpp) and written so a CUDA row kernel can reuse the scalar pieces.
+//
+// A row n arrives as its C cosines c_j = <u_n, w^_j> (the GEMM output scaled by the inverse norms).
+// With a = s g(r_n), psi_j = c_j off target and phi(c_y) on target, z_j = a psi_j:
+//   forward   lse = logsumexp_j z_j,            loss = lse - z_y
+//   gradient  G_j = a g_n (p_j - [j = y]) psi'_j,  R = g_n (sum_j p_j psi_j - psi_y)
+// The gradient epilogues overwrite the row with G'_j = G_j / ||w_j||, the left operand of both
+// backward GEMMs (dU = G' W, dW += G'^T U). The target column is handled outside the loops, which
+// split at y so each loop is a plain vectorisable sweep.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "contraction.h"
+#include "fast_exp.h"
+#include "margins.h"
+
+namespace idid_kernels {
+
+template <typename A>
+struct CmConfig {
+  Margin<A> margin;
+  A s;
+  bool contraction;  // a = s * sigmoid((r - offset) / T); false: a = s
+  A offset, inv_temperature;
+  bool detach_norm;  // no radial gradient through a
+};
+
+// a_n and d a_n / d r_n.
+template <typename A>
+IDK_HOST_DEVICE IDK_FORCE_INLINE A cm_scale(const CmConfig<A>& cfg, A r) {
+  return cfg.contraction ? cfg.s * contraction(r, cfg.offset, cfg.inv_temperature) : cfg.s;
+}
+template <typename A>
+IDK_HOST_DEVICE IDK_FORCE_INLINE A cm_scale_grad(const CmConfig<A>& cfg, A r) {
+  return (cfg.contraction && !cfg.detach_norm) ? cfg.s * contraction_grad(r, cfg.offset, cfg.inv_temperature) : A(0);
+}
+
+// What the gradient epilogue leaves besides the G' row: the radial coefficient of dx_n,
+// s g'(r_n) R_n (the row's gradient is coef * u_n + the projected G' W term).
+template <typename A>
+struct CmRowOut {
+  A loss;
+  A lse;
+  A radial;
+};
+
+// Raw dots S_nj = <x_n, w_j> to cosines, in place.
+template <typename A>
+IDK_FORCE_INLINE void cm_to_cosines(A* row, const A* inv_wn, int64_t num_classes, A inv_xn) {
+#pragma omp simd
+  for (int64_t j = 0; j < num_classes; ++j) row[j] = row[j] * inv_xn * inv_wn[j];
+}
+
+template <typename A>
+IDK_FORCE_INLINE A cm_max(const A* row, int64_t lo, int64_t hi, A a, A m) {
+#pragma omp simd reduction(max : m)
+  for (int64_t j = lo; j < hi; ++j) {
+    const A z = a * row[j];
+    m = z > m ? z : m;
+  }
+  return m;
+}
+
+template <typename A>
+IDK_FORCE_INLINE A cm_sum_exp(const A* row, int64_t lo, int64_t hi, A a, A shift, A sum) {
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = lo; j < hi; ++j) sum += exp_approx(a * row[j] - shift);
+  return sum;
+}
+
+// Off-target gradient sweep over cosines with the row's lse known: row[j] <- a g p_j / ||w_j||;
+// accumulates sum_j p_j and sum_j p_j c_j over the sweep.
+template <typename A>
+IDK_FORCE_INLINE void cm_prob_grad(A* row, const A* inv_wn, int64_t lo, int64_t hi, A a, A lse, A ag, A& sum_p,
+                                   A& sum_pc) {
+  A sp = sum_p, spc = sum_pc;
+#pragma omp simd reduction(+ : sp, spc)
+  for (int64_t j = lo; j < hi; ++j) {
+    const A c = row[j];
+    const A p = exp_approx(a * c - lse);
+    sp += p;
+    spc += p * c;
+    row[j] = ag * p * inv_wn[j];
+  }
+  sum_p = sp;
+  sum_pc = spc;
+}
+
+// Forward of one row of cosines (left unchanged); y is a valid class.
+template <typename A>
+IDK_FORCE_INLINE CmRowOut<A> cm_row_forward(const CmConfig<A>& cfg, const A* row, int64_t num_classes, int64_t y,
+                                            A r) {
+  using std::exp;
+  using std::log;
+  const A a = cm_scale(cfg, r);
+  const A zy = a * margin_phi(row[y], cfg.margin, static_cast<A*>(nullptr));
+  // The shift is the exact max of the margined row: the target's plain cosine must not enter it
+  // (SphereFace's psi can sit far below c, and a too-large shift underflows every term).
+  const A m = cm_max(row, y + 1, num_classes, a, cm_max(row, 0, y, a, zy));
+  A sum = cm_sum_exp(row, y + 1, num_classes, a, m, cm_sum_exp(row, 0, y, a, m, A(0)));
+  sum += exp(zy - m);
+  const A lse = m + log(sum);
+  return {lse - zy, lse, A(0)};
+}
+
+// Gradient of one row of cosines given its lse and upstream weight g: the row becomes G'.
+// Returns the radial coefficient s g'(r) R of dx_n.
+template <typename A>
+IDK_FORCE_INLINE A cm_row_grad(const CmConfig<A>& cfg, A* row, const A* inv_wn, int64_t num_classes, int64_t y, A r,
+                               A lse, A g) {
+  const A a = cm_scale(cfg, r);
+  A dphi;
+  const A psi_y = margin_phi(row[y], cfg.margin, &dphi);
+  const A ag = a * g;
+  A sum_p = A(0), sum_pc = A(0);
+  cm_prob_grad(row, inv_wn, 0, y, a, lse, ag, sum_p, sum_pc);
+  cm_prob_grad(row, inv_wn, y + 1, num_classes, a, lse, ag, sum_p, sum_pc);
+  // p_y - 1 = -sum_{j != y} p_j: the off-target mass is accurate where p_y rounds to 1.
+  row[y] = -ag * sum_p * dphi * inv_wn[y];
+  return cm_scale_grad(cfg, r) * g * (sum_pc - sum_p * psi_y);
+}
+
+}  // namespace idid_kernels

@@ -1,0 +1,122 @@
+"""Autograd, fake kernels and the loss wrapper of the ``idid_kernels::cm_margin_*`` ops.
+
+Two paths over one kernel driver (csrc/cpu/cm_margin.cpp):
+
+- ``cm_margin_fused`` for ``reduction`` "mean"/"sum" when a gradient is needed: the per-row weights
+  g_n = w_{y_n} (/ sum of weights) are known before backward, so the kernel forms dx and dW in the
+  forward pass while each row of cosines is in cache, and backward only scales them by the
+  upstream scalar. The cosines are computed once.
+- ``cm_margin_forward`` / ``cm_margin_backward`` otherwise (``reduction="none"``, or no gradient):
+  per-row losses plus saved statistics (lse, norms); backward recomputes each chunk's cosines.
+
+The class weights and the reduction live here, on O(N) vectors; the kernels see one weight per row.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..reference.margins import MarginParams
+
+_KIND = {"none": 0, "cosface": 1, "angular": 2, "sphere": 3}
+_FWD, _BWD, _FUSED = ("idid_kernels::cm_margin_forward", "idid_kernels::cm_margin_backward",
+                      "idid_kernels::cm_margin_fused")
+# Bytes of the (chunk x C) cosine buffer; IDID_KERNELS_CHUNK_MB overrides (tests use it to force
+# many chunks).
+_DEFAULT_CHUNK_BYTES = 32 << 20
+
+
+def chunk_rows(num_classes: int, itemsize: int = 4) -> int:
+    budget = int(float(os.environ.get("IDID_KERNELS_CHUNK_MB", _DEFAULT_CHUNK_BYTES / 2**20)) * 2**20)
+    return max(1, budget // max(1, num_classes * itemsize))
+
+
+def config_args(params: MarginParams, *, s, contraction, norm_offset, norm_temperature, detach_norm, margin_grad,
+                ignore_index, num_classes, acc_itemsize=4) -> tuple:
+    """The ops' trailing scalar arguments, in schema order."""
+    return (float(s), _KIND[params.kind], params.m1, params.m2, params.m3, params.sphere_lambda,
+            bool(params.easy_margin), margin_grad == "exact", contraction == "sigmoid", float(norm_offset),
+            float(norm_temperature), bool(detach_norm), int(ignore_index), chunk_rows(num_classes, acc_itemsize))
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake(_FWD)
+def _forward_fake(x, weight, labels, *cfg):
+    acc = _acc(x.dtype)
+    n, c = x.shape[0], weight.shape[0]
+    return (x.new_empty(n, dtype=acc), x.new_empty(n, dtype=acc), x.new_empty(n, dtype=acc),
+            x.new_empty(c, dtype=acc))
+
+
+@torch.library.register_fake(_BWD)
+def _backward_fake(grad_rows, x, weight, labels, lse, x_norm, w_norm, *cfg):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), \
+        torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake(_FUSED)
+def _fused_fake(x, weight, labels, row_weight, *cfg):
+    return (x.new_empty((), dtype=_acc(x.dtype)), torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(weight, memory_format=torch.contiguous_format))
+
+
+def _forward_setup(ctx, inputs, output):
+    x, weight, labels, *cfg = inputs
+    _, lse, x_norm, w_norm = output
+    ctx.save_for_backward(x, weight, labels, lse, x_norm, w_norm)
+    ctx.cfg = cfg
+
+
+def _forward_backward(ctx, grad_rows, grad_lse, grad_x_norm, grad_w_norm):
+    # Only loss_rows is meant to be differentiated; the statistics are saved state.
+    x, weight, labels, lse, x_norm, w_norm = ctx.saved_tensors
+    if grad_rows is None:
+        grad_rows = torch.zeros_like(lse)
+    dx, dw = torch.ops.idid_kernels.cm_margin_backward(grad_rows, x, weight, labels, lse, x_norm, w_norm, *ctx.cfg)
+    return (dx, dw, None) + (None,) * len(ctx.cfg)
+
+
+def _fused_setup(ctx, inputs, output):
+    _, dx, dw = output
+    ctx.save_for_backward(dx, dw)
+    ctx.num_cfg = len(inputs) - 4
+
+
+def _fused_backward(ctx, grad_loss, grad_dx, grad_dw):
+    dx, dw = ctx.saved_tensors
+    g = grad_loss if grad_loss is not None else torch.zeros((), dtype=dx.dtype, device=dx.device)
+    return (g.to(dx.dtype) * dx, g.to(dw.dtype) * dw, None, None) + (None,) * ctx.num_cfg
+
+
+torch.library.register_autograd(_FWD, _forward_backward, setup_context=_forward_setup)
+torch.library.register_autograd(_FUSED, _fused_backward, setup_context=_fused_setup)
+
+
+def cm_margin_loss(x, weight, labels, params: MarginParams, *, s, contraction, norm_offset, norm_temperature,
+                   detach_norm, margin_grad, class_weight, ignore_index, reduction):
+    """The loss through the C++/CUDA ops; arguments already validated by ``functional``."""
+    cfg = config_args(params, s=s, contraction=contraction, norm_offset=norm_offset,
+                      norm_temperature=norm_temperature, detach_norm=detach_norm, margin_grad=margin_grad,
+                      ignore_index=ignore_index, num_classes=weight.shape[0],
+                      acc_itemsize=8 if x.dtype == torch.float64 else 4)
+    acc = _acc(x.dtype)
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    w_rows = (torch.ones(labels.shape, dtype=acc, device=x.device) if class_weight is None
+              else class_weight.to(acc)[safe])
+    w_rows = torch.where(valid, w_rows, torch.zeros_like(w_rows))
+    if reduction != "none" and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        # mean: w / sum(w), 0/0 = NaN for a batch with no weight, exactly F.cross_entropy.
+        row_weight = w_rows / w_rows.sum() if reduction == "mean" else w_rows
+        loss, _, _ = torch.ops.idid_kernels.cm_margin_fused(x, weight, labels, row_weight, *cfg)
+        return loss.to(x.dtype)
+    loss_rows = torch.ops.idid_kernels.cm_margin_forward(x, weight, labels, *cfg)[0]
+    weighted = loss_rows * w_rows
+    if reduction == "none":
+        return weighted.to(x.dtype)
+    total = weighted.sum()
+    return (total / w_rows.sum() if reduction == "mean" else total).to(x.dtype)
