@@ -22,7 +22,7 @@ _DEVICE_TYPES = {"reference": None, "cpp": ("cpu",), "cuda": ("cuda",), "triton"
 
 # op name -> backends with kernels for it. Grows as kernels land; the reference has everything.
 IMPLEMENTED: dict[str, set[str]] = {
-    "cm_margin_loss": {"reference", "cpp"},
+    "cm_margin_loss": {"reference", "cpp", "cuda"},
     "idid_loss": {"reference"},
     "pairwise_cosine": {"reference"},
     "class_density": {"reference"},

@@ -36,7 +36,7 @@ _KERNELS = {
                          "cuda": _norm_contraction_ext},
     "pairwise_cosine": {"reference": ref.pairwise_cosine},
     "class_density": {"reference": ref.class_density},
-    "cm_margin_loss": {"reference": ref.cm_margin_loss, "cpp": _cm_margin_loss_ext},
+    "cm_margin_loss": {"reference": ref.cm_margin_loss, "cpp": _cm_margin_loss_ext, "cuda": _cm_margin_loss_ext},
     "idid_loss": {"reference": ref.idid_loss},
 }
 

@@ -149,4 +149,4 @@ def test_norm_contraction_compiles_fullgraph():
 @needs_ext
 def test_auto_picks_cpp_on_cpu_for_norm_contraction():
     assert _backends.select_backend("norm_contraction", "auto", torch.device("cpu")) == "cpp"
-    assert _backends.select_backend("cm_margin_loss", "auto", torch.device("cpu")) == "reference"
+    assert _backends.select_backend("cm_margin_loss", "auto", torch.device("cpu")) == "cpp"

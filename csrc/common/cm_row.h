@@ -28,6 +28,28 @@ struct CmConfig {
   bool detach_norm;  // no radial gradient through a
 };
 
+// What a chunk's row epilogue does: forward statistics only, gradient from saved statistics and
+// an upstream gradient per row, or both at once with per-row weights known up front.
+enum CmMode : int { kCmForward = 0, kCmBackward = 1, kCmFused = 2 };
+
+// One chunk's work description, plain pointers only (host memory on the CPU, device memory on
+// the GPU). Rows [0, rows) of `s` are global rows n0 + i.
+template <typename A>
+struct CmRowJob {
+  CmConfig<A> cfg;
+  A* s;  // (rows x C): raw dots in; G' out in the gradient modes
+  const A* inv_wn;
+  const A* inv_xn;
+  const A* x_norm;
+  const int64_t* labels;
+  const A* g;  // per-row weight (fused) or upstream gradient (backward); null in forward
+  A* loss;     // per-row loss (forward, fused)
+  A* lse;      // written in forward/fused, read in backward
+  A* radial;   // (rows,) radial coefficient of dx (gradient modes)
+  int64_t n0, num_classes, ignore_index;
+  int mode;
+};
+
 // a_n and d a_n / d r_n.
 template <typename A>
 IDK_HOST_DEVICE IDK_FORCE_INLINE A cm_scale(const CmConfig<A>& cfg, A r) {

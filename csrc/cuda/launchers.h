@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "../common/cm_row.h"
+
 namespace idid_kernels {
 namespace cuda {
 
@@ -19,6 +21,10 @@ cudaError_t norm_contraction_forward(const T* x, T* out, Acc* norm, int64_t n, i
 template <typename T, typename Acc>
 cudaError_t norm_contraction_backward(const Acc* grad_out, const Acc* grad_norm, const T* x, const Acc* norm, T* dx,
                                       int64_t n, int64_t d, Acc offset, Acc inv_temperature, cudaStream_t stream);
+
+// cm_margin row epilogue over rows [0, rows) of job.s (one block per row); see cm_margin.cu.
+template <typename A>
+cudaError_t cm_epilogue(const CmRowJob<A>& job, int64_t rows, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace idid_kernels

@@ -22,22 +22,23 @@ from ..reference.margins import MarginParams
 _KIND = {"none": 0, "cosface": 1, "angular": 2, "sphere": 3}
 _FWD, _BWD, _FUSED = ("idid_kernels::cm_margin_forward", "idid_kernels::cm_margin_backward",
                       "idid_kernels::cm_margin_fused")
-# Bytes of the (chunk x C) cosine buffer; IDID_KERNELS_CHUNK_MB overrides (tests use it to force
-# many chunks).
-_DEFAULT_CHUNK_BYTES = 32 << 20
+# MiB of the (chunk x C) cosine buffer: it stays cache-sized on a CPU and large enough for full-speed
+# GEMMs on a GPU. IDID_KERNELS_CHUNK_MB overrides both (tests use it to force many chunks).
+_DEFAULT_CHUNK_MB = {"cpu": 32, "cuda": 256}
 
 
-def chunk_rows(num_classes: int, itemsize: int = 4) -> int:
-    budget = int(float(os.environ.get("IDID_KERNELS_CHUNK_MB", _DEFAULT_CHUNK_BYTES / 2**20)) * 2**20)
-    return max(1, budget // max(1, num_classes * itemsize))
+def chunk_rows(num_classes: int, itemsize: int = 4, device_type: str = "cpu") -> int:
+    mb = float(os.environ.get("IDID_KERNELS_CHUNK_MB", _DEFAULT_CHUNK_MB.get(device_type, 32)))
+    return max(1, int(mb * 2**20) // max(1, num_classes * itemsize))
 
 
 def config_args(params: MarginParams, *, s, contraction, norm_offset, norm_temperature, detach_norm, margin_grad,
-                ignore_index, num_classes, acc_itemsize=4) -> tuple:
+                ignore_index, num_classes, acc_itemsize=4, device_type="cpu") -> tuple:
     """The ops' trailing scalar arguments, in schema order."""
     return (float(s), _KIND[params.kind], params.m1, params.m2, params.m3, params.sphere_lambda,
             bool(params.easy_margin), margin_grad == "exact", contraction == "sigmoid", float(norm_offset),
-            float(norm_temperature), bool(detach_norm), int(ignore_index), chunk_rows(num_classes, acc_itemsize))
+            float(norm_temperature), bool(detach_norm), int(ignore_index),
+            chunk_rows(num_classes, acc_itemsize, device_type))
 
 
 def _acc(dtype):
@@ -102,7 +103,7 @@ def cm_margin_loss(x, weight, labels, params: MarginParams, *, s, contraction, n
     cfg = config_args(params, s=s, contraction=contraction, norm_offset=norm_offset,
                       norm_temperature=norm_temperature, detach_norm=detach_norm, margin_grad=margin_grad,
                       ignore_index=ignore_index, num_classes=weight.shape[0],
-                      acc_itemsize=8 if x.dtype == torch.float64 else 4)
+                      acc_itemsize=8 if x.dtype == torch.float64 else 4, device_type=x.device.type)
     acc = _acc(x.dtype)
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels))

@@ -1,0 +1,132 @@
+// CUDA row epilogue of the cm_margin ops: one thread block per row of the chunk, threads sweeping
+// the C classes, block reductions for the max, the sum of exponentials and the gradient sums. The
+// math is csrc/common/cm_row.h's (cm_scale, margin_phi), the driver csrc/driver/cm_margin_driver.h.
+#include <cub/block/block_reduce.cuh>
+#include <cuda_runtime.h>
+
+#include <cmath>
+
+#include "../common/cm_row.h"
+#include "launchers.h"
+
+namespace idid_kernels {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+struct MaxOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(const T& a, const T& b) const {
+    return a > b ? a : b;
+  }
+};
+
+template <typename A>
+__global__ void __launch_bounds__(kThreads) cm_epilogue_kernel(CmRowJob<A> job) {
+  using Reduce = cub::BlockReduce<A, kThreads>;
+  __shared__ typename Reduce::TempStorage temp;
+  __shared__ A shared_value[2];
+
+  const int tid = threadIdx.x;
+  const int64_t i = blockIdx.x;
+  const int64_t c = job.num_classes;
+  const int64_t row_id = job.n0 + i;
+  A* row = job.s + i * c;
+  const int64_t y = job.labels[row_id];
+  const bool want_grad = job.mode != kCmForward;
+  const A gi = want_grad ? job.g[row_id] : A(0);
+
+  if (y == job.ignore_index || (want_grad && job.mode == kCmBackward && gi == A(0))) {
+    if (tid == 0) {
+      if (job.mode != kCmBackward) {
+        job.loss[row_id] = A(0);
+        job.lse[row_id] = A(0);
+      }
+      if (want_grad) job.radial[i] = A(0);
+    }
+    if (want_grad) {
+      for (int64_t j = tid; j < c; j += kThreads) row[j] = A(0);
+    }
+    return;
+  }
+
+  const A inv_xn = job.inv_xn[row_id];
+  for (int64_t j = tid; j < c; j += kThreads) row[j] = row[j] * inv_xn * job.inv_wn[j];
+  __syncthreads();
+
+  const A r = job.x_norm[row_id];
+  const A a = cm_scale(job.cfg, r);
+  A dphi;
+  const A psi_y = margin_phi(row[y], job.cfg.margin, &dphi);
+  A lse;
+  if (job.mode != kCmBackward) {
+    // Exact max of the margined row (the target's plain cosine stays out of it).
+    const A zy = a * psi_y;
+    A m = zy;
+    for (int64_t j = tid; j < c; j += kThreads) {
+      if (j != y) m = MaxOp()(m, a * row[j]);
+    }
+    m = Reduce(temp).Reduce(m, MaxOp());
+    if (tid == 0) shared_value[0] = m;
+    __syncthreads();
+    m = shared_value[0];
+    A sum = A(0);
+    for (int64_t j = tid; j < c; j += kThreads) {
+      if (j != y) sum += exp(a * row[j] - m);
+    }
+    __syncthreads();  // temp storage reuse
+    sum = Reduce(temp).Sum(sum);
+    if (tid == 0) {
+      sum += exp(zy - m);
+      shared_value[1] = m + log(sum);
+      job.loss[row_id] = shared_value[1] - zy;
+      job.lse[row_id] = shared_value[1];
+    }
+    __syncthreads();
+    lse = shared_value[1];
+  } else {
+    lse = job.lse[row_id];
+  }
+  if (!want_grad) return;
+  if (gi == A(0)) {  // fused mode with a zero row weight
+    __syncthreads();
+    for (int64_t j = tid; j < c; j += kThreads) row[j] = A(0);
+    if (tid == 0) job.radial[i] = A(0);
+    return;
+  }
+  const A ag = a * gi;
+  A sum_p = A(0), sum_pc = A(0);
+  for (int64_t j = tid; j < c; j += kThreads) {
+    if (j == y) continue;
+    const A cj = row[j];
+    const A p = exp(a * cj - lse);
+    sum_p += p;
+    sum_pc += p * cj;
+    row[j] = ag * p * job.inv_wn[j];
+  }
+  __syncthreads();
+  sum_p = Reduce(temp).Sum(sum_p);
+  __syncthreads();
+  sum_pc = Reduce(temp).Sum(sum_pc);
+  if (tid == 0) {
+    // p_y - 1 = -sum_{j != y} p_j (accurate where p_y rounds to 1).
+    row[y] = -ag * sum_p * dphi * job.inv_wn[y];
+    job.radial[i] = cm_scale_grad(job.cfg, r) * gi * (sum_pc - sum_p * psi_y);
+  }
+}
+
+}  // namespace
+
+template <typename A>
+cudaError_t cm_epilogue(const CmRowJob<A>& job, int64_t rows, cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  cm_epilogue_kernel<A><<<static_cast<unsigned int>(rows), kThreads, 0, stream>>>(job);
+  return cudaGetLastError();
+}
+
+template cudaError_t cm_epilogue<float>(const CmRowJob<float>&, int64_t, cudaStream_t);
+template cudaError_t cm_epilogue<double>(const CmRowJob<double>&, int64_t, cudaStream_t);
+
+}  // namespace cuda
+}  // namespace idid_kernels

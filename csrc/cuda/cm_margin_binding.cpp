@@ -1,0 +1,65 @@
+// Torch-side CUDA registration of the cm_margin ops: the shared driver
+// (csrc/driver/cm_margin_driver.h, cuBLAS GEMMs through ATen) with the CUDA row epilogue of
+// cm_margin.cu. Built only when torch has CUDA.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../driver/cm_margin_driver.h"
+#include "launchers.h"
+
+namespace idid_kernels {
+namespace {
+
+struct CudaEpilogue {
+  template <typename A>
+  void operator()(const CmRowJob<A>& job, int64_t rows) const {
+    const cudaError_t err = cuda::cm_epilogue<A>(job, rows, c10::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(err == cudaSuccess, "cm_margin CUDA epilogue failed: ", cudaGetErrorString(err));
+  }
+};
+
+using Ops = CmOps<CudaEpilogue>;
+
+#define IDK_CM_PARAMS                                                                                            \
+  double s, int64_t margin_kind, double m1, double m2, double m3, double sphere_lambda, bool easy_margin,        \
+      bool exact_grad, bool contraction, double offset, double temperature, bool detach_norm, int64_t ignore_index, \
+      int64_t chunk_rows
+#define IDK_CM_FORWARD_ARGS                                                                                 \
+  s, margin_kind, m1, m2, m3, sphere_lambda, easy_margin, exact_grad, contraction, offset, temperature,     \
+      detach_norm, ignore_index, chunk_rows
+
+// The device guard makes the epilogue launch on the inputs' device.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                                        const at::Tensor& labels, IDK_CM_PARAMS) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return Ops::forward(x, weight, labels, IDK_CM_FORWARD_ARGS);
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_rows, const at::Tensor& x,
+                                                 const at::Tensor& weight, const at::Tensor& labels,
+                                                 const at::Tensor& lse, const at::Tensor& x_norm,
+                                                 const at::Tensor& w_norm, IDK_CM_PARAMS) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return Ops::backward(grad_rows, x, weight, labels, lse, x_norm, w_norm, IDK_CM_FORWARD_ARGS);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                          const at::Tensor& labels, const at::Tensor& row_weight,
+                                                          IDK_CM_PARAMS) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return Ops::fused(x, weight, labels, row_weight, IDK_CM_FORWARD_ARGS);
+}
+
+#undef IDK_CM_PARAMS
+#undef IDK_CM_FORWARD_ARGS
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(idid_kernels, CUDA, m) {
+  m.impl("cm_margin_forward", &forward_cuda);
+  m.impl("cm_margin_backward", &backward_cuda);
+  m.impl("cm_margin_fused", &fused_cuda);
+}
+
+}  // namespace idid_kernels

@@ -1,0 +1,202 @@
+// Device-agnostic driver of the cm_margin ops: chunking, the BLAS/cuBLAS GEMMs (through ATen),
+// the normalisation backward, and the op entry points. Each device supplies only its row
+// epilogue (csrc/cpu/cm_margin.cpp, csrc/cuda/cm_margin.cu), a callable
+// `epilogue(const CmRowJob<A>& job, int64_t rows)`.
+//
+// Per chunk of rows: S = X_c W^T (GEMM), epilogue (S -> statistics, and G' = G / ||w|| in the
+// gradient modes), dU = G' W and dW' += G'^T U (GEMMs). After the last chunk
+// dW = dW' - <dW', w^> w^ per class. Extra memory: the (chunk x C) buffer, the (C x d) dW'
+// accumulator in the accumulation dtype, O(N + C) statistics.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+
+#include "../common/cm_row.h"
+#include "../cpu/checks.h"
+
+namespace idid_kernels {
+
+struct CmArgs {
+  double s;
+  int64_t margin_kind;
+  double m1, m2, m3, sphere_lambda;
+  bool easy_margin, exact_grad, contraction;
+  double offset, temperature;
+  bool detach_norm;
+  int64_t ignore_index, chunk_rows;
+};
+
+template <typename A>
+CmConfig<A> make_cm_config(const CmArgs& a) {
+  TORCH_CHECK(a.margin_kind >= kMarginNone && a.margin_kind <= kMarginSphere, "cm_margin: unknown margin kind ",
+              a.margin_kind);
+  TORCH_CHECK(a.temperature > 0, "cm_margin: temperature must be > 0");
+  const Margin<A> m{static_cast<int>(a.margin_kind),
+                    static_cast<A>(a.m1),
+                    static_cast<A>(a.m2),
+                    static_cast<A>(a.m3),
+                    static_cast<A>(a.sphere_lambda),
+                    a.easy_margin,
+                    a.exact_grad,
+                    static_cast<A>(a.m3 + a.m2 * std::sin(a.m2))};
+  return CmConfig<A>{m, static_cast<A>(a.s), a.contraction, static_cast<A>(a.offset),
+                     static_cast<A>(1.0 / a.temperature), a.detach_norm};
+}
+
+inline void cm_check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
+                            int64_t ignore_index) {
+  check_2d_float("x", x);
+  check_2d_float("weight", w);
+  TORCH_CHECK(x.size(1) == w.size(1), "cm_margin: x and weight feature dims differ: ", x.size(1), " vs ", w.size(1));
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "cm_margin: x and weight dtypes differ");
+  TORCH_CHECK(x.device() == w.device() && x.device() == labels.device(), "cm_margin: tensors on different devices");
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == x.size(0) && labels.scalar_type() == at::kLong,
+              "cm_margin: labels must be int64 of shape (", x.size(0), ",)");
+  if (labels.is_cpu()) {  // on a GPU this would be a sync; functional.py checked the range already
+    const int64_t c = w.size(0);
+    const int64_t* lp = labels.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < labels.numel(); ++i) {
+      TORCH_CHECK(lp[i] == ignore_index || (lp[i] >= 0 && lp[i] < c), "cm_margin: labels[", i, "] = ", lp[i],
+                  " out of range [0, ", c, ")");
+    }
+  }
+}
+
+struct CmOutputs {
+  at::Tensor loss_rows, lse, x_norm, w_norm, dx, dw;
+};
+
+// u = x / max(||x||, eps) row-wise given the inverse norms.
+inline at::Tensor cm_unit_rows(const at::Tensor& t, const at::Tensor& inv_norm) { return t * inv_norm.unsqueeze(1); }
+
+// <grad, unit> per row, zeroed where the norm is below F.normalize's floor (no radial part there).
+inline at::Tensor cm_radial_dot(const at::Tensor& grad, const at::Tensor& unit, const at::Tensor& norm) {
+  return at::where(norm > kNormEps, (grad * unit).sum(1), at::zeros({}, grad.options()));
+}
+
+template <typename A, typename Epilogue>
+void cm_drive(CmMode mode, const at::Tensor& xa, const at::Tensor& wa, const at::Tensor& labels,
+              const CmConfig<A>& cfg, int64_t ignore_index, int64_t chunk, const at::Tensor& g, CmOutputs& o,
+              const Epilogue& epilogue) {
+  const int64_t n = xa.size(0), d = xa.size(1), c = wa.size(0);
+  const bool want_grad = mode != kCmForward;
+  const at::Tensor inv_xn = o.x_norm.clamp_min(kNormEps).reciprocal();
+  const at::Tensor inv_wn = o.w_norm.clamp_min(kNormEps).reciprocal();
+  at::Tensor buffer = at::empty({chunk, c}, xa.options());
+  at::Tensor radial = want_grad ? at::empty({chunk}, xa.options()) : at::Tensor();
+  at::Tensor dw_acc = want_grad ? at::zeros({c, d}, xa.options()) : at::Tensor();
+
+  CmRowJob<A> job{cfg,
+                  nullptr,
+                  inv_wn.const_data_ptr<A>(),
+                  inv_xn.const_data_ptr<A>(),
+                  o.x_norm.const_data_ptr<A>(),
+                  labels.const_data_ptr<int64_t>(),
+                  want_grad ? g.const_data_ptr<A>() : nullptr,
+                  mode == kCmBackward ? nullptr : o.loss_rows.mutable_data_ptr<A>(),
+                  o.lse.mutable_data_ptr<A>(),
+                  want_grad ? radial.mutable_data_ptr<A>() : nullptr,
+                  0,
+                  c,
+                  ignore_index,
+                  static_cast<int>(mode)};
+  for (int64_t n0 = 0; n0 < n; n0 += chunk) {
+    const int64_t rows = std::min(chunk, n - n0);
+    at::Tensor s = buffer.narrow(0, 0, rows);
+    const at::Tensor x_chunk = xa.narrow(0, n0, rows);
+    at::mm_out(s, x_chunk, wa.t());
+    job.s = s.mutable_data_ptr<A>();
+    job.n0 = n0;
+    epilogue(job, rows);
+    if (!want_grad) continue;
+    const at::Tensor norm_c = o.x_norm.narrow(0, n0, rows);
+    const at::Tensor inv_c = inv_xn.narrow(0, n0, rows);
+    const at::Tensor u = cm_unit_rows(x_chunk, inv_c);
+    const at::Tensor du = at::mm(s, wa);  // sum_j G_nj w^_j
+    dw_acc.addmm_(s.t(), u);              // sum_n G'_nj u_n
+    // dx_n = s g'(r) R_n u_n + (dU_n - <dU_n, u_n> u_n) / max(r_n, eps)
+    const at::Tensor dot = cm_radial_dot(du, u, norm_c);
+    o.dx.narrow(0, n0, rows)
+        .copy_(u * radial.narrow(0, 0, rows).unsqueeze(1) + (du - dot.unsqueeze(1) * u) * inv_c.unsqueeze(1));
+  }
+  if (!want_grad) return;
+  const at::Tensor w_hat = cm_unit_rows(wa, inv_wn);
+  o.dw = dw_acc - cm_radial_dot(dw_acc, w_hat, o.w_norm).unsqueeze(1) * w_hat;
+}
+
+template <typename Epilogue>
+CmOutputs cm_run(CmMode mode, const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& labels_in,
+                 const CmArgs& args, const at::Tensor& g_in, const at::Tensor& lse_in, const at::Tensor& x_norm_in,
+                 const at::Tensor& w_norm_in, const Epilogue& epilogue) {
+  const at::Tensor labels = labels_in.contiguous();
+  cm_check_inputs(x_in, w_in, labels, args.ignore_index);
+  const auto acc = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor xa = x_in.to(acc).contiguous();
+  const at::Tensor wa = w_in.to(acc).contiguous();
+  const int64_t n = xa.size(0);
+  CmOutputs o;
+  o.x_norm = x_norm_in.defined() ? x_norm_in.to(acc).contiguous() : at::linalg_vector_norm(xa, 2, {1});
+  o.w_norm = w_norm_in.defined() ? w_norm_in.to(acc).contiguous() : at::linalg_vector_norm(wa, 2, {1});
+  o.lse = lse_in.defined() ? lse_in.to(acc).contiguous() : at::empty({n}, xa.options());
+  if (mode != kCmBackward) o.loss_rows = at::empty({n}, xa.options());
+  at::Tensor g;
+  if (mode != kCmForward) {
+    g = g_in.to(acc).contiguous();
+    TORCH_CHECK(g.dim() == 1 && g.size(0) == n, "cm_margin: per-row gradient must be (", n, ",)");
+    o.dx = at::empty_like(xa);
+  }
+  const int64_t chunk = args.chunk_rows > 0 ? std::min(args.chunk_rows, n) : std::min<int64_t>(n, 256);
+  AT_DISPATCH_FLOATING_TYPES(acc, "cm_margin", [&] {
+    cm_drive<scalar_t>(mode, xa, wa, labels, make_cm_config<scalar_t>(args), args.ignore_index, chunk, g, o,
+                       epilogue);
+  });
+  if (o.dx.defined()) o.dx = o.dx.to(x_in.scalar_type());
+  if (o.dw.defined()) o.dw = o.dw.to(w_in.scalar_type());
+  return o;
+}
+
+// The three op entry points, for one device's epilogue.
+#define IDK_CM_ARGS_PARAMS                                                                                         \
+  double s, int64_t margin_kind, double m1, double m2, double m3, double sphere_lambda, bool easy_margin,          \
+      bool exact_grad, bool contraction, double offset, double temperature, bool detach_norm, int64_t ignore_index, \
+      int64_t chunk_rows
+#define IDK_CM_ARGS                                                                                        \
+  CmArgs {                                                                                                 \
+    s, margin_kind, m1, m2, m3, sphere_lambda, easy_margin, exact_grad, contraction, offset, temperature,  \
+        detach_norm, ignore_index, chunk_rows                                                              \
+  }
+
+template <typename Epilogue>
+struct CmOps {
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x,
+                                                                            const at::Tensor& weight,
+                                                                            const at::Tensor& labels,
+                                                                            IDK_CM_ARGS_PARAMS) {
+    CmOutputs o = cm_run(kCmForward, x, weight, labels, IDK_CM_ARGS, {}, {}, {}, {}, Epilogue{});
+    return {o.loss_rows, o.lse, o.x_norm, o.w_norm};
+  }
+  static std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_rows, const at::Tensor& x,
+                                                     const at::Tensor& weight, const at::Tensor& labels,
+                                                     const at::Tensor& lse, const at::Tensor& x_norm,
+                                                     const at::Tensor& w_norm, IDK_CM_ARGS_PARAMS) {
+    CmOutputs o = cm_run(kCmBackward, x, weight, labels, IDK_CM_ARGS, grad_rows, lse, x_norm, w_norm, Epilogue{});
+    return {o.dx, o.dw};
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> fused(const at::Tensor& x, const at::Tensor& weight,
+                                                              const at::Tensor& labels, const at::Tensor& row_weight,
+                                                              IDK_CM_ARGS_PARAMS) {
+    CmOutputs o = cm_run(kCmFused, x, weight, labels, IDK_CM_ARGS, row_weight, {}, {}, {}, Epilogue{});
+    // loss = sum_n w_n loss_n (ATen's sum: a fixed order, deterministic)
+    at::Tensor loss = (o.loss_rows * row_weight.to(o.loss_rows.scalar_type())).sum();
+    return {loss, o.dx, o.dw};
+  }
+};
+
+#undef IDK_CM_ARGS_PARAMS
+#undef IDK_CM_ARGS
+
+}  // namespace idid_kernels
