@@ -11,6 +11,14 @@ TORCH_LIBRARY(idid_kernels, m) {
   m.def(
       "norm_contraction_backward(Tensor grad_out, Tensor? grad_norm, Tensor x, Tensor norm, float offset, "
       "float temperature) -> Tensor");
+  // out_ij = <x_i/max(||x_i||, eps), y_j/max(||y_j||, eps)> in x's dtype (y absent: y = x);
+  // norm_x, norm_y = per-row ||.|| in the accumulation dtype, saved for backward (norm_y is (0,)
+  // when y is absent). Backward returns (dx, dy); an output that output_mask does not ask for, and
+  // dy when y is absent, is an empty (0, d) tensor.
+  m.def("pairwise_cosine_forward(Tensor x, Tensor? y) -> (Tensor out, Tensor norm_x, Tensor norm_y)");
+  m.def(
+      "pairwise_cosine_backward(Tensor grad, Tensor x, Tensor? y, Tensor norm_x, Tensor norm_y, "
+      "bool[2] output_mask) -> (Tensor grad_x, Tensor grad_y)");
 }
 
 // A plain extension module so that `import idid_kernels._C` loads the library and runs the

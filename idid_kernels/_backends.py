@@ -24,7 +24,7 @@ _DEVICE_TYPES = {"reference": None, "cpp": ("cpu",), "cuda": ("cuda",), "triton"
 IMPLEMENTED: dict[str, set[str]] = {
     "cm_margin_loss": {"reference"},
     "idid_loss": {"reference"},
-    "pairwise_cosine": {"reference"},
+    "pairwise_cosine": {"reference", "cpp"},
     "class_density": {"reference"},
     "norm_contraction": {"reference", "cpp", "cuda"},
 }

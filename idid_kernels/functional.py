@@ -25,11 +25,16 @@ def _norm_contraction_ext(x, offset, temperature):
     return op(x, offset, temperature)
 
 
+def _pairwise_cosine_ext(x, y):
+    from .ops.pairwise_cosine import pairwise_cosine as op
+    return op(x, y)
+
+
 # op -> backend -> callable taking the validated arguments of the public function.
 _KERNELS = {
     "norm_contraction": {"reference": ref.norm_contraction, "cpp": _norm_contraction_ext,
                          "cuda": _norm_contraction_ext},
-    "pairwise_cosine": {"reference": ref.pairwise_cosine},
+    "pairwise_cosine": {"reference": ref.pairwise_cosine, "cpp": _pairwise_cosine_ext},
     "class_density": {"reference": ref.class_density},
     "cm_margin_loss": {"reference": ref.cm_margin_loss},
     "idid_loss": {"reference": ref.idid_loss},
