@@ -19,6 +19,12 @@ TORCH_LIBRARY(idid_kernels, m) {
   m.def(
       "pairwise_cosine_backward(Tensor grad, Tensor x, Tensor? y, Tensor norm_x, Tensor norm_y, "
       "bool[2] output_mask) -> (Tensor grad_x, Tensor grad_y)");
+  // density_c = mean over ordered same-class pairs i != j of exp(t (cos_ij - 1)), 0 for classes with
+  // fewer than two rows, in x's dtype; norm = per-row ||x_i|| in the accumulation dtype, saved.
+  m.def(
+      "class_density_forward(Tensor x, Tensor labels, SymInt num_classes, float t) -> (Tensor density, "
+      "Tensor norm)");
+  m.def("class_density_backward(Tensor grad, Tensor x, Tensor labels, Tensor norm, float t) -> Tensor");
 }
 
 // A plain extension module so that `import idid_kernels._C` loads the library and runs the

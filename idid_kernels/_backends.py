@@ -25,7 +25,7 @@ IMPLEMENTED: dict[str, set[str]] = {
     "cm_margin_loss": {"reference"},
     "idid_loss": {"reference"},
     "pairwise_cosine": {"reference", "cpp"},
-    "class_density": {"reference"},
+    "class_density": {"reference", "cpp"},
     "norm_contraction": {"reference", "cpp", "cuda"},
 }
 

@@ -30,12 +30,17 @@ def _pairwise_cosine_ext(x, y):
     return op(x, y)
 
 
+def _class_density_ext(x, labels, num_classes, t):
+    from .ops.class_density import class_density as op
+    return op(x, labels, num_classes, t)
+
+
 # op -> backend -> callable taking the validated arguments of the public function.
 _KERNELS = {
     "norm_contraction": {"reference": ref.norm_contraction, "cpp": _norm_contraction_ext,
                          "cuda": _norm_contraction_ext},
     "pairwise_cosine": {"reference": ref.pairwise_cosine, "cpp": _pairwise_cosine_ext},
-    "class_density": {"reference": ref.class_density},
+    "class_density": {"reference": ref.class_density, "cpp": _class_density_ext},
     "cm_margin_loss": {"reference": ref.cm_margin_loss},
     "idid_loss": {"reference": ref.idid_loss},
 }
