@@ -11,6 +11,20 @@ TORCH_LIBRARY(idid_kernels, m) {
   m.def(
       "norm_contraction_backward(Tensor grad_out, Tensor? grad_norm, Tensor x, Tensor norm, float offset, "
       "float temperature) -> Tensor");
+  // out_ij = <x_i/max(||x_i||, eps), y_j/max(||y_j||, eps)> in x's dtype (y absent: y = x);
+  // norm_x, norm_y = per-row ||.|| in the accumulation dtype, saved for backward (norm_y is (0,)
+  // when y is absent). Backward returns (dx, dy); an output that output_mask does not ask for, and
+  // dy when y is absent, is an empty (0, d) tensor.
+  m.def("pairwise_cosine_forward(Tensor x, Tensor? y) -> (Tensor out, Tensor norm_x, Tensor norm_y)");
+  m.def(
+      "pairwise_cosine_backward(Tensor grad, Tensor x, Tensor? y, Tensor norm_x, Tensor norm_y, "
+      "bool[2] output_mask) -> (Tensor grad_x, Tensor grad_y)");
+  // density_c = mean over ordered same-class pairs i != j of exp(t (cos_ij - 1)), 0 for classes with
+  // fewer than two rows, in x's dtype; norm = per-row ||x_i|| in the accumulation dtype, saved.
+  m.def(
+      "class_density_forward(Tensor x, Tensor labels, SymInt num_classes, float t) -> (Tensor density, "
+      "Tensor norm)");
+  m.def("class_density_backward(Tensor grad, Tensor x, Tensor labels, Tensor norm, float t) -> Tensor");
 
   // Contraction-mapped margin softmax (spec/cm_margin.md). margin_kind: 0 none, 1 cosface (c - m3),
   // 2 angular (cos(m1 theta + m2) - m3), 3 sphereface (m1, sphere_lambda); see

@@ -24,8 +24,8 @@ _DEVICE_TYPES = {"reference": None, "cpp": ("cpu",), "cuda": ("cuda",), "triton"
 IMPLEMENTED: dict[str, set[str]] = {
     "cm_margin_loss": {"reference", "cpp", "cuda"},
     "idid_loss": {"reference"},
-    "pairwise_cosine": {"reference"},
-    "class_density": {"reference"},
+    "pairwise_cosine": {"reference", "cpp"},
+    "class_density": {"reference", "cpp"},
     "norm_contraction": {"reference", "cpp", "cuda"},
 }
 

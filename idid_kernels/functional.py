@@ -30,12 +30,22 @@ def _cm_margin_loss_ext(x, weight, labels, *, margin, m, m1, m2, m3, sphere_lamb
     return op(x, weight, labels, resolve_margin(margin, m, m1, m2, m3, sphere_lambda, easy_margin), **kwargs)
 
 
+def _pairwise_cosine_ext(x, y):
+    from .ops.pairwise_cosine import pairwise_cosine as op
+    return op(x, y)
+
+
+def _class_density_ext(x, labels, num_classes, t):
+    from .ops.class_density import class_density as op
+    return op(x, labels, num_classes, t)
+
+
 # op -> backend -> callable taking the validated arguments of the public function.
 _KERNELS = {
     "norm_contraction": {"reference": ref.norm_contraction, "cpp": _norm_contraction_ext,
                          "cuda": _norm_contraction_ext},
-    "pairwise_cosine": {"reference": ref.pairwise_cosine},
-    "class_density": {"reference": ref.class_density},
+    "pairwise_cosine": {"reference": ref.pairwise_cosine, "cpp": _pairwise_cosine_ext},
+    "class_density": {"reference": ref.class_density, "cpp": _class_density_ext},
     "cm_margin_loss": {"reference": ref.cm_margin_loss, "cpp": _cm_margin_loss_ext, "cuda": _cm_margin_loss_ext},
     "idid_loss": {"reference": ref.idid_loss},
 }
