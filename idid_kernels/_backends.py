@@ -47,6 +47,9 @@ def extension():
         except ImportError as exc:  # not built, or built against another torch
             _ext_state["module"] = None
             _ext_state["error"] = f"{type(exc).__name__}: {exc}"
+        except RuntimeError as exc:  # built from older sources: an op the Python side registers is missing
+            _ext_state["module"] = None
+            _ext_state["error"] = f"the built extension is older than the sources ({exc}); rebuild it"
     return _ext_state["module"]
 
 
