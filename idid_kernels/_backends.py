@@ -24,7 +24,7 @@ _DEVICE_TYPES = {"reference": None, "cpp": ("cpu",), "cuda": ("cuda",), "triton"
 IMPLEMENTED: dict[str, set[str]] = {
     "cm_margin_loss": {"reference", "cpp", "cuda"},
     "idid_loss": {"reference"},
-    "pairwise_cosine": {"reference", "cpp"},
+    "pairwise_cosine": {"reference", "cpp", "cuda"},
     "class_density": {"reference", "cpp"},
     "norm_contraction": {"reference", "cpp", "cuda"},
 }
