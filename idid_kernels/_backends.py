@@ -23,7 +23,7 @@ _DEVICE_TYPES = {"reference": None, "cpp": ("cpu",), "cuda": ("cuda",), "triton"
 # op name -> backends with kernels for it. Grows as kernels land; the reference has everything.
 IMPLEMENTED: dict[str, set[str]] = {
     "cm_margin_loss": {"reference"},
-    "idid_loss": {"reference"},
+    "idid_loss": {"reference", "cpp"},
     "pairwise_cosine": {"reference"},
     "class_density": {"reference"},
     "norm_contraction": {"reference", "cpp", "cuda"},

@@ -25,6 +25,11 @@ def _norm_contraction_ext(x, offset, temperature):
     return op(x, offset, temperature)
 
 
+def _idid_loss_ext(x, proxies, similarity, labels, **kw):
+    from .ops.idid_loss import idid_loss as op
+    return op(x, proxies, similarity, labels, **kw)
+
+
 # op -> backend -> callable taking the validated arguments of the public function.
 _KERNELS = {
     "norm_contraction": {"reference": ref.norm_contraction, "cpp": _norm_contraction_ext,
@@ -32,7 +37,7 @@ _KERNELS = {
     "pairwise_cosine": {"reference": ref.pairwise_cosine},
     "class_density": {"reference": ref.class_density},
     "cm_margin_loss": {"reference": ref.cm_margin_loss},
-    "idid_loss": {"reference": ref.idid_loss},
+    "idid_loss": {"reference": ref.idid_loss, "cpp": _idid_loss_ext},
 }
 
 

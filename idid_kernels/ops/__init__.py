@@ -4,4 +4,4 @@ The op schemas live in csrc/bindings.cpp; importing this package after ``idid_ke
 Python-side registrations, so every backend behind an op shares one autograd formula and works
 under ``torch.compile(fullgraph=True)``.
 """
-from . import norm_contraction  # noqa: F401
+from . import idid_loss, norm_contraction  # noqa: F401
