@@ -16,15 +16,20 @@
 
 namespace idid_kernels {
 
-// log(exp(a) + exp(b)) without overflow; used to get the full logsumexp from the non-target one
-// and the target logit: lse_i = log_add_exp(lse_nt_i, z_ik) when tau = 1.
+// softplus(v) = log(1 + exp(v)) without overflow, accurate for very negative v. The cross-entropy
+// is ce_i = softplus(L_i - z_ik) with L_i = logsumexp_{c != k} z_ic: lse_i - z_ik would cancel
+// catastrophically when the target dominates (ce ~ 1e-6 keeps no digits in float32).
 template <typename A>
-IDK_HOST_DEVICE IDK_FORCE_INLINE A log_add_exp(A a, A b) {
+IDK_HOST_DEVICE IDK_FORCE_INLINE A softplus(A v) {
   using std::exp;
   using std::log1p;
-  const A hi = a > b ? a : b;
-  const A lo = a > b ? b : a;
-  return hi + log1p(exp(lo - hi));
+  return v > A(0) ? v + log1p(exp(-v)) : log1p(exp(v));
+}
+
+// log(exp(a) + exp(b)) without overflow: lse_i = log_add_exp(L_i, z_ik).
+template <typename A>
+IDK_HOST_DEVICE IDK_FORCE_INLINE A log_add_exp(A a, A b) {
+  return a > b ? a + softplus(b - a) : b + softplus(a - b);
 }
 
 // Online logsumexp state (m, s) with lse = m + log(s): the merge of two partial states, e.g.
@@ -57,7 +62,8 @@ IDK_HOST_DEVICE IDK_FORCE_INLINE A kd_summand(A r, A log_r, A z_over_tau) {
   return r * (log_r - z_over_tau);
 }
 
-// dL/dz_ic / a_i on a non-target column: p_ic + (q_ic - r_kc) / tau (target column: p_ik - 1).
+// dL/dz_ic / a_i on a non-target column: p_ic + (q_ic - r_kc) / tau. On the target column it is
+// p_ik - 1 = expm1(-ce_i) (accurate where p_ik rounds to 1).
 template <typename A>
 IDK_HOST_DEVICE IDK_FORCE_INLINE A ic_logit_grad(A p, A q, A r, A inv_tau) {
   return p + (q - r) * inv_tau;

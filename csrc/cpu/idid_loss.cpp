@@ -7,7 +7,7 @@
 // kd_i = sum_c r_{y_i c} (log r_{y_i c} - z_ic / tau) + lse_nt_i against the teacher r (C x C,
 // computed once for the classes present). The diversity term works on same-label rows only: rows
 // are bucketed by label (counting sort) and each class's n_c x n_c Gram is formed (pairwise dots
-// for small classes, GEMM blocks for large ones). Saved for backward: per-row (a, lse, lse_nt, kd),
+// for small classes, GEMM blocks for large ones). Saved for backward: per-row (a, lse, lse_nt, kd, ce),
 // the row norms of x and of the proxies, and log r.
 //
 // Backward recomputes each chunk's GEMM and overwrites it in place with
@@ -40,6 +40,8 @@ namespace {
 constexpr int64_t kChunkBytes = int64_t{32} << 20;
 // Classes with at most this many rows get their Gram by pairwise dots (no GEMM call overhead).
 constexpr int64_t kSmallClass = 32;
+// Rows of the saved per-row statistics: a_i, lse_i, lse_nt_i, kd_i, ce_i.
+constexpr int64_t kRowStats = 5;
 // Elements of work per parallel task, to amortise the scheduling.
 constexpr int64_t kGrainElems = 32768;
 
@@ -175,10 +177,11 @@ void teacher_probs(const A* log_r, const Layout& L, A* r) {
 
 template <typename A>
 struct RowStats {
-  A lse = 0, lse_nt = 0, kd = 0;
+  A lse = 0, lse_nt = 0, kd = 0, ce = 0;
 };
 
-// The fused forward epilogue of one row of logits z (label k).
+// The fused forward epilogue of one row of logits z (label k). L = logsumexp over the non-targets
+// (own max, so nothing underflows however much the target dominates) gives both lse and ce.
 template <typename A>
 RowStats<A> forward_row(const A* z, int64_t C, int64_t k, bool distillation, A inv_tau, bool unit_tau, const A* r,
                         const A* log_r) {
@@ -186,20 +189,17 @@ RowStats<A> forward_row(const A* z, int64_t C, int64_t k, bool distillation, A i
   const A* tail = z + k + 1;
   const int64_t n_tail = C - k - 1;
   const A m_nt = std::max(cpu::vmax(z, k), cpu::vmax(tail, n_tail));
+  const A L = m_nt + std::log(cpu::vsum_exp(z, k, A(1), m_nt) + cpu::vsum_exp(tail, n_tail, A(1), m_nt));
   RowStats<A> s;
-  if (!distillation) {
-    const A m = std::max(m_nt, zy);
-    s.lse = m + std::log(cpu::vsum_exp(z, C, A(1), m));
-    return s;
-  }
-  // Scaling by 1/tau > 0 commutes with the (rounded) max, so m_nt / tau is the max of z / tau.
-  const A mt = m_nt * inv_tau;
-  s.lse_nt = mt + std::log(cpu::vsum_exp(z, k, inv_tau, mt) + cpu::vsum_exp(tail, n_tail, inv_tau, mt));
+  s.lse = log_add_exp(L, zy);
+  s.ce = softplus(L - zy);
+  if (!distillation) return s;
   if (unit_tau) {
-    s.lse = log_add_exp(s.lse_nt, zy);  // one exp per element serves both logsumexps
+    s.lse_nt = L;  // one exp per element serves every statistic
   } else {
-    const A m = std::max(m_nt, zy);
-    s.lse = m + std::log(cpu::vsum_exp(z, C, A(1), m));
+    // Scaling by 1/tau > 0 commutes with the (rounded) max, so m_nt / tau is the max of z / tau.
+    const A mt = m_nt * inv_tau;
+    s.lse_nt = mt + std::log(cpu::vsum_exp(z, k, inv_tau, mt) + cpu::vsum_exp(tail, n_tail, inv_tau, mt));
   }
   s.kd = cpu::vkl_sum(r, log_r, z, C, inv_tau) + s.lse_nt;
   return s;
@@ -399,7 +399,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
         lse[j] = s.lse;
         lse_nt[j] = s.lse_nt;
         kd[j] = s.kd;
-        ce[j] = s.lse - z[k];
+        ce[j] = s.ce;
       }
     });
   }
@@ -416,7 +416,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
     }
   }
 
-  Tensor row_stats = at::zeros({4, B}, opts);
+  Tensor row_stats = at::zeros({kRowStats, B}, opts);
   A* st = row_stats.mutable_data_ptr<A>();
   for (int64_t j = 0; j < Bv; ++j) {
     const int64_t i = L.rows[j];
@@ -424,6 +424,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
     st[B + i] = lse[j];
     st[2 * B + i] = lse_nt[j];
     st[3 * B + i] = kd[j];
+    st[4 * B + i] = ce[j];
   }
   const auto out_opts = x_in.options();
   return {at::scalar_tensor(l_ic + lam * l_id, out_opts), at::scalar_tensor(l_ic, out_opts),
@@ -443,8 +444,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(double grad_ic, double grad_id,
   const Tensor x = x_in.to(acc).contiguous();
   const Tensor w = proxies_in.to(acc).contiguous();
   const int64_t B = x.size(0), d = x.size(1), C = w.size(0);
-  TORCH_CHECK(row_stats_in.dim() == 2 && row_stats_in.size(0) == 4 && row_stats_in.size(1) == B,
-              "idid_loss_backward: row_stats must be (4, ", B, "), got ", row_stats_in.sizes());
+  TORCH_CHECK(row_stats_in.dim() == 2 && row_stats_in.size(0) == kRowStats && row_stats_in.size(1) == B,
+              "idid_loss_backward: row_stats must be (", kRowStats, ", ", B, "), got ", row_stats_in.sizes());
   TORCH_CHECK(x_norm_in.numel() == B && w_norm_in.numel() == C, "idid_loss_backward: norms must be (", B, ",) and (",
               C, ",)");
   if (distillation) {
@@ -490,15 +491,13 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(double grad_ic, double grad_id,
           const int64_t j = j0 + jj, i = L.rows[j], k = L.label[j];
           A* z = zp + jj * C;
           const A aj = st[i], lse = st[B + i];
-          const bool has_target = c0 <= k && k < c1;
-          const A zk = has_target ? z[k] : A(0);
           if (distillation) {
             const cpu::IcRow<A> row{lse, st[2 * B + i], inv_tau, gi * aj, aj, st[2 * B + i] - st[3 * B + i]};
             cpu::ic_grad_distill(z + c0, rp + k * C + c0, lr + k * C + c0, dp + k * C + c0, c1 - c0, row);
           } else {
             cpu::ic_grad_plain(z + c0, c1 - c0, lse, gi * aj);
           }
-          if (has_target) z[k] = gi * aj * (std::exp(zk - lse) - A(1));
+          if (c0 <= k && k < c1) z[k] = gi * aj * std::expm1(-st[4 * B + i]);  // p_ik - 1
         }
       });
       Tensor dUc = dU.narrow(0, j0, rows);

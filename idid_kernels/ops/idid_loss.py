@@ -65,7 +65,7 @@ def _forward_fake(x, proxies, similarity, labels, alpha, tau, t, eps, distillati
     acc = _acc_dtype(x.dtype)
     scalars = [x.new_empty(()) for _ in range(4)]
     teacher = x.new_empty((c, c) if distillation else (0, 0), dtype=acc)
-    return (*scalars, x.new_empty((4, b), dtype=acc), x.new_empty((b,), dtype=acc), x.new_empty((c,), dtype=acc),
+    return (*scalars, x.new_empty((5, b), dtype=acc), x.new_empty((b,), dtype=acc), x.new_empty((c,), dtype=acc),
             teacher)
 
 
