@@ -135,28 +135,43 @@ void normalize_backward(const A* grad_u, const A* unit, const A* norms, const in
   });
 }
 
-// Teacher rows of the present classes: log r_kc = Phi_kc - logsumexp_{c' != k} Phi_kc',
-// Phi = (Theta + Theta^T) / 2; log r_kk = 0 and r_kk = 0 (the diagonal takes no part), rows of
-// absent classes stay 0. `r` may be null (backward: only log r is saved).
+// Teacher rows: log r_kc = Phi_kc - logsumexp_{c' != k} Phi_kc', Phi = (Theta + Theta^T) / 2, for
+// the classes present (the only rows the loss reads); log r_kk = 0 and r_kk = 0 (the diagonal takes
+// no part); log r of absent classes is 0 and their r rows are left unwritten. Phi's row k is formed
+// in place from Theta's row and column k: consecutive k share the column's cache lines, so the
+// strided reads stay in L2 (a materialised Theta + Theta^T would cost two more C x C passes).
 template <typename A>
-void teacher_rows(const Tensor& similarity, const Layout& L, A* log_r, A* r) {
+void teacher_rows(const A* theta, const Layout& L, A* log_r, A* r) {
   const int64_t C = L.num_classes;
-  const Tensor phi = (similarity + similarity.t()).mul_(0.5).contiguous();
-  const A* ph = phi.const_data_ptr<A>();
-  const int64_t K = static_cast<int64_t>(L.present.size());
-  at::parallel_for(0, K, grain_rows(C), [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t k = L.present[p];
-      const A* row = ph + k * C;
-      const A m = std::max(cpu::vmax(row, k), cpu::vmax(row + k + 1, C - k - 1));
-      const A lse = m + std::log(cpu::vsum_exp(row, k, A(1), m) + cpu::vsum_exp(row + k + 1, C - k - 1, A(1), m));
+  at::parallel_for(0, C, grain_rows(C), [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
       A* lr = log_r + k * C;
-      for (int64_t c = 0; c < C; ++c) lr[c] = row[c] - lse;
+      if (L.count[k] == 0) {
+        std::fill(lr, lr + C, A(0));
+        continue;
+      }
+      const A* row = theta + k * C;
+      for (int64_t c = 0; c < C; ++c) lr[c] = A(0.5) * (row[c] + theta[c * C + k]);
+      const A m = std::max(cpu::vmax(lr, k), cpu::vmax(lr + k + 1, C - k - 1));
+      const A lse = m + std::log(cpu::vsum_exp(lr, k, A(1), m) + cpu::vsum_exp(lr + k + 1, C - k - 1, A(1), m));
+      for (int64_t c = 0; c < C; ++c) lr[c] -= lse;
       lr[k] = 0;
       if (r != nullptr) {
         cpu::vexp(lr, r + k * C, C, A(1), A(0));
         r[k * C + k] = 0;
       }
+    }
+  });
+}
+
+// out = scale (M + M^T) for a C x C matrix M, row-parallel; exactly symmetric.
+template <typename scalar_t, typename A>
+void symmetrize(const A* m, int64_t C, A scale, scalar_t* out) {
+  at::parallel_for(0, C, grain_rows(C), [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const A* row = m + k * C;
+      scalar_t* o = out + k * C;
+      for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(scale * (row[c] + m[c * C + k]));
     }
   });
 }
@@ -370,10 +385,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
   unit_rows(w.const_data_ptr<A>(), w_norm.const_data_ptr<A>(), nullptr, C, d, static_cast<A>(alpha),
             Va.mutable_data_ptr<A>());
 
-  Tensor log_r = distillation ? at::zeros({C, C}, opts) : at::empty({0, 0}, opts);
-  Tensor r = distillation ? at::zeros({C, C}, opts) : Tensor();
+  Tensor log_r = at::empty(distillation ? at::IntArrayRef{C, C} : at::IntArrayRef{0, 0}, opts);
+  Tensor r = distillation ? at::empty({C, C}, opts) : Tensor();
   if (distillation) {
-    teacher_rows(similarity_in.to(acc), L, log_r.mutable_data_ptr<A>(), r.mutable_data_ptr<A>());
+    const Tensor theta = similarity_in.to(acc).contiguous();
+    teacher_rows(theta.const_data_ptr<A>(), L, log_r.mutable_data_ptr<A>(), r.mutable_data_ptr<A>());
   }
   const A* lr = distillation ? log_r.const_data_ptr<A>() : nullptr;
   const A* rp = distillation ? r.const_data_ptr<A>() : nullptr;
@@ -469,12 +485,13 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(double grad_ic, double grad_id,
   if (grad_ic != 0.0 && Bv > 0) {
     const A* st = row_stats.const_data_ptr<A>();
     const Tensor log_r = distillation ? log_r_in.to(acc).contiguous() : Tensor();
-    Tensor r = distillation ? at::zeros({C, C}, opts) : Tensor();
+    Tensor r = distillation ? at::empty({C, C}, opts) : Tensor();
     if (distillation) teacher_probs(log_r.const_data_ptr<A>(), L, r.mutable_data_ptr<A>());
     const A* lr = distillation ? log_r.const_data_ptr<A>() : nullptr;
     const A* rp = distillation ? r.const_data_ptr<A>() : nullptr;
     A* dp = distillation ? dphi.mutable_data_ptr<A>() : nullptr;
     const A inv_tau = static_cast<A>(1.0 / tau);
+    const bool unit_tau = tau == 1.0;
 
     const int64_t chunk = chunk_rows_for(chunk_rows, C, sizeof(A), Bv);
     Tensor zbuf = at::empty({chunk, C}, opts);
@@ -492,7 +509,9 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(double grad_ic, double grad_id,
           A* z = zp + jj * C;
           const A aj = st[i], lse = st[B + i];
           if (distillation) {
-            const cpu::IcRow<A> row{lse, st[2 * B + i], inv_tau, gi * aj, aj, st[2 * B + i] - st[3 * B + i]};
+            const A lse_nt = st[2 * B + i];
+            const cpu::IcRow<A> row{lse, lse_nt, inv_tau, gi * aj, aj, lse_nt - st[3 * B + i],
+                                    unit_tau ? std::exp(lse_nt - lse) : A(0), unit_tau};
             cpu::ic_grad_distill(z + c0, rp + k * C + c0, lr + k * C + c0, dp + k * C + c0, c1 - c0, row);
           } else {
             cpu::ic_grad_plain(z + c0, c1 - c0, lse, gi * aj);
@@ -516,9 +535,9 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(double grad_ic, double grad_id,
   normalize_backward(dV.const_data_ptr<A>(), V.const_data_ptr<A>(), w_norm.const_data_ptr<A>(), nullptr, C, d,
                      dw.mutable_data_ptr<scalar_t>());
   Tensor dsim;
-  if (distillation) {
-    dphi.mul_(gi);
-    dsim = (dphi + dphi.t()).mul_(0.5).to(x_in.scalar_type());
+  if (distillation) {  // dTheta = (dPhi + dPhi^T) / 2, the upstream coefficient applied here once
+    dsim = at::empty({C, C}, x_in.options());
+    symmetrize(dphi.const_data_ptr<A>(), C, static_cast<A>(0.5) * gi, dsim.mutable_data_ptr<scalar_t>());
   } else {
     dsim = at::zeros({C, C}, x_in.options());
   }

@@ -105,17 +105,19 @@ IDK_FORCE_INLINE A kl_sum_impl(const A* __restrict r, const A* __restrict log_r,
   return s;
 }
 
-template <typename A>
+// With tau = 1, p_c = q_c exp(lse_nt - lse) and exp(lse_nt - lse) <= 1: one exp per element, and
+// where q underflows p (smaller still) would have too, so nothing is lost.
+template <bool kUnitTau, typename A>
 IDK_FORCE_INLINE void ic_grad_distill_impl(A* __restrict z, const A* __restrict r, const A* __restrict log_r,
                                            A* __restrict dphi, int64_t n, const IcRow<A>& row) {
   const A lse = row.lse, lse_nt = row.lse_nt, inv_tau = row.inv_tau, g_scale = row.g_scale, a = row.a,
-          shift = row.phi_shift;
+          shift = row.phi_shift, p_over_q = row.p_over_q;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const A zi = z[i];
-    const A zt = zi * inv_tau;
-    const A p = fast_exp(zi - lse);
+    const A zt = kUnitTau ? zi : zi * inv_tau;
     const A q = fast_exp(zt - lse_nt);
+    const A p = kUnitTau ? q * p_over_q : fast_exp(zi - lse);
     dphi[i] += teacher_grad_term(r[i], log_r[i], zt, a, shift);
     z[i] = g_scale * ic_logit_grad(p, q, r[i], inv_tau);
   }
@@ -160,11 +162,19 @@ double vkl_sum(const double* r, const double* log_r, const double* x, int64_t n,
 
 IDK_CPU_CLONES void ic_grad_distill(float* z, const float* r, const float* log_r, float* dphi, int64_t n,
                                     const IcRow<float>& row) {
-  ic_grad_distill_impl(z, r, log_r, dphi, n, row);
+  if (row.unit_tau) {
+    ic_grad_distill_impl<true>(z, r, log_r, dphi, n, row);
+  } else {
+    ic_grad_distill_impl<false>(z, r, log_r, dphi, n, row);
+  }
 }
 void ic_grad_distill(double* z, const double* r, const double* log_r, double* dphi, int64_t n,
                      const IcRow<double>& row) {
-  ic_grad_distill_impl(z, r, log_r, dphi, n, row);
+  if (row.unit_tau) {
+    ic_grad_distill_impl<true>(z, r, log_r, dphi, n, row);
+  } else {
+    ic_grad_distill_impl<false>(z, r, log_r, dphi, n, row);
+  }
 }
 
 IDK_CPU_CLONES void ic_grad_plain(float* z, int64_t n, float lse, float g_scale) {

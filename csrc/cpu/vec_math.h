@@ -46,6 +46,8 @@ struct IcRow {
   A g_scale;    // upstream coefficient of L_IC times a_i
   A a;          // a_i (the teacher gradient is scaled by the upstream coefficient once, at the end)
   A phi_shift;  // lse_nt_i - kd_i
+  A p_over_q;   // exp(lse_nt_i - lse_i), used when unit_tau
+  bool unit_tau;  // tau == 1: p = q p_over_q, one exp per element
 };
 
 // One row segment of the logits, overwritten in place with dL/dz (target column excluded; the
