@@ -135,14 +135,36 @@ void normalize_backward(const A* grad_u, const A* unit, const A* norms, const in
   });
 }
 
+// out[k][c] = scale (m[k][c] + m[c][k]) for the rows k with keep(k) (all rows when keep is null),
+// in 32 x 32 tiles so that the transposed reads stay in L1 (a row-by-row pass reads a column with
+// a page stride). Exactly symmetric: the sum commutes.
+template <typename A, typename Out>
+void symmetrize(const A* m, int64_t C, A scale, const int64_t* keep, Out* out) {
+  constexpr int64_t kTile = 32;
+  const int64_t tiles = (C + kTile - 1) / kTile;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t tk = begin; tk < end; ++tk) {
+      const int64_t k0 = tk * kTile, k1 = std::min(C, k0 + kTile);
+      for (int64_t c0 = 0; c0 < C; c0 += kTile) {
+        const int64_t c1 = std::min(C, c0 + kTile);
+        for (int64_t k = k0; k < k1; ++k) {
+          if (keep != nullptr && keep[k] == 0) continue;
+          const A* row = m + k * C;
+          Out* o = out + k * C;
+          for (int64_t c = c0; c < c1; ++c) o[c] = static_cast<Out>(scale * (row[c] + m[c * C + k]));
+        }
+      }
+    }
+  });
+}
+
 // Teacher rows: log r_kc = Phi_kc - logsumexp_{c' != k} Phi_kc', Phi = (Theta + Theta^T) / 2, for
 // the classes present (the only rows the loss reads); log r_kk = 0 and r_kk = 0 (the diagonal takes
-// no part); log r of absent classes is 0 and their r rows are left unwritten. Phi's row k is formed
-// in place from Theta's row and column k: consecutive k share the column's cache lines, so the
-// strided reads stay in L2 (a materialised Theta + Theta^T would cost two more C x C passes).
+// no part); log r of absent classes is 0 and their r rows are left unwritten.
 template <typename A>
 void teacher_rows(const A* theta, const Layout& L, A* log_r, A* r) {
   const int64_t C = L.num_classes;
+  symmetrize(theta, C, A(0.5), L.count.data(), log_r);  // Phi rows of the present classes
   at::parallel_for(0, C, grain_rows(C), [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       A* lr = log_r + k * C;
@@ -150,8 +172,6 @@ void teacher_rows(const A* theta, const Layout& L, A* log_r, A* r) {
         std::fill(lr, lr + C, A(0));
         continue;
       }
-      const A* row = theta + k * C;
-      for (int64_t c = 0; c < C; ++c) lr[c] = A(0.5) * (row[c] + theta[c * C + k]);
       const A m = std::max(cpu::vmax(lr, k), cpu::vmax(lr + k + 1, C - k - 1));
       const A lse = m + std::log(cpu::vsum_exp(lr, k, A(1), m) + cpu::vsum_exp(lr + k + 1, C - k - 1, A(1), m));
       for (int64_t c = 0; c < C; ++c) lr[c] -= lse;
@@ -160,18 +180,6 @@ void teacher_rows(const A* theta, const Layout& L, A* log_r, A* r) {
         cpu::vexp(lr, r + k * C, C, A(1), A(0));
         r[k * C + k] = 0;
       }
-    }
-  });
-}
-
-// out = scale (M + M^T) for a C x C matrix M, row-parallel; exactly symmetric.
-template <typename scalar_t, typename A>
-void symmetrize(const A* m, int64_t C, A scale, scalar_t* out) {
-  at::parallel_for(0, C, grain_rows(C), [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      const A* row = m + k * C;
-      scalar_t* o = out + k * C;
-      for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(scale * (row[c] + m[c * C + k]));
     }
   });
 }
@@ -537,7 +545,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(double grad_ic, double grad_id,
   Tensor dsim;
   if (distillation) {  // dTheta = (dPhi + dPhi^T) / 2, the upstream coefficient applied here once
     dsim = at::empty({C, C}, x_in.options());
-    symmetrize(dphi.const_data_ptr<A>(), C, static_cast<A>(0.5) * gi, dsim.mutable_data_ptr<scalar_t>());
+    symmetrize(dphi.const_data_ptr<A>(), C, static_cast<A>(0.5) * gi, nullptr, dsim.mutable_data_ptr<scalar_t>());
   } else {
     dsim = at::zeros({C, C}, x_in.options());
   }
