@@ -6,8 +6,9 @@
 //   q_ic = exp(z_ic / tau - lse_nt_i), c != k    student: softmax of z / tau over the non-targets
 //   r_kc, log r_kc                               teacher row of the label (r_kk = 0, stored log r_kk = 0)
 //   kd_i = sum_{c != k} r_kc (log r_kc - log q_ic)
-// Exponentials are left to the caller (a vectorised polynomial on the CPU, __expf on a GPU), so
-// everything here is plain arithmetic that vectorises and runs on either side.
+// The per-element exponentials (p, q, r, kappa) are left to the caller (a vectorised polynomial on
+// the CPU, __expf on a GPU), so the per-element helpers here are plain arithmetic that vectorises;
+// the per-row helpers (softplus, log_add_exp) use the standard math functions.
 #pragma once
 
 #include <cmath>
@@ -30,23 +31,6 @@ IDK_HOST_DEVICE IDK_FORCE_INLINE A softplus(A v) {
 template <typename A>
 IDK_HOST_DEVICE IDK_FORCE_INLINE A log_add_exp(A a, A b) {
   return a > b ? a + softplus(b - a) : b + softplus(a - b);
-}
-
-// Online logsumexp state (m, s) with lse = m + log(s): the merge of two partial states, e.g.
-// per-thread or per-tile partial sums of exp(z - m) over disjoint column ranges.
-template <typename A>
-struct LseState {
-  A m;  // running max (-inf when empty)
-  A s;  // sum of exp(value - m)
-};
-
-template <typename A>
-IDK_HOST_DEVICE IDK_FORCE_INLINE LseState<A> lse_merge(LseState<A> x, LseState<A> y) {
-  using std::exp;
-  if (x.s == A(0)) return y;
-  if (y.s == A(0)) return x;
-  if (x.m >= y.m) return {x.m, x.s + y.s * exp(y.m - x.m)};
-  return {y.m, y.s + x.s * exp(x.m - y.m)};
 }
 
 // Exponent of the diversity kernel kappa_ij = exp(t (g_ij - 1)), g_ij = <u_i, u_j>.
