@@ -341,6 +341,30 @@ def test_inputs_not_modified_and_noncontiguous():
     assert max(rel_err(a, b) for a, b in zip(grads, truth_grads)) <= 1e-4
 
 
+@pytest.mark.parametrize("needs", [m for m in itertools.product([True, False], repeat=3) if any(m)])
+def test_every_requires_grad_combination(needs):
+    tensors, labels = _inputs(57, [0, 1, 0, 2, 1, 0, IGNORE, 4, 0], c=5, d=4)
+    kw = _kw()
+    ours = [t.detach().clone().requires_grad_(n) for t, n in zip(tensors, needs)]
+    theirs = [t.detach().clone().requires_grad_(n) for t, n in zip(tensors, needs)]
+    wanted = lambda ts: [t for t in ts if t.requires_grad]  # noqa: E731
+    grads = torch.autograd.grad(ik.idid_loss(*ours, labels, backend="cpp", **kw), wanted(ours))
+    truth = torch.autograd.grad(ref.idid_loss(*theirs, labels, **kw), wanted(theirs), allow_unused=True,
+                                materialize_grads=True)
+    for a, b in zip(grads, truth):
+        assert rel_err(a, b) <= 1e-12
+
+
+def test_no_grad_forward_matches():
+    tensors, labels = _inputs(58, [0, 1, 0, 2, 1, 0, IGNORE, 4, 0], c=5, d=4)
+    with torch.no_grad():
+        out = ik.idid_loss(*tensors, labels, backend="cpp", return_terms=True)
+    truth = ref.idid_loss(*tensors, labels, return_terms=True)
+    assert not out.loss.requires_grad
+    for a, b in zip(out, truth):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-14)
+
+
 def _op_args(dtype, distillation=True):
     g = make_gen(55)
     x = torch.randn(9, 6, generator=g, dtype=dtype, requires_grad=True)
