@@ -44,7 +44,9 @@ def extension():
             _ext_state["module"] = importlib.import_module("idid_kernels._C")
             # Registers fake kernels and autograd for the C++ ops.
             importlib.import_module("idid_kernels.ops")
-        except ImportError as exc:  # not built, or built against another torch
+        # ImportError: not built, or built against another torch. RuntimeError: a stale build whose
+        # library lacks an op that ops/ registers (rebuild after pulling new kernels).
+        except (ImportError, RuntimeError) as exc:
             _ext_state["module"] = None
             _ext_state["error"] = f"{type(exc).__name__}: {exc}"
     return _ext_state["module"]
