@@ -14,10 +14,10 @@ TORCH_LIBRARY(idid_kernels, m) {
 
   // IDID-R1 loss (spec/idid.md). Outputs: loss = l_ic + lam * l_id, l_ic, l_id, lam (0-dim, x's
   // dtype; lam is a constant, stopgrad(l_ic) / (stopgrad(l_id) + eps)), then what backward needs,
-  // in the accumulation dtype (float32, float64 for float64 x): row_stats (5, B) = per-row
-  // [a_i, logsumexp_c z_ic, logsumexp_{c != y_i} z_ic / tau, kd_i, ce_i] (0 on ignored rows), the row norms
-  // of x (B,) and of the proxies (C,), and the teacher's log-probabilities log r (C, C) (rows of
-  // classes absent from the batch and the diagonal hold 0; (0, 0) without distillation).
+  // in the accumulation dtype (float32, float64 for float64 x): row_stats (5, B) = per row
+  // [a_i, logsumexp_c z_ic, logsumexp_{c != y_i} z_ic / tau, kd_i, ce_i] (0 on ignored rows), the
+  // row norms of x (B,) and of the proxies (C,), and the teacher's log-probabilities log r (C, C)
+  // (rows of classes absent from the batch and the diagonal hold 0; (0, 0) without distillation).
   // chunk_rows: rows of logits per chunk, 0 = from a 32 MB budget.
   m.def(
       "idid_loss_forward(Tensor x, Tensor proxies, Tensor similarity, Tensor labels, float alpha, float tau, "
