@@ -49,7 +49,9 @@ def _extensions():
 
     debug = _flag("IDID_KERNELS_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-fopenmp", "-DIDID_KERNELS_EXT"]
+    # -fno-trapping-math -fno-math-errno (as torch's own build): lets GCC if-convert and vectorise
+    # the clamps and exp polynomial of csrc/cpu/vec_math.cpp; nothing here relies on FP traps or errno.
+    cxx = opt + ["-fopenmp", "-fno-trapping-math", "-fno-math-errno", "-DIDID_KERNELS_EXT"]
     sources = [CSRC / "bindings.cpp"] + sorted((CSRC / "cpu").glob("*.cpp"))
     with_cuda = (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
                  and not _flag("IDID_KERNELS_NO_CUDA"))

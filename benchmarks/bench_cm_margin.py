@@ -6,7 +6,7 @@
 Side by side in one run: median fwd+bwd time and its spread for every available backend, the eager
 reference and torch.compile(reference); the three bare GEMMs of forward+backward (X W^T, G W,
 G^T X) as the floor a fused op can approach; peak extra memory of one fwd+bwd step, measured in a
-fresh child process per variant (CPU: peak RSS growth; GPU: torch.cuda.max_memory_allocated growth).
+fresh child process per variant (CPU: growth of the peak RSS, VmHWM; GPU: torch.cuda.max_memory_allocated growth).
 Each backend's loss and gradients are checked against the float64 reference first; a mismatch is
 printed loudly and the row is marked.
 """
@@ -17,7 +17,6 @@ import csv
 import datetime
 import json
 import platform
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +70,16 @@ def peak_memory_child(args, variant):
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss: Linux carries that
+    high-water mark over an exec from the parent, so a child would inherit the parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def child(args):
     x, w, y = make_inputs(args.n, args.d, args.c, args.device)
     loss = variants(args.margin, compile_ref=args.child == "compile")[args.child]
@@ -85,9 +94,9 @@ def child(args):
         torch.cuda.synchronize()
         print((torch.cuda.max_memory_allocated() - base) / 2**20)
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        base = peak_rss_mb()
         forward_backward(fn, [x, w])()
-        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+        print(peak_rss_mb() - base)
 
 
 def main(argv=None) -> int:

@@ -43,6 +43,26 @@ TORCH_LIBRARY(idid_kernels, m) {
   m.def("cm_margin_fused(Tensor x, Tensor weight, Tensor labels, Tensor row_weight, " IDK_CM_CFG
         ") -> (Tensor loss, Tensor dx, Tensor dweight)");
 #undef IDK_CM_CFG
+
+  // IDID-R1 loss (spec/idid.md). Outputs: loss = l_ic + lam * l_id, l_ic, l_id, lam (0-dim, x's
+  // dtype; lam is a constant, stopgrad(l_ic) / (stopgrad(l_id) + eps)), then what backward needs,
+  // in the accumulation dtype (float32, float64 for float64 x): row_stats (5, B) = per row
+  // [a_i, logsumexp_c z_ic, logsumexp_{c != y_i} z_ic / tau, kd_i, ce_i] (0 on ignored rows), the
+  // row norms of x (B,) and of the proxies (C,), and the teacher's log-probabilities log r (C, C)
+  // (rows of classes absent from the batch and the diagonal hold 0; (0, 0) without distillation).
+  // chunk_rows: rows of logits per chunk, 0 = from a 32 MB budget.
+  m.def(
+      "idid_loss_forward(Tensor x, Tensor proxies, Tensor similarity, Tensor labels, float alpha, float tau, "
+      "float t, float eps, bool distillation, bool diversity, bool adaptive_weight, float diversity_weight, "
+      "bool class_balanced, int ignore_index, int chunk_rows) -> (Tensor loss, Tensor l_ic, Tensor l_id, "
+      "Tensor lam, Tensor row_stats, Tensor x_norm, Tensor w_norm, Tensor teacher_log_prob)");
+  // (dx, dproxies, dsimilarity) of grad_ic * l_ic + grad_id * l_id (0-dim upstream coefficients;
+  // for the loss output grad_ic = g and grad_id = g * lam), from the forward's saved outputs.
+  m.def(
+      "idid_loss_backward(Tensor grad_ic, Tensor grad_id, Tensor x, Tensor proxies, Tensor labels, "
+      "Tensor row_stats, Tensor x_norm, Tensor w_norm, Tensor teacher_log_prob, float alpha, float tau, float t, "
+      "bool distillation, bool diversity, int ignore_index, int chunk_rows) -> (Tensor dx, Tensor dproxies, "
+      "Tensor dsimilarity)");
 }
 
 // A plain extension module so that `import idid_kernels._C` loads the library and runs the

@@ -23,7 +23,7 @@ _DEVICE_TYPES = {"reference": None, "cpp": ("cpu",), "cuda": ("cuda",), "triton"
 # op name -> backends with kernels for it. Grows as kernels land; the reference has everything.
 IMPLEMENTED: dict[str, set[str]] = {
     "cm_margin_loss": {"reference", "cpp", "cuda"},
-    "idid_loss": {"reference"},
+    "idid_loss": {"reference", "cpp"},
     "pairwise_cosine": {"reference", "cpp", "cuda"},
     "class_density": {"reference", "cpp"},
     "norm_contraction": {"reference", "cpp", "cuda"},
@@ -44,12 +44,11 @@ def extension():
             _ext_state["module"] = importlib.import_module("idid_kernels._C")
             # Registers fake kernels and autograd for the C++ ops.
             importlib.import_module("idid_kernels.ops")
-        except ImportError as exc:  # not built, or built against another torch
+        # ImportError: not built, or built against another torch. RuntimeError: a stale build whose
+        # library lacks an op that ops/ registers (rebuild after pulling new kernels).
+        except (ImportError, RuntimeError) as exc:
             _ext_state["module"] = None
             _ext_state["error"] = f"{type(exc).__name__}: {exc}"
-        except RuntimeError as exc:  # built from older sources: an op the Python side registers is missing
-            _ext_state["module"] = None
-            _ext_state["error"] = f"the built extension is older than the sources ({exc}); rebuild it"
     return _ext_state["module"]
 
 

@@ -40,6 +40,11 @@ def _class_density_ext(x, labels, num_classes, t):
     return op(x, labels, num_classes, t)
 
 
+def _idid_loss_ext(x, proxies, similarity, labels, **kw):
+    from .ops.idid_loss import idid_loss as op
+    return op(x, proxies, similarity, labels, **kw)
+
+
 # op -> backend -> callable taking the validated arguments of the public function.
 _KERNELS = {
     "norm_contraction": {"reference": ref.norm_contraction, "cpp": _norm_contraction_ext,
@@ -47,7 +52,7 @@ _KERNELS = {
     "pairwise_cosine": {"reference": ref.pairwise_cosine, "cpp": _pairwise_cosine_ext, "cuda": _pairwise_cosine_ext},
     "class_density": {"reference": ref.class_density, "cpp": _class_density_ext},
     "cm_margin_loss": {"reference": ref.cm_margin_loss, "cpp": _cm_margin_loss_ext, "cuda": _cm_margin_loss_ext},
-    "idid_loss": {"reference": ref.idid_loss},
+    "idid_loss": {"reference": ref.idid_loss, "cpp": _idid_loss_ext},
 }
 
 

@@ -5,4 +5,4 @@ Python-side registrations, so every backend behind an op shares one autograd for
 under ``torch.compile(fullgraph=True)``.
 """
 from .. import _C  # noqa: F401  (the op schemas must exist before the registrations below)
-from . import class_density, cm_margin, norm_contraction, pairwise_cosine  # noqa: F401
+from . import class_density, cm_margin, idid_loss, norm_contraction, pairwise_cosine  # noqa: F401

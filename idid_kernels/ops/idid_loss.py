@@ -1,0 +1,113 @@
+"""Autograd and fake kernels of ``idid_kernels::idid_loss_forward/backward`` (IDID-R1, spec/idid.md).
+
+forward(x, proxies, similarity, labels, alpha, tau, t, eps, distillation, diversity, adaptive_weight,
+diversity_weight, class_balanced, ignore_index, chunk_rows)
+    -> (loss, l_ic, l_id, lam, row_stats, x_norm, w_norm, teacher_log_prob)
+
+``loss``, ``l_ic`` and ``l_id`` are differentiable outputs, with loss = l_ic + lam * l_id; ``lam`` (the
+adaptive weight stopgrad(L_IC) / (stopgrad(L_ID) + eps), or the fixed ``diversity_weight``) and the
+saved statistics are not. Backward therefore needs only two scalars, the upstream coefficients of
+L_IC and of L_ID:
+
+    grad_ic = g_loss + g_l_ic,   grad_id = g_loss * lam + g_l_id
+
+backward(grad_ic, grad_id, x, proxies, labels, row_stats, x_norm, w_norm, teacher_log_prob, alpha, tau,
+t, distillation, diversity, ignore_index, chunk_rows) -> (dx, dproxies, dsimilarity)
+
+with, for the rows i not ignored (a_i the sample weight, Y one-hot, P = softmax(z), Q, R the student
+and teacher non-target distributions with a zero target column):
+
+    G = grad_ic * a_i [P - Y + (Q - R) / tau],   dU = alpha G V + grad_id * H,   dV = alpha G^T U
+    dPhi_kc = grad_ic * sum_{i: y_i = k} a_i r_kc (log r_kc - log q_ic - kd_i),  dTheta = (dPhi + dPhi^T) / 2
+
+and the F.normalize backward on dU, dV. Any backend implementing these two ops (C++ on the CPU
+today) shares this autograd and fake registration.
+
+The logits are processed ``chunk_rows`` rows at a time (0: from a 32 MB budget). Tests force tiny
+chunks with :func:`chunk_rows`; the environment variable ``IDID_KERNELS_CHUNK_ROWS`` sets the default.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from ..reference.idid import IDIDTerms
+
+_FWD = "idid_kernels::idid_loss_forward"
+_BWD = "idid_kernels::idid_loss_backward"
+
+_chunk_rows = int(os.environ.get("IDID_KERNELS_CHUNK_ROWS", "0"))
+
+
+@contextlib.contextmanager
+def chunk_rows(rows: int):
+    """Within the block, process the logits ``rows`` rows per chunk (0: the default budget)."""
+    global _chunk_rows
+    if not isinstance(rows, int) or rows < 0:
+        raise ValueError(f"rows must be an int >= 0, got {rows!r}")
+    saved, _chunk_rows = _chunk_rows, rows
+    try:
+        yield
+    finally:
+        _chunk_rows = saved
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake(_FWD)
+def _forward_fake(x, proxies, similarity, labels, alpha, tau, t, eps, distillation, diversity, adaptive_weight,
+                  diversity_weight, class_balanced, ignore_index, chunk_rows):
+    b, c = x.shape[0], proxies.shape[0]
+    acc = _acc_dtype(x.dtype)
+    scalars = [x.new_empty(()) for _ in range(4)]
+    teacher = x.new_empty((c, c) if distillation else (0, 0), dtype=acc)
+    return (*scalars, x.new_empty((5, b), dtype=acc), x.new_empty((b,), dtype=acc), x.new_empty((c,), dtype=acc),
+            teacher)
+
+
+@torch.library.register_fake(_BWD)
+def _backward_fake(grad_ic, grad_id, x, proxies, labels, row_stats, x_norm, w_norm, teacher_log_prob, alpha, tau,
+                   t, distillation, diversity, ignore_index, chunk_rows):
+    c = proxies.shape[0]
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(proxies, memory_format=torch.contiguous_format), proxies.new_empty((c, c)))
+
+
+def _setup_context(ctx, inputs, output):
+    (x, proxies, _similarity, labels, alpha, tau, t, _eps, distillation, diversity, _adaptive, _weight, _balanced,
+     ignore_index, rows) = inputs
+    _, _, _, lam, row_stats, x_norm, w_norm, teacher = output
+    ctx.save_for_backward(x, proxies, labels, lam, row_stats, x_norm, w_norm, teacher)
+    ctx.config = (alpha, tau, t, distillation, diversity, ignore_index, rows)
+    ctx.mark_non_differentiable(lam, row_stats, x_norm, w_norm, teacher)
+
+
+def _backward(ctx, g_loss, g_ic, g_id, *_):
+    x, proxies, labels, lam, row_stats, x_norm, w_norm, teacher = ctx.saved_tensors
+    acc = _acc_dtype(x.dtype)
+    zero = torch.zeros((), dtype=acc, device=x.device)
+    g_loss, g_ic, g_id = (zero if g is None else g.to(acc) for g in (g_loss, g_ic, g_id))
+    grad_ic = g_loss + g_ic
+    grad_id = g_loss * lam.to(acc) + g_id
+    dx, dw, ds = torch.ops.idid_kernels.idid_loss_backward(grad_ic, grad_id, x, proxies, labels, row_stats, x_norm,
+                                                           w_norm, teacher, *ctx.config)
+    return (dx, dw, ds) + (None,) * 12
+
+
+torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
+
+
+def idid_loss(x, proxies, similarity, labels, *, alpha, tau, t, eps, distillation, diversity, adaptive_weight,
+              diversity_weight, class_balanced, ignore_index, return_terms):
+    """The public outputs of the op: the loss, or :class:`IDIDTerms` with ``return_terms``."""
+    loss, l_ic, l_id, lam, *_ = torch.ops.idid_kernels.idid_loss_forward(
+        x, proxies, similarity, labels, float(alpha), float(tau), float(t), float(eps), bool(distillation),
+        bool(diversity), bool(adaptive_weight), float(diversity_weight), bool(class_balanced), int(ignore_index),
+        _chunk_rows)
+    if return_terms:
+        return IDIDTerms(loss, l_ic, l_id, lam)
+    return loss
