@@ -93,6 +93,29 @@ IDK_FORCE_INLINE A cm_sum_exp(const A* row, int64_t lo, int64_t hi, A a, A shift
   return sum;
 }
 
+// e_j = exp(a c_j - shift) stored over the cosines; accumulates sum e_j and sum e_j c_j.
+template <typename A>
+IDK_FORCE_INLINE void cm_store_exp(A* row, int64_t lo, int64_t hi, A a, A shift, A& sum_e, A& sum_ec) {
+  A se = sum_e, sec = sum_ec;
+#pragma omp simd reduction(+ : se, sec)
+  for (int64_t j = lo; j < hi; ++j) {
+    const A c = row[j];
+    const A e = exp_approx(a * c - shift);
+    se += e;
+    sec += e * c;
+    row[j] = e;
+  }
+  sum_e = se;
+  sum_ec = sec;
+}
+
+// row[j] <- factor * row[j] / ||w_j||.
+template <typename A>
+IDK_FORCE_INLINE void cm_scale_by_inv_wn(A* row, const A* inv_wn, int64_t lo, int64_t hi, A factor) {
+#pragma omp simd
+  for (int64_t j = lo; j < hi; ++j) row[j] = factor * row[j] * inv_wn[j];
+}
+
 // Off-target gradient sweep over cosines with the row's lse known: row[j] <- a g p_j / ||w_j||;
 // accumulates sum_j p_j and sum_j p_j c_j over the sweep.
 template <typename A>
@@ -143,6 +166,34 @@ IDK_FORCE_INLINE A cm_row_grad(const CmConfig<A>& cfg, A* row, const A* inv_wn, 
   // p_y - 1 = -sum_{j != y} p_j: the off-target mass is accurate where p_y rounds to 1.
   row[y] = -ag * sum_p * dphi * inv_wn[y];
   return cm_scale_grad(cfg, r) * g * (sum_pc - sum_p * psi_y);
+}
+
+// Forward and gradient of one row of cosines in a single visit, for a row weight g known in
+// advance: one exponential per class (the forward's e_j = exp(z_j - m) become p_j = e_j / sum).
+// The row becomes G'; returns loss, lse and the radial coefficient.
+template <typename A>
+IDK_FORCE_INLINE CmRowOut<A> cm_row_fused(const CmConfig<A>& cfg, A* row, const A* inv_wn, int64_t num_classes,
+                                          int64_t y, A r, A g) {
+  using std::exp;
+  using std::log;
+  const A a = cm_scale(cfg, r);
+  A dphi;
+  const A psi_y = margin_phi(row[y], cfg.margin, &dphi);
+  const A zy = a * psi_y;
+  const A m = cm_max(row, y + 1, num_classes, a, cm_max(row, 0, y, a, zy));
+  A sum_off = A(0), sum_ec = A(0);
+  cm_store_exp(row, 0, y, a, m, sum_off, sum_ec);
+  cm_store_exp(row, y + 1, num_classes, a, m, sum_off, sum_ec);
+  const A sum = sum_off + exp(zy - m);
+  const A lse = m + log(sum);
+  const A inv_sum = A(1) / sum;
+  const A ag = a * g;
+  cm_scale_by_inv_wn(row, inv_wn, 0, y, ag * inv_sum);
+  cm_scale_by_inv_wn(row, inv_wn, y + 1, num_classes, ag * inv_sum);
+  const A p_off = sum_off * inv_sum;  // 1 - p_y, accurate where p_y rounds to 1
+  row[y] = -ag * p_off * dphi * inv_wn[y];
+  const A radial = cm_scale_grad(cfg, r) * g * (sum_ec * inv_sum - p_off * psi_y);
+  return {lse - zy, lse, radial};
 }
 
 }  // namespace idid_kernels

@@ -27,6 +27,13 @@ IDK_FORCE_INLINE void epilogue_rows_impl(const CmRowJob<A>& job, int64_t begin, 
       }
     } else {
       cm_to_cosines(row, job.inv_wn, c, job.inv_xn[row_id]);
+      if (job.mode == kCmFused && job.g[row_id] != A(0)) {
+        const CmRowOut<A> out = cm_row_fused(job.cfg, row, job.inv_wn, c, y, job.x_norm[row_id], job.g[row_id]);
+        job.loss[row_id] = out.loss;
+        job.lse[row_id] = out.lse;
+        job.radial[i] = out.radial;
+        continue;
+      }
       if (job.mode != kCmBackward) {
         const CmRowOut<A> out = cm_row_forward(job.cfg, row, c, y, job.x_norm[row_id]);
         job.loss[row_id] = out.loss;
