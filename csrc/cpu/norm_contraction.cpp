@@ -37,6 +37,7 @@ std::tuple<at::Tensor, at::Tensor> norm_contraction_forward_cpu(const at::Tensor
       for (int64_t i = begin; i < end; ++i) {
         const scalar_t* row = xp + i * d;
         acc ss = 0;
+        _Pragma("omp simd reduction(+ : ss)")
         for (int64_t k = 0; k < d; ++k) {
           const acc v = static_cast<acc>(row[k]);
           ss += v * v;
@@ -87,6 +88,7 @@ at::Tensor norm_contraction_backward_cpu(const at::Tensor& grad_out_in, const st
         const acc coef = radial * inv_norm_or_zero(r);
         const scalar_t* row = xp + i * d;
         scalar_t* drow = dp + i * d;
+        _Pragma("omp simd")
         for (int64_t k = 0; k < d; ++k) drow[k] = static_cast<scalar_t>(coef * static_cast<acc>(row[k]));
       }
     });
