@@ -62,11 +62,15 @@ def _extensions():
     )
     if with_cuda:
         arch = os.environ.get("IDID_KERNELS_CUDA_ARCH") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "80;90"
-        gencode = []
-        for a in arch.replace(",", ";").replace(" ", ";").split(";"):
-            a = a.strip().replace(".", "").replace("+PTX", "")
-            if a:
-                gencode += [f"-gencode=arch=compute_{a},code=sm_{a}"]
+        archs = [a.strip().replace(".", "").replace("+PTX", "")
+                 for a in arch.replace(",", ";").replace(" ", ";").split(";") if a.strip()]
+        if not all(a.isdigit() for a in archs):
+            raise SystemExit(f"idid_kernels: IDID_KERNELS_CUDA_ARCH / TORCH_CUDA_ARCH_LIST must list numeric "
+                             f"architectures such as '80;90', got {arch!r}")
+        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+        # PTX of the newest architecture too, so newer GPUs can JIT-compile the kernels.
+        newest = max(archs, key=int)
+        gencode.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")
         sources += sorted((CSRC / "cuda").glob("*.cu")) + sorted((CSRC / "cuda").glob("*.cpp"))
         ext = cpp_extension.CUDAExtension(
             sources=_rel(sources),

@@ -16,8 +16,9 @@ import torch
 BACKENDS = ("reference", "cpp", "cuda", "triton")
 BACKEND_CHOICES = ("auto",) + BACKENDS
 
-# Fastest first, per device type.
-_PREFERENCE = {"cpu": ("cpp", "reference"), "cuda": ("triton", "cuda", "reference")}
+# Fastest first, per device type. The CUDA kernels have not yet passed the test suite on a GPU, so
+# "auto" does not pick them: backend="cuda" runs them on request (see README, Status).
+_PREFERENCE = {"cpu": ("cpp", "reference"), "cuda": ("triton", "reference")}
 _DEVICE_TYPES = {"reference": None, "cpp": ("cpu",), "cuda": ("cuda",), "triton": ("cuda",)}
 
 # op name -> backends with kernels for it. Grows as kernels land; the reference has everything.

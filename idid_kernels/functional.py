@@ -14,7 +14,7 @@ import torch
 from . import reference as ref
 from ._backends import select_backend
 from ._validation import (
-    check_choice, check_finite, check_int, check_labels, check_matrix, check_nonnegative, check_positive, check_same,
+    check_bool, check_choice, check_finite, check_int, check_labels, check_matrix, check_nonnegative, check_positive, check_same,
 )
 from .reference.cm_margin import CONTRACTIONS, REDUCTIONS
 from .reference.margins import MARGIN_GRADS, resolve_margin
@@ -64,6 +64,10 @@ def validate_cm_config(*, s, margin, m, m1, m2, m3, sphere_lambda, easy_margin, 
                        norm_temperature, margin_grad, reduction, ignore_index):
     """Check the scalar keywords of :func:`cm_margin_loss`; returns the resolved margin."""
     check_positive("s", s)
+    check_bool("easy_margin", easy_margin)
+    for name, value in (("m", m), ("m1", m1), ("m2", m2), ("m3", m3), ("sphere_lambda", sphere_lambda)):
+        if value is not None:
+            check_finite(name, value)
     params = resolve_margin(margin, m, m1, m2, m3, sphere_lambda, easy_margin)
     check_choice("contraction", contraction, CONTRACTIONS)
     check_finite("norm_offset", norm_offset)
@@ -74,8 +78,13 @@ def validate_cm_config(*, s, margin, m, m1, m2, m3, sphere_lambda, easy_margin, 
     return params
 
 
-def validate_idid_config(*, alpha, tau, t, eps, diversity_weight, ignore_index):
+def validate_idid_config(*, alpha, tau, t, eps, diversity_weight, ignore_index, distillation=True, diversity=True,
+                         adaptive_weight=True, class_balanced=True, return_terms=False):
     """Check the scalar keywords of :func:`idid_loss`."""
+    for name, value in (("distillation", distillation), ("diversity", diversity),
+                        ("adaptive_weight", adaptive_weight), ("class_balanced", class_balanced),
+                        ("return_terms", return_terms)):
+        check_bool(name, value)
     check_positive("alpha", alpha)
     check_positive("tau", tau)
     check_positive("t", t)
@@ -123,6 +132,7 @@ def cm_margin_loss(x, weight, labels, *, s=30.0, margin="cosface", m=None, m1=1.
                        easy_margin=easy_margin, contraction=contraction, norm_offset=norm_offset,
                        norm_temperature=norm_temperature, margin_grad=margin_grad, reduction=reduction,
                        ignore_index=ignore_index)
+    check_bool("detach_norm", detach_norm)
     if class_weight is not None:
         if not isinstance(class_weight, torch.Tensor) or not class_weight.dtype.is_floating_point:
             raise TypeError(f"class_weight must be a floating tensor of shape ({num_classes},), got {class_weight!r}")
@@ -130,6 +140,9 @@ def cm_margin_loss(x, weight, labels, *, s=30.0, margin="cosface", m=None, m1=1.
             raise ValueError(f"class_weight must have shape ({num_classes},), got {tuple(class_weight.shape)}")
         if class_weight.device != x.device:
             raise ValueError(f"class_weight is on {class_weight.device} but x is on {x.device}")
+        if class_weight.requires_grad:
+            raise ValueError("class_weight must not require grad: it is a constant re-weighting "
+                             "(F.cross_entropy does not differentiate it either); pass class_weight.detach()")
     labels = check_labels(labels, n, num_classes, x.device, ignore_index)
     kernel = _kernel("cm_margin_loss", backend, x.device)
     return kernel(x, weight, labels, s=s, margin=margin, m=m, m1=m1, m2=m2, m3=m3, sphere_lambda=sphere_lambda,
@@ -168,7 +181,8 @@ def idid_loss(x, proxies, similarity, labels, *, alpha=16.0, tau=1.0, t=2.0, eps
                  cols_of="one per class")
     check_same("x", x, proxies=proxies, similarity=similarity)
     validate_idid_config(alpha=alpha, tau=tau, t=t, eps=eps, diversity_weight=diversity_weight,
-                         ignore_index=ignore_index)
+                         ignore_index=ignore_index, distillation=distillation, diversity=diversity,
+                         adaptive_weight=adaptive_weight, class_balanced=class_balanced, return_terms=return_terms)
     labels = check_labels(labels, b, num_classes, x.device, ignore_index)
     kernel = _kernel("idid_loss", backend, x.device)
     return kernel(x, proxies, similarity, labels, alpha=alpha, tau=tau, t=t, eps=eps, distillation=distillation,

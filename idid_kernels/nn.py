@@ -9,7 +9,15 @@ import torch
 from torch import nn
 
 from . import functional as F
-from ._validation import check_int
+from ._backends import BACKEND_CHOICES
+from ._validation import check_bool, check_choice, check_int
+
+
+def _as_dtype(param: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The parameter in the features' dtype. Under autocast (or a bf16 backbone with fp32 loss
+    parameters) the features arrive in half precision: the cast is differentiable, so the
+    parameter's gradient still lands in its own (float32) dtype."""
+    return param if param.dtype == x.dtype else param.to(x.dtype)
 
 
 class CMMarginLoss(nn.Module):
@@ -37,7 +45,9 @@ class CMMarginLoss(nn.Module):
                            norm_temperature=norm_temperature, margin_grad=margin_grad, reduction=reduction,
                            ignore_index=ignore_index)
         F.validate_cm_config(**self.config)
-        self.config.update(detach_norm=bool(detach_norm), backend=backend)
+        check_bool("detach_norm", detach_norm)
+        check_choice("backend", backend, BACKEND_CHOICES)
+        self.config.update(detach_norm=detach_norm, backend=backend)
         self.in_features, self.num_classes = in_features, num_classes
         self.weight = nn.Parameter(torch.empty(num_classes, in_features, device=device, dtype=dtype))
         nn.init.xavier_uniform_(self.weight)
@@ -50,7 +60,7 @@ class CMMarginLoss(nn.Module):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         cw = None if self.class_weight is None else self.class_weight.to(x.dtype)
-        return F.cm_margin_loss(x, self.weight, labels, class_weight=cw, **self.config)
+        return F.cm_margin_loss(x, _as_dtype(self.weight, x), labels, class_weight=cw, **self.config)
 
     def cosine(self, x: torch.Tensor) -> torch.Tensor:
         """Raw cosines <x_n/||x_n||, w_j/||w_j||>, shape (N, C)."""
@@ -86,7 +96,10 @@ class IDIDLoss(nn.Module):
         in_features = check_int("in_features", in_features, minimum=1)
         num_classes = check_int("num_classes", num_classes, minimum=2)
         F.validate_idid_config(alpha=alpha, tau=tau, t=t, eps=eps, diversity_weight=diversity_weight,
-                               ignore_index=ignore_index)
+                               ignore_index=ignore_index, distillation=distillation, diversity=diversity,
+                               adaptive_weight=adaptive_weight, class_balanced=class_balanced,
+                               return_terms=return_terms)
+        check_choice("backend", backend, BACKEND_CHOICES)
         self.config = dict(alpha=alpha, tau=tau, t=t, eps=eps, distillation=bool(distillation),
                            diversity=bool(diversity), adaptive_weight=bool(adaptive_weight),
                            diversity_weight=diversity_weight, class_balanced=bool(class_balanced),
@@ -97,7 +110,7 @@ class IDIDLoss(nn.Module):
         self.similarity = nn.Parameter(torch.zeros(num_classes, num_classes, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor):
-        return F.idid_loss(x, self.proxies, self.similarity, labels, **self.config)
+        return F.idid_loss(x, _as_dtype(self.proxies, x), _as_dtype(self.similarity, x), labels, **self.config)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Class of the most similar proxy, shape (N,) int64."""

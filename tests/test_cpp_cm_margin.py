@@ -98,13 +98,14 @@ def test_float64_matches_reference_tightly(margin, reduction):
 @pytest.mark.parametrize("shape", [(1, 2, 3), (7, 3, 5), (31, 127, 17), (64, 129, 33), (129, 128, 64)])
 def test_float32_within_tolerance(margin, shape):
     n, c, d = shape
-    x, w, y = make(n, c, d, seed=sum(shape), ignore=1 if n > 3 else 0, scale=3.0)
-    kw = dict(MARGINS[margin], s=30.0)
+    # s=16 keeps the rows off saturation, so every gradient is large enough for a relative test
+    x, w, y = make(n, c, d, seed=sum(shape), ignore=1 if n > 3 else 0, scale=1.0)
+    kw = dict(MARGINS[margin], s=16.0)
     truth = loss_and_grads("reference", x, w, y, **kw)
     ours = loss_and_grads("cpp", x.float(), w.float(), y, **kw)
     assert ours[0].dtype == torch.float32 and ours[1].dtype == torch.float32
     assert within(ours[0], truth[0], 1e-5)
-    assert within(ours[1], truth[1], 1e-4) and within(ours[2], truth[2], 1e-4)
+    assert rel(ours[1], truth[1]) <= 1e-4 and rel(ours[2], truth[2]) <= 1e-4
 
 
 def test_one_feature_dimension():

@@ -47,8 +47,8 @@ def run(backend, x, w, y, dtype, device, **kw):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("shape", [(1, 2, 3), (37, 129, 64), (300, 70000, 32)])
 def test_cm_float32_matches_float64_reference(margin, reduction, shape):
-    x, w, y = make(*shape, seed=sum(shape), ignore=2 if shape[0] > 2 else 0)
-    kw = dict(MARGINS[margin], reduction=reduction)
+    x, w, y = make(*shape, seed=sum(shape), ignore=2 if shape[0] > 2 else 0, scale=1.0)
+    kw = dict(MARGINS[margin], reduction=reduction, s=16.0)  # rows off saturation: gradients are O(1)
     truth = run("reference", x, w, y, torch.float64, "cpu", **kw)
     ours = run("cuda", x, w, y, torch.float32, "cuda", **kw)
     assert rel(ours[0], truth[0]) <= 1e-5 or float((ours[0].cpu().double() - truth[0]).abs().max()) <= 1e-6

@@ -239,3 +239,62 @@ def test_inputs_not_modified():
     ik.norm_contraction(x)
     for before, after in zip(copies, (x, w, s, y)):
         assert torch.equal(before, after)
+
+
+# ---------------------------------------------------------------- flags, constants, double backward
+@pytest.mark.parametrize("flag", ["easy_margin", "detach_norm"])
+def test_cm_bool_flags_must_be_bool(flag):
+    x, w, y = cm_inputs()
+    kw = {flag: "no", "margin": "arcface"}
+    raises(TypeError, rf"{flag} must be True or False, got str 'no'", ik.cm_margin_loss, x, w, y, **kw)
+    raises(TypeError, rf"{flag} must be True or False", ik.CMMarginLoss, 3, 4, **kw)
+
+
+@pytest.mark.parametrize("flag", ["distillation", "diversity", "adaptive_weight", "class_balanced", "return_terms"])
+def test_idid_bool_flags_must_be_bool(flag):
+    x, w, s, y = idid_inputs()
+    raises(TypeError, rf"{flag} must be True or False, got int 0", ik.idid_loss, x, w, s, y, **{flag: 0})
+    raises(TypeError, rf"{flag} must be True or False", ik.IDIDLoss, 3, 4, **{flag: "False"})
+
+
+def test_margin_values_must_be_numbers():
+    x, w, y = cm_inputs()
+    raises(ValueError, r"m must be a finite number, got '0.4'", ik.cm_margin_loss, x, w, y, m="0.4")
+    raises(ValueError, r"m1 must be a finite number", ik.cm_margin_loss, x, w, y, margin="combined", m1="1")
+
+
+def test_class_weight_requiring_grad_is_rejected():
+    x, w, y = cm_inputs()
+    raises(ValueError, r"class_weight must not require grad", ik.cm_margin_loss, x, w, y,
+           class_weight=torch.ones(4, requires_grad=True))
+
+
+def test_module_backend_checked_at_construction():
+    raises(ValueError, r"backend must be one of .*'gpu'", ik.CMMarginLoss, 3, 4, backend="gpu")
+    raises(ValueError, r"backend must be one of .*'gpu'", ik.IDIDLoss, 3, 4, backend="gpu")
+
+
+@pytest.mark.parametrize("op", ["cm", "idid", "norm", "cosine", "density"])
+def test_double_backward_refused_by_the_extension_ops(op):
+    if "cpp" not in ik.available_backends():
+        pytest.skip("needs the C++ extension")
+    x, w, s, y = idid_inputs()
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    out = {"cm": lambda: ik.cm_margin_loss(x, w, y, backend="cpp"),
+           "idid": lambda: ik.idid_loss(x, w, s, y, backend="cpp"),
+           "norm": lambda: ik.norm_contraction(x, backend="cpp").sum(),
+           "cosine": lambda: ik.pairwise_cosine(x, w, backend="cpp").sum(),
+           "density": lambda: ik.class_density(x, y, 4, backend="cpp").sum()}[op]()
+    with pytest.raises(NotImplementedError, match=r"double backward .* backend='reference'"):
+        torch.autograd.grad(out, x, create_graph=True)
+
+
+def test_modules_accept_half_features_with_float32_parameters():
+    # autocast / a bf16 backbone: features in bf16, loss parameters in float32
+    head, idid = ik.CMMarginLoss(8, 5), ik.IDIDLoss(8, 5)
+    x = torch.randn(6, 8).to(torch.bfloat16).requires_grad_(True)
+    y = torch.randint(0, 5, (6,))
+    for module, param in ((head, head.weight), (idid, idid.proxies)):
+        module(x, y).float().backward()
+        assert param.grad is not None and param.grad.dtype == torch.float32

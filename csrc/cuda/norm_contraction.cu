@@ -15,9 +15,23 @@ namespace {
 constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 8;
 
-template <typename T>
-__device__ __forceinline__ float to_acc(T v, float) { return static_cast<float>(v); }
+// Explicit conversions: torch's nvcc flags (-D__CUDA_NO_HALF_CONVERSIONS__ and friends) remove the
+// implicit ones between float and __half / __nv_bfloat16.
+__device__ __forceinline__ float to_acc(float v, float) { return v; }
 __device__ __forceinline__ double to_acc(double v, double) { return v; }
+__device__ __forceinline__ float to_acc(__half v, float) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v, float) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_acc(float v);
+template <>
+__device__ __forceinline__ float from_acc<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <typename T>
+__device__ __forceinline__ T from_acc(double v) { return v; }
 
 template <typename A>
 __device__ __forceinline__ A warp_sum(A v) {
@@ -42,7 +56,7 @@ __global__ void norm_contraction_forward_kernel(const T* __restrict__ x, T* __re
   if (lane == 0) {
     const Acc r = sqrt(ss);
     norm[row] = r;
-    out[row] = static_cast<T>(contraction(r, offset, inv_t));
+    out[row] = from_acc<T>(contraction(r, offset, inv_t));
   }
 }
 
@@ -59,7 +73,7 @@ __global__ void norm_contraction_backward_kernel(const Acc* __restrict__ grad_ou
   const Acc coef = radial * inv_norm_or_zero(r);
   const T* xr = x + row * d;
   T* dr = dx + row * d;
-  for (int64_t k = lane; k < d; k += kWarp) dr[k] = static_cast<T>(coef * to_acc(xr[k], Acc(0)));
+  for (int64_t k = lane; k < d; k += kWarp) dr[k] = from_acc<T>(coef * to_acc(xr[k], Acc(0)));
 }
 
 unsigned int blocks_for(int64_t n) { return static_cast<unsigned int>((n + kWarpsPerBlock - 1) / kWarpsPerBlock); }

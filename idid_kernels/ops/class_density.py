@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ._autograd import no_double_backward
+
 _OP = "idid_kernels::class_density_forward"
 _BWD = "idid_kernels::class_density_backward"
 
@@ -38,6 +40,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad, _grad_norm):
+    no_double_backward("class_density")
     x, labels, norm = ctx.saved_tensors
     dx = torch.ops.idid_kernels.class_density_backward(grad, x, labels, norm, ctx.t)
     return dx, None, None, None

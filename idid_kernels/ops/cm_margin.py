@@ -18,6 +18,7 @@ import os
 import torch
 
 from ..reference.margins import MarginParams
+from ._autograd import no_double_backward
 
 _KIND = {"none": 0, "cosface": 1, "angular": 2, "sphere": 3}
 _FWD, _BWD, _FUSED = ("idid_kernels::cm_margin_forward", "idid_kernels::cm_margin_backward",
@@ -74,6 +75,7 @@ def _forward_setup(ctx, inputs, output):
 
 def _forward_backward(ctx, grad_rows, grad_lse, grad_x_norm, grad_w_norm):
     # Only loss_rows is meant to be differentiated; the statistics are saved state.
+    no_double_backward("cm_margin_loss")
     x, weight, labels, lse, x_norm, w_norm = ctx.saved_tensors
     if grad_rows is None:
         grad_rows = torch.zeros_like(lse)
@@ -88,6 +90,7 @@ def _fused_setup(ctx, inputs, output):
 
 
 def _fused_backward(ctx, grad_loss, grad_dx, grad_dw):
+    no_double_backward("cm_margin_loss")
     dx, dw = ctx.saved_tensors
     g = grad_loss if grad_loss is not None else torch.zeros((), dtype=dx.dtype, device=dx.device)
     return (g.to(dx.dtype) * dx, g.to(dw.dtype) * dw, None, None) + (None,) * ctx.num_cfg

@@ -33,6 +33,8 @@ import os
 
 import torch
 
+from ._autograd import no_double_backward
+
 from ..reference.idid import IDIDTerms
 
 _FWD = "idid_kernels::idid_loss_forward"
@@ -87,6 +89,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, g_loss, g_ic, g_id, *_):
+    no_double_backward("idid_loss")
     x, proxies, labels, lam, row_stats, x_norm, w_norm, teacher = ctx.saved_tensors
     acc = _acc_dtype(x.dtype)
     zero = torch.zeros((), dtype=acc, device=x.device)

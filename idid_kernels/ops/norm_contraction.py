@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ._autograd import no_double_backward
+
 _OP = "idid_kernels::norm_contraction_forward"
 _BWD = "idid_kernels::norm_contraction_backward"
 
@@ -35,6 +37,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_norm):
+    no_double_backward("norm_contraction")
     x, norm = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(norm)

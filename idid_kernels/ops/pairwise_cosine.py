@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ._autograd import no_double_backward
+
 _OP = "idid_kernels::pairwise_cosine_forward"
 _BWD = "idid_kernels::pairwise_cosine_backward"
 
@@ -45,6 +47,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad, _grad_norm_x, _grad_norm_y):
+    no_double_backward("pairwise_cosine")
     x, y, norm_x, norm_y = ctx.saved_tensors
     need_x, need_y = ctx.needs_input_grad
     need_y = need_y and y is not None
