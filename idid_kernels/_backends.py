@@ -26,7 +26,7 @@ IMPLEMENTED: dict[str, set[str]] = {
     "cm_margin_loss": {"reference", "cpp", "cuda"},
     "idid_loss": {"reference", "cpp"},
     "pairwise_cosine": {"reference", "cpp", "cuda"},
-    "class_density": {"reference", "cpp"},
+    "class_density": {"reference", "cpp", "cuda"},
     "norm_contraction": {"reference", "cpp", "cuda"},
 }
 

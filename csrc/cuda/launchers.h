@@ -26,5 +26,22 @@ cudaError_t norm_contraction_backward(const Acc* grad_out, const Acc* grad_norm,
 template <typename A>
 cudaError_t cm_epilogue(const CmRowJob<A>& job, int64_t rows, cudaStream_t stream);
 
+// class_density (see class_density.cu). The rows are taken in label-sorted order: order (n,) is a
+// stable argsort of the labels, sorted_labels (n,) the sorted labels and offsets (C + 1,) the first
+// sorted position of each class (class c is sorted positions [offsets[c], offsets[c + 1])).
+// Forward writes norm (n,) in the original row order and density (C,); us (n, d) and row_sum (n,)
+// are scratch. Backward writes every row of dx (n, d) from grad (C,) and the saved norm; us and
+// pull (n, d) are scratch. T is one of float, double, __half, __nv_bfloat16; A is float (double for
+// double). n and C must be below 2^31 (cudaErrorInvalidValue otherwise).
+template <typename T, typename A>
+cudaError_t class_density_forward(const T* x, const int64_t* order, const int64_t* sorted_labels,
+                                  const int64_t* offsets, int64_t n, int64_t d, int64_t num_classes, A t, A* norm,
+                                  A* us, A* row_sum, T* density, cudaStream_t stream);
+
+template <typename T, typename A>
+cudaError_t class_density_backward(const A* grad, const T* x, const int64_t* order, const int64_t* sorted_labels,
+                                   const int64_t* offsets, const A* norm, int64_t n, int64_t d, int64_t num_classes,
+                                   A t, A* us, A* pull, T* dx, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace idid_kernels
