@@ -288,7 +288,9 @@ def test_class_density_cuda_direct_op_rejects_mismatched_devices():
                                                      3, 2.0)
 
 
-def test_class_density_auto_picks_a_gpu_kernel():
-    # "auto" prefers triton, then cuda; it must never fall back to the reference on a GPU.
+def test_class_density_auto_leaves_unverified_cuda_alone():
+    # Until the CUDA kernels have passed this file on a GPU, "auto" does not pick them (README, Status);
+    # backend="cuda" must still run them on request.
     triton = "triton" in _backends.IMPLEMENTED["class_density"] and _backends.missing("triton") is None
-    assert _backends.select_backend("class_density", "auto", DEV) == ("triton" if triton else "cuda")
+    assert _backends.select_backend("class_density", "auto", DEV) == ("triton" if triton else "reference")
+    assert _backends.select_backend("class_density", "cuda", DEV) == "cuda"
