@@ -37,11 +37,15 @@ __global__ void __launch_bounds__(kThreads) cm_epilogue_kernel(CmRowJob<A> job) 
   const bool want_grad = job.mode != kCmForward;
   const A gi = want_grad ? job.g[row_id] : A(0);
 
-  if (y == job.ignore_index || (want_grad && job.mode == kCmBackward && gi == A(0))) {
+  // A label outside [0, C) (possible only when the Python-side range check was skipped: under
+  // torch.compile, CUDA-graph capture or IDID_KERNELS_CHECK_LABELS=0) must not index the row:
+  // the row's loss becomes NaN and it contributes no gradient.
+  const bool bad_label = y != job.ignore_index && (y < 0 || y >= c);
+  if (bad_label || y == job.ignore_index || (want_grad && job.mode == kCmBackward && gi == A(0))) {
     if (tid == 0) {
       if (job.mode != kCmBackward) {
-        job.loss[row_id] = A(0);
-        job.lse[row_id] = A(0);
+        job.loss[row_id] = bad_label ? A(NAN) : A(0);
+        job.lse[row_id] = bad_label ? A(NAN) : A(0);
       }
       if (want_grad) job.radial[i] = A(0);
     }

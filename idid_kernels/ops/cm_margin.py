@@ -29,7 +29,13 @@ _DEFAULT_CHUNK_MB = {"cpu": 32, "cuda": 256}
 
 
 def chunk_rows(num_classes: int, itemsize: int = 4, device_type: str = "cpu") -> int:
-    mb = float(os.environ.get("IDID_KERNELS_CHUNK_MB", _DEFAULT_CHUNK_MB.get(device_type, 32)))
+    raw = os.environ.get("IDID_KERNELS_CHUNK_MB", _DEFAULT_CHUNK_MB.get(device_type, 32))
+    try:
+        mb = float(raw)
+    except ValueError:
+        raise ValueError(f"IDID_KERNELS_CHUNK_MB must be a number of MiB, got {raw!r}") from None
+    if not mb > 0:
+        raise ValueError(f"IDID_KERNELS_CHUNK_MB must be > 0, got {raw!r}")
     return max(1, int(mb * 2**20) // max(1, num_classes * itemsize))
 
 
