@@ -4,15 +4,15 @@
 // compiler vectorises it, including the reductions (their summation order is fixed by the code,
 // so results are bitwise reproducible run to run). The float versions are cloned per ISA with
 // target_clones; the build passes -fno-trapping-math, without which GCC will not if-convert the
-// clamps of fast_exp and leaves the loops scalar.
+// clamps of exp_approx (common/fast_exp.h) and leaves the loops scalar.
 #include "vec_math.h"
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 
+#include "../common/fast_exp.h"
 #include "../common/idid_math.h"
 #include "../common/macros.h"
 
@@ -27,30 +27,6 @@ namespace idid_kernels {
 namespace cpu {
 namespace {
 
-// exp(x) for float32, branch-free so it vectorises: x = n ln2 + r with |r| <= ln2 / 2 (Cody-Waite
-// split of ln2), exp(r) by the Cephes degree-6 polynomial, 2^n built in the exponent bits.
-// Max relative error ~1.2e-7 on [-87.3, 88.7]; exp(0) == 1 exactly; below -87.3 (including -inf)
-// it returns 0, above 88.7 it saturates at exp(88.7) (no inf; callers never get there).
-IDK_FORCE_INLINE float fast_exp(float x) {
-  constexpr float kLo = -87.3365447f, kHi = 88.7228394f;
-  const float keep = x < kLo ? 0.0f : 1.0f;
-  x = std::min(std::max(x, kLo), kHi);
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-  const float n = (x * 1.44269504088896341f + kRound) - kRound;
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  return p * std::bit_cast<float>(bits) * keep;
-}
-
-IDK_FORCE_INLINE double fast_exp(double x) { return std::exp(x); }
 
 template <typename A>
 IDK_FORCE_INLINE A max_impl(const A* __restrict x, int64_t n) {
@@ -64,28 +40,28 @@ template <typename A>
 IDK_FORCE_INLINE A sum_exp_impl(const A* __restrict x, int64_t n, A scale, A shift) {
   A s = 0;
 #pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += fast_exp(x[i] * scale - shift);
+  for (int64_t i = 0; i < n; ++i) s += exp_approx(x[i] * scale - shift);
   return s;
 }
 
 template <typename A>
 IDK_FORCE_INLINE void exp_impl(const A* x, A* y, int64_t n, A scale, A shift) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] = fast_exp(x[i] * scale - shift);
+  for (int64_t i = 0; i < n; ++i) y[i] = exp_approx(x[i] * scale - shift);
 }
 
 template <typename A>
 IDK_FORCE_INLINE A sum_kappa_impl(const A* __restrict g, int64_t n, A t) {
   A s = 0;
 #pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += fast_exp(diversity_exponent(g[i], t));
+  for (int64_t i = 0; i < n; ++i) s += exp_approx(diversity_exponent(g[i], t));
   return s;
 }
 
 template <typename A>
 IDK_FORCE_INLINE void kappa_impl(A* __restrict g, int64_t n, A t) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) g[i] = fast_exp(diversity_exponent(g[i], t));
+  for (int64_t i = 0; i < n; ++i) g[i] = exp_approx(diversity_exponent(g[i], t));
 }
 
 template <typename A>
@@ -116,8 +92,8 @@ IDK_FORCE_INLINE void ic_grad_distill_impl(A* __restrict z, const A* __restrict 
   for (int64_t i = 0; i < n; ++i) {
     const A zi = z[i];
     const A zt = kUnitTau ? zi : zi * inv_tau;
-    const A q = fast_exp(zt - lse_nt);
-    const A p = kUnitTau ? q * p_over_q : fast_exp(zi - lse);
+    const A q = exp_approx(zt - lse_nt);
+    const A p = kUnitTau ? q * p_over_q : exp_approx(zi - lse);
     dphi[i] += teacher_grad_term(r[i], log_r[i], zt, a, shift);
     z[i] = g_scale * ic_logit_grad(p, q, r[i], inv_tau);
   }
@@ -126,7 +102,7 @@ IDK_FORCE_INLINE void ic_grad_distill_impl(A* __restrict z, const A* __restrict 
 template <typename A>
 IDK_FORCE_INLINE void ic_grad_plain_impl(A* __restrict z, int64_t n, A lse, A g_scale) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) z[i] = g_scale * fast_exp(z[i] - lse);
+  for (int64_t i = 0; i < n; ++i) z[i] = g_scale * exp_approx(z[i] - lse);
 }
 
 }  // namespace

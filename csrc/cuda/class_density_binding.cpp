@@ -16,30 +16,13 @@
 #include <type_traits>
 
 #include "../cpu/checks.h"
+#include "binding_utils.h"
 #include "launchers.h"
 
 namespace idid_kernels {
 namespace {
 
-// at::Half / at::BFloat16 share the bit layout of CUDA's __half / __nv_bfloat16.
-template <typename T>
-struct CudaType {
-  using type = T;
-};
-template <>
-struct CudaType<at::Half> {
-  using type = __half;
-};
-template <>
-struct CudaType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
 at::ScalarType acc_dtype_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
-}
 
 void check_on_device(const char* name, const at::Tensor& t, const at::Tensor& x) {
   TORCH_CHECK(t.device() == x.device(), "class_density: ", name, " must be on x's device (", x.device(), "), got ",
@@ -98,9 +81,9 @@ std::tuple<at::Tensor, at::Tensor> class_density_forward_cuda(const at::Tensor& 
   at::Tensor row_sum = at::empty({n}, x.options().dtype(acc_dtype));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "class_density_forward_cuda", [&] {
-    using T = typename CudaType<scalar_t>::type;
+    using T = typename cuda::CudaType<scalar_t>::type;
     using acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    check_launch(cuda::class_density_forward<T, acc>(
+    cuda::check_launch(cuda::class_density_forward<T, acc>(
                      reinterpret_cast<const T*>(x.const_data_ptr<scalar_t>()), s.order.const_data_ptr<int64_t>(),
                      s.labels.const_data_ptr<int64_t>(), s.offsets.const_data_ptr<int64_t>(), n, d, num_classes,
                      static_cast<acc>(t), norm.mutable_data_ptr<acc>(), us.mutable_data_ptr<acc>(),
@@ -135,9 +118,9 @@ at::Tensor class_density_backward_cuda(const at::Tensor& grad_in, const at::Tens
   at::Tensor pull = at::empty({n, d}, x.options().dtype(acc_dtype));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "class_density_backward_cuda", [&] {
-    using T = typename CudaType<scalar_t>::type;
+    using T = typename cuda::CudaType<scalar_t>::type;
     using acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    check_launch(cuda::class_density_backward<T, acc>(
+    cuda::check_launch(cuda::class_density_backward<T, acc>(
                      grad.const_data_ptr<acc>(), reinterpret_cast<const T*>(x.const_data_ptr<scalar_t>()),
                      s.order.const_data_ptr<int64_t>(), s.labels.const_data_ptr<int64_t>(),
                      s.offsets.const_data_ptr<int64_t>(), norm.const_data_ptr<acc>(), n, d, num_classes,

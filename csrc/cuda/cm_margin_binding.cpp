@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "../driver/cm_margin_driver.h"
+#include "binding_utils.h"
 #include "launchers.h"
 
 namespace idid_kernels {
@@ -14,8 +15,7 @@ namespace {
 struct CudaEpilogue {
   template <typename A>
   void operator()(const CmRowJob<A>& job, int64_t rows) const {
-    const cudaError_t err = cuda::cm_epilogue<A>(job, rows, c10::cuda::getCurrentCUDAStream());
-    TORCH_CHECK(err == cudaSuccess, "cm_margin CUDA epilogue failed: ", cudaGetErrorString(err));
+    cuda::check_launch(cuda::cm_epilogue<A>(job, rows, c10::cuda::getCurrentCUDAStream()), "cm_margin CUDA epilogue");
   }
 };
 

@@ -12,28 +12,11 @@
 #include <tuple>
 
 #include "../cpu/checks.h"
+#include "binding_utils.h"
 #include "launchers.h"
 
 namespace idid_kernels {
 namespace {
-
-// at::Half / at::BFloat16 share the bit layout of CUDA's __half / __nv_bfloat16.
-template <typename T>
-struct CudaType {
-  using type = T;
-};
-template <>
-struct CudaType<at::Half> {
-  using type = __half;
-};
-template <>
-struct CudaType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
-}
 
 std::tuple<at::Tensor, at::Tensor> norm_contraction_forward_cuda(const at::Tensor& x_in, double offset,
                                                                   double temperature) {
@@ -46,9 +29,9 @@ std::tuple<at::Tensor, at::Tensor> norm_contraction_forward_cuda(const at::Tenso
   at::Tensor norm = at::empty({n}, x.options().dtype(acc_dtype));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_contraction_forward_cuda", [&] {
-    using T = typename CudaType<scalar_t>::type;
+    using T = typename cuda::CudaType<scalar_t>::type;
     using acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    check_launch(cuda::norm_contraction_forward<T, acc>(
+    cuda::check_launch(cuda::norm_contraction_forward<T, acc>(
                      reinterpret_cast<const T*>(x.const_data_ptr<scalar_t>()),
                      reinterpret_cast<T*>(out.mutable_data_ptr<scalar_t>()), norm.mutable_data_ptr<acc>(), n, d,
                      static_cast<acc>(offset), static_cast<acc>(1.0 / temperature), stream),
@@ -75,9 +58,9 @@ at::Tensor norm_contraction_backward_cuda(const at::Tensor& grad_out_in, const s
   at::Tensor dx = at::empty_like(x);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_contraction_backward_cuda", [&] {
-    using T = typename CudaType<scalar_t>::type;
+    using T = typename cuda::CudaType<scalar_t>::type;
     using acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    check_launch(cuda::norm_contraction_backward<T, acc>(
+    cuda::check_launch(cuda::norm_contraction_backward<T, acc>(
                      grad_out.const_data_ptr<acc>(), has_gn ? grad_norm.const_data_ptr<acc>() : nullptr,
                      reinterpret_cast<const T*>(x.const_data_ptr<scalar_t>()), norm.const_data_ptr<acc>(),
                      reinterpret_cast<T*>(dx.mutable_data_ptr<scalar_t>()), n, d, static_cast<acc>(offset),
