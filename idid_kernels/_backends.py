@@ -21,6 +21,15 @@ BACKEND_CHOICES = ("auto",) + BACKENDS
 _PREFERENCE = {"cpu": ("cpp", "reference"), "cuda": ("triton", "reference")}
 _DEVICE_TYPES = {"reference": None, "cpp": ("cpu",), "cuda": ("cuda",), "triton": ("cuda",)}
 
+
+def triton_interpreted() -> bool:
+    """Whether Triton runs its kernels in the interpreter (``TRITON_INTERPRET=1``), on CPU tensors.
+
+    The interpreter is for testing kernels without a GPU: it is orders of magnitude slower than
+    native code, so ``backend="auto"`` never picks it on the CPU; ``backend="triton"`` runs it.
+    """
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
 # op name -> backends with kernels for it. Grows as kernels land; the reference has everything.
 IMPLEMENTED: dict[str, set[str]] = {
     "cm_margin_loss": {"reference", "cpp", "cuda"},
@@ -60,7 +69,11 @@ def _triton_missing() -> str | None:
         return f"triton is not importable ({exc}); pip install triton"
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         return "triton needs a CUDA GPU, or TRITON_INTERPRET=1 (set before triton is imported) to run on the CPU"
-    return "the triton kernels are not part of this build yet"
+    try:
+        importlib.import_module("idid_kernels.triton")
+    except ImportError as exc:  # pragma: no cover - a broken install
+        return f"the idid_kernels.triton kernels failed to import ({type(exc).__name__}: {exc})"
+    return None
 
 
 def missing(backend: str) -> str | None:
@@ -92,6 +105,8 @@ def available_backends() -> list[str]:
 def runs_on(backend: str, device: torch.device) -> bool:
     """Whether ``backend``'s kernels take tensors on ``device`` (the reference takes any)."""
     devices = _DEVICE_TYPES[backend]
+    if backend == "triton" and device.type == "cpu" and triton_interpreted():
+        return True
     return devices is None or device.type in devices
 
 
@@ -112,6 +127,8 @@ def select_backend(op: str, backend: str, device: torch.device) -> str:
         have = sorted(b for b in implemented if missing(b) is None)
         raise NotImplementedError(f"backend {backend!r} has no kernel for {op} yet; backends that do here: {have}")
     if not runs_on(backend, device):
-        raise ValueError(f"backend {backend!r} runs on {'/'.join(_DEVICE_TYPES[backend])} tensors, "
-                         f"but the inputs are on {device}")
+        where = "/".join(_DEVICE_TYPES[backend])
+        if backend == "triton":
+            where += " (cpu too under TRITON_INTERPRET=1)"
+        raise ValueError(f"backend {backend!r} runs on {where} tensors, but the inputs are on {device}")
     return backend

@@ -1,8 +1,15 @@
 """Shared pytest fixtures and helpers for the idid_kernels test suite."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU, the Triton kernels run in Triton's interpreter on CPU tensors. The variable must be
+# set before triton is first imported; with a GPU the same tests run natively.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # ---------------------------------------------------------------------------------------------
 # Numerical comparison helpers (used by test_reference.py, test_grads.py, test_idid_properties.py)
