@@ -22,6 +22,11 @@
 //      the chunk into its own columns of pull_p), then dx = normalize_backward(2 g_c / (n_c (n_c - 1))
 //      pull_p) written to the row's original position.
 //
+// The IDID-R1 loss (idid_loss_binding.cpp) has its unit rows already sorted by label: it runs steps 2
+// and 3 on them (class_density_sorted_forward), and for its backward adds the same pull, scaled, to
+// its gradient with respect to the unit rows (class_density_sorted_pull, step 5), before its own
+// normalisation backward.
+//
 // Determinism: there are no atomics. Every sum has a fixed order (lane-strided partial sums, a
 // fixed xor-shuffle tree, warps in index order, chunks in row order), and the sort is stable, so
 // the results are bitwise the same on every run with the same inputs on the same GPU.
@@ -188,6 +193,36 @@ __global__ void __launch_bounds__(kThreads)
   if (lane == 0) density[c] = FromAcc<T>::cvt(static_cast<A>(total * pair_weight<double>(nc)));
 }
 
+// pr[k] += scale * sum_{j in [start, end), j != p} t kappa_pj us[j][k] for the d columns of row pr, in
+// chunks of kChunk rows j: the warps compute the chunk's weights scale * t kappa_pj into the shared
+// `weight` (kChunk entries), then thread tid adds the chunk, in j order, into its own columns
+// k = tid (mod kThreads). Contains block barriers: every thread of the block calls it, with
+// block-uniform p, start and end.
+template <typename A>
+__device__ __forceinline__ void add_pull(const A* __restrict__ us, int64_t p, int64_t start, int64_t end, int64_t d,
+                                         A t, A scale, A* __restrict__ weight, A* __restrict__ pr) {
+  const int tid = threadIdx.x;
+  const int warp = tid / kWarp;
+  const int lane = tid % kWarp;
+  const A* up = us + p * d;
+  for (int64_t j0 = start; j0 < end; j0 += kChunk) {  // bounds are block-uniform
+    const int jn = static_cast<int>(end - j0 < kChunk ? end - j0 : kChunk);
+    // Weights of this chunk: scale * d kappa / d cos = scale * t kappa_pj, 0 on the diagonal (i != j).
+    for (int jj = warp; jj < jn; jj += kWarpsPerBlock) {  // warp-uniform loop
+      const int64_t j = j0 + jj;
+      const A kappa = diversity_kernel(warp_dot(up, us + j * d, d, lane), t);
+      if (lane == 0) weight[jj] = j == p ? A(0) : scale * diversity_kernel_grad(kappa, t);
+    }
+    __syncthreads();  // weights visible to every thread
+    for (int64_t k = tid; k < d; k += kThreads) {
+      A a = pr[k];
+      for (int jj = 0; jj < jn; ++jj) a += weight[jj] * us[(j0 + jj) * d + k];
+      pr[k] = a;
+    }
+    __syncthreads();  // every thread done reading `weight` before the next chunk rewrites it
+  }
+}
+
 // 4. dx[order[p]] = normalize_backward(scale_c * pull_p) with pull_p = sum_{j != p} t kappa_pj u_j
 // and scale_c = 2 g_c / (n_c (n_c - 1)) (kappa is symmetric: both orders of each pair). One block
 // per sorted row. pull (n, d) is scratch in the accumulation type; thread `tid` owns columns
@@ -205,8 +240,6 @@ __global__ void __launch_bounds__(kThreads)
 
   const int64_t p = blockIdx.x;
   const int tid = threadIdx.x;
-  const int warp = tid / kWarp;
-  const int lane = tid % kWarp;
   const int64_t i = order[p];
   const int64_t c = sorted_labels[p];
   T* dxr = dx + i * d;
@@ -221,22 +254,7 @@ __global__ void __launch_bounds__(kThreads)
   const A* up = us + p * d;
   A* pr = pull + p * d;
   for (int64_t k = tid; k < d; k += kThreads) pr[k] = A(0);
-  for (int64_t j0 = start; j0 < end; j0 += kChunk) {  // bounds are block-uniform
-    const int jn = static_cast<int>(end - j0 < kChunk ? end - j0 : kChunk);
-    // Weights of this chunk: w_j = d kappa / d cos = t kappa_pj, 0 on the diagonal (i != j).
-    for (int jj = warp; jj < jn; jj += kWarpsPerBlock) {  // warp-uniform loop
-      const int64_t j = j0 + jj;
-      const A kappa = diversity_kernel(warp_dot(up, us + j * d, d, lane), t);
-      if (lane == 0) weight[jj] = j == p ? A(0) : diversity_kernel_grad(kappa, t);
-    }
-    __syncthreads();  // weights visible to every thread
-    for (int64_t k = tid; k < d; k += kThreads) {
-      A a = pr[k];
-      for (int jj = 0; jj < jn; ++jj) a += weight[jj] * us[(j0 + jj) * d + k];
-      pr[k] = a;
-    }
-    __syncthreads();  // every thread done reading `weight` before the next chunk rewrites it
-  }
+  add_pull(us, p, start, end, d, t, A(1), weight, pr);  // each column zeroed and summed by one thread
 
   // Normalize backward (csrc/common/normalize.h): dx = scale (g - [r > eps] <g, u> u) / max(r, eps).
   const A r = norm[i];
@@ -253,6 +271,25 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t k = tid; k < d; k += kThreads) dxr[k] = FromAcc<T>::cvt((pr[k] - radial * up[k]) * inv);
 }
 
+// 5. du[p] += 2 grad[c] / (n_c (n_c - 1)) sum_{j != p} t kappa_pj u_j over the unit rows us, for the
+// rows of classes with n_c >= 2 (the others are left as they are). One block per sorted row; the
+// scale enters each weight, so the pull goes straight into du's row.
+template <typename A>
+__global__ void __launch_bounds__(kThreads)
+    density_pull_add_kernel(const A* __restrict__ us, const int64_t* __restrict__ sorted_labels,
+                            const int64_t* __restrict__ offsets, const A* __restrict__ grad, int64_t d,
+                            int64_t num_classes, A t, A* __restrict__ du) {
+  __shared__ A weight[kChunk];
+  const int64_t p = blockIdx.x;
+  const int64_t c = sorted_labels[p];
+  int64_t start, end;
+  class_run(offsets, c, num_classes, &start, &end);
+  const int64_t nc = end - start;
+  if (nc < 2) return;  // block-uniform, before any barrier
+  const A scale = A(2) * grad[c] * pair_weight<A>(nc);
+  add_pull(us, p, start, end, d, t, scale, weight, du + p * d);
+}
+
 unsigned int warp_blocks(int64_t rows) {
   return static_cast<unsigned int>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock);
 }
@@ -260,6 +297,24 @@ unsigned int warp_blocks(int64_t rows) {
 // gridDim.x is at most 2^31 - 1; the binding rejects larger n and C with a clear message, this
 // keeps a direct caller from launching a truncated grid.
 bool grid_fits(int64_t n, int64_t num_classes) { return n <= INT_MAX && num_classes <= INT_MAX; }
+
+// Steps 2 and 3 on unit rows us already sorted by label.
+template <typename T, typename A>
+cudaError_t density_of_sorted_rows(const A* us, const int64_t* sorted_labels, const int64_t* offsets, int64_t n,
+                                   int64_t d, int64_t num_classes, A t, A* row_sum, T* density, cudaStream_t stream) {
+  if (n > 0) {
+    density_row_sums_kernel<A><<<static_cast<unsigned int>(n), kThreads, 0, stream>>>(us, sorted_labels, offsets, d,
+                                                                                      num_classes, t, row_sum);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  if (num_classes > 0) {
+    class_density_reduce_kernel<T, A><<<warp_blocks(num_classes), kThreads, 0, stream>>>(row_sum, offsets,
+                                                                                        num_classes, density);
+    return cudaGetLastError();
+  }
+  return cudaSuccess;
+}
 
 }  // namespace
 
@@ -270,19 +325,10 @@ cudaError_t class_density_forward(const T* x, const int64_t* order, const int64_
   if (!grid_fits(n, num_classes)) return cudaErrorInvalidValue;
   if (n > 0) {
     sorted_unit_rows_kernel<T, A><<<warp_blocks(n), kThreads, 0, stream>>>(x, order, n, d, nullptr, norm, us);
-    cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-    density_row_sums_kernel<A><<<static_cast<unsigned int>(n), kThreads, 0, stream>>>(us, sorted_labels, offsets, d,
-                                                                                      num_classes, t, row_sum);
-    err = cudaGetLastError();
+    const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  if (num_classes > 0) {
-    class_density_reduce_kernel<T, A><<<warp_blocks(num_classes), kThreads, 0, stream>>>(row_sum, offsets,
-                                                                                        num_classes, density);
-    return cudaGetLastError();
-  }
-  return cudaSuccess;
+  return density_of_sorted_rows(us, sorted_labels, offsets, n, d, num_classes, t, row_sum, density, stream);
 }
 
 template <typename T, typename A>
@@ -299,6 +345,25 @@ cudaError_t class_density_backward(const A* grad, const T* x, const int64_t* ord
   return cudaGetLastError();
 }
 
+template <typename A>
+cudaError_t class_density_sorted_forward(const A* us, const int64_t* sorted_labels, const int64_t* offsets, int64_t n,
+                                         int64_t d, int64_t num_classes, A t, A* row_sum, A* density,
+                                         cudaStream_t stream) {
+  if (!grid_fits(n, num_classes)) return cudaErrorInvalidValue;
+  return density_of_sorted_rows(us, sorted_labels, offsets, n, d, num_classes, t, row_sum, density, stream);
+}
+
+template <typename A>
+cudaError_t class_density_sorted_pull(const A* grad, const A* us, const int64_t* sorted_labels,
+                                      const int64_t* offsets, int64_t n, int64_t d, int64_t num_classes, A t, A* du,
+                                      cudaStream_t stream) {
+  if (!grid_fits(n, num_classes)) return cudaErrorInvalidValue;
+  if (n == 0) return cudaSuccess;
+  density_pull_add_kernel<A><<<static_cast<unsigned int>(n), kThreads, 0, stream>>>(us, sorted_labels, offsets, grad,
+                                                                                     d, num_classes, t, du);
+  return cudaGetLastError();
+}
+
 #define IDK_INSTANTIATE(T, A)                                                                                     \
   template cudaError_t class_density_forward<T, A>(const T*, const int64_t*, const int64_t*, const int64_t*,      \
                                                    int64_t, int64_t, int64_t, A, A*, A*, A*, T*, cudaStream_t);   \
@@ -310,6 +375,15 @@ IDK_INSTANTIATE(double, double)
 IDK_INSTANTIATE(__half, float)
 IDK_INSTANTIATE(__nv_bfloat16, float)
 #undef IDK_INSTANTIATE
+
+#define IDK_INSTANTIATE_SORTED(A)                                                                               \
+  template cudaError_t class_density_sorted_forward<A>(const A*, const int64_t*, const int64_t*, int64_t, int64_t, \
+                                                       int64_t, A, A*, A*, cudaStream_t);                          \
+  template cudaError_t class_density_sorted_pull<A>(const A*, const A*, const int64_t*, const int64_t*, int64_t,   \
+                                                    int64_t, int64_t, A, A*, cudaStream_t);
+IDK_INSTANTIATE_SORTED(float)
+IDK_INSTANTIATE_SORTED(double)
+#undef IDK_INSTANTIATE_SORTED
 
 }  // namespace cuda
 }  // namespace idid_kernels

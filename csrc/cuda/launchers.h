@@ -43,5 +43,20 @@ cudaError_t class_density_backward(const A* grad, const T* x, const int64_t* ord
                                    const int64_t* offsets, const A* norm, int64_t n, int64_t d, int64_t num_classes,
                                    A t, A* us, A* pull, T* dx, cudaStream_t stream);
 
+// The same density on unit rows us (n, d) already sorted by label (sorted_labels, offsets as above; a
+// label outside [0, C) belongs to no class): density (C,) in A, row_sum (n,) scratch. A is float or
+// double.
+template <typename A>
+cudaError_t class_density_sorted_forward(const A* us, const int64_t* sorted_labels, const int64_t* offsets, int64_t n,
+                                         int64_t d, int64_t num_classes, A t, A* row_sum, A* density,
+                                         cudaStream_t stream);
+
+// du (n, d) += the gradient of sum_c grad_c D_c with respect to the unit rows us, without the
+// normalisation backward: du_p += 2 grad_c / (n_c (n_c - 1)) sum_{j != p same class} t kappa_pj u_j.
+template <typename A>
+cudaError_t class_density_sorted_pull(const A* grad, const A* us, const int64_t* sorted_labels,
+                                      const int64_t* offsets, int64_t n, int64_t d, int64_t num_classes, A t, A* du,
+                                      cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace idid_kernels
