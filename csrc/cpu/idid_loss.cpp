@@ -1,21 +1,20 @@
-// CPU kernels of the IDID-R1 loss (spec/idid.md; oracle: idid_kernels/reference/idid.py, analytic
-// backward: reference/grads.py idid_backward).
+// CPU policy of the IDID-R1 ops (spec/idid.md; oracle: idid_kernels/reference/idid.py, analytic
+// backward: reference/grads.py idid_backward). The chunk loop, GEMMs, label layout and output
+// assembly are the device-agnostic driver's (csrc/driver/idid_loss_driver.h); this file holds the
+// vectorised row loops it calls.
 //
-// Forward: the logits z = alpha U V^T are formed one chunk of rows at a time (a BLAS GEMM into a
-// buffer of at most ~32 MB, never the whole (B, C) matrix), and one fused pass per row computes
-// lse_i = logsumexp_c z_ic, lse_nt_i = logsumexp_{c != y_i} z_ic / tau and the distillation
-// kd_i = sum_c r_{y_i c} (log r_{y_i c} - z_ic / tau) + lse_nt_i against the teacher r (C x C,
-// computed once for the classes present). The diversity term works on same-label rows only: rows
-// are bucketed by label (counting sort) and each class's n_c x n_c Gram is formed (pairwise dots
-// for small classes, GEMM blocks for large ones). Saved for backward: per-row (a, lse, lse_nt, kd, ce),
-// the row norms of x and of the proxies, and log r.
+// Forward epilogue: one fused pass per row of logits computes lse_i = logsumexp_c z_ic,
+// lse_nt_i = logsumexp_{c != y_i} z_ic / tau and the distillation kd_i = sum_c r_{y_i c}
+// (log r_{y_i c} - z_ic / tau) + lse_nt_i against the teacher r (C x C, computed once for the classes
+// present). The diversity term works on same-label rows only: the driver's rows are sorted by label,
+// so each class is a contiguous block of U and its n_c x n_c Gram is formed there (pairwise dots for
+// small classes, GEMM blocks for large ones).
 //
-// Backward recomputes each chunk's GEMM and overwrites it in place with
+// Backward epilogue: each chunk's logits are overwritten in place with
 // G_ic = g a_i [p_ic - Y_ic + (q_ic - r_ic) / tau] in one pass parallel over column blocks (each
 // thread owns a block of classes and walks the rows in order, so the teacher gradient
 // dPhi_{y_i c} += a_i r (log r - log q_ic - kd_i) is accumulated without races, in a fixed order:
-// bitwise reproducible for any thread count). Then dU = alpha G V (GEMM) and dV += alpha G^T U
-// (GEMM into a C x d accumulator), the diversity pull h_i per class, and the F.normalize backward.
+// bitwise reproducible for any thread count). Then the diversity pull h_i per class.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -29,19 +28,14 @@
 
 #include "../common/idid_math.h"
 #include "../common/macros.h"
-#include "checks.h"
+#include "../driver/idid_loss_driver.h"
 #include "vec_math.h"
 
 namespace idid_kernels {
 namespace {
 
-// Default memory budget of one logits chunk (rows x C accumulation-dtype values) and of one block
-// of a large class's Gram matrix.
-constexpr int64_t kChunkBytes = int64_t{32} << 20;
 // Classes with at most this many rows get their Gram by pairwise dots (no GEMM call overhead).
 constexpr int64_t kSmallClass = 32;
-// Rows of the saved per-row statistics: a_i, lse_i, lse_nt_i, kd_i, ce_i.
-constexpr int64_t kRowStats = 5;
 // Elements of work per parallel task, to amortise the scheduling.
 constexpr int64_t kGrainElems = 32768;
 
@@ -49,51 +43,8 @@ using at::Tensor;
 
 int64_t grain_rows(int64_t row_len) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(row_len, 1)); }
 
-// Rows per chunk: the caller's override when positive, else what fits the budget.
-int64_t chunk_rows_for(int64_t chunk_rows, int64_t row_len, int64_t elem_size, int64_t total) {
-  int64_t rows = chunk_rows > 0 ? chunk_rows : kChunkBytes / std::max<int64_t>(row_len * elem_size, 1);
-  return std::max<int64_t>(1, std::min(rows, std::max<int64_t>(total, 1)));
-}
-
-// Labels bucketed by class. "Compact" index j numbers the rows that are not ignored, in batch
-// order; rows[j] is the batch row, label[j] its class.
-struct Layout {
-  int64_t num_classes = 0;
-  std::vector<int64_t> rows, label;
-  std::vector<int64_t> count;    // n_c
-  std::vector<int64_t> start;    // C + 1 offsets into bucket
-  std::vector<int64_t> bucket;   // compact indices grouped by class, ascending within a class
-  std::vector<int64_t> present;  // classes with n_c >= 1 (K_B of them)
-  std::vector<int64_t> multi;    // classes with n_c >= 2 (K_2 of them)
-  int64_t valid() const { return static_cast<int64_t>(rows.size()); }
-};
-
-Layout make_layout(const Tensor& labels_in, int64_t num_classes, int64_t ignore_index) {
-  const Tensor labels = labels_in.contiguous();
-  const int64_t n = labels.size(0);
-  const int64_t* y = labels.const_data_ptr<int64_t>();
-  Layout L;
-  L.num_classes = num_classes;
-  L.count.assign(num_classes, 0);
-  for (int64_t i = 0; i < n; ++i) {
-    if (y[i] == ignore_index) continue;
-    TORCH_CHECK(y[i] >= 0 && y[i] < num_classes, "idid_loss: label ", y[i], " at row ", i, " is outside [0, ",
-                num_classes, ") and is not ignore_index (", ignore_index, ")");
-    L.rows.push_back(i);
-    L.label.push_back(y[i]);
-    ++L.count[y[i]];
-  }
-  L.start.assign(num_classes + 1, 0);
-  for (int64_t c = 0; c < num_classes; ++c) {
-    L.start[c + 1] = L.start[c] + L.count[c];
-    if (L.count[c] >= 1) L.present.push_back(c);
-    if (L.count[c] >= 2) L.multi.push_back(c);
-  }
-  std::vector<int64_t> fill(L.start.begin(), L.start.end() - 1);
-  L.bucket.resize(L.rows.size());
-  for (int64_t j = 0; j < L.valid(); ++j) L.bucket[fill[L.label[j]]++] = j;
-  return L;
-}
+// Rows of sorted positions that take part: the valid rows sort first (host read: CPU tensors).
+int64_t valid_rows(const idid::Layout& L) { return L.start.const_data_ptr<int64_t>()[L.num_classes]; }
 
 template <typename A>
 void row_norms(const A* x, int64_t n, int64_t d, A* out) {
@@ -162,13 +113,12 @@ void symmetrize(const A* m, int64_t C, A scale, const int64_t* keep, Out* out) {
 // the classes present (the only rows the loss reads); log r_kk = 0 and r_kk = 0 (the diagonal takes
 // no part); log r of absent classes is 0 and their r rows are left unwritten.
 template <typename A>
-void teacher_rows(const A* theta, const Layout& L, A* log_r, A* r) {
-  const int64_t C = L.num_classes;
-  symmetrize(theta, C, A(0.5), L.count.data(), log_r);  // Phi rows of the present classes
+void teacher_rows(const A* theta, const int64_t* count, int64_t C, A* log_r, A* r) {
+  symmetrize(theta, C, A(0.5), count, log_r);  // Phi rows of the present classes
   at::parallel_for(0, C, grain_rows(C), [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       A* lr = log_r + k * C;
-      if (L.count[k] == 0) {
+      if (count[k] == 0) {
         std::fill(lr, lr + C, A(0));
         continue;
       }
@@ -176,23 +126,7 @@ void teacher_rows(const A* theta, const Layout& L, A* log_r, A* r) {
       const A lse = m + std::log(cpu::vsum_exp(lr, k, A(1), m) + cpu::vsum_exp(lr + k + 1, C - k - 1, A(1), m));
       for (int64_t c = 0; c < C; ++c) lr[c] -= lse;
       lr[k] = 0;
-      if (r != nullptr) {
-        cpu::vexp(lr, r + k * C, C, A(1), A(0));
-        r[k * C + k] = 0;
-      }
-    }
-  });
-}
-
-// r = exp(log r) on the present rows, 0 on the diagonal and elsewhere.
-template <typename A>
-void teacher_probs(const A* log_r, const Layout& L, A* r) {
-  const int64_t C = L.num_classes;
-  const int64_t K = static_cast<int64_t>(L.present.size());
-  at::parallel_for(0, K, grain_rows(C), [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t k = L.present[p];
-      cpu::vexp(log_r + k * C, r + k * C, C, A(1), A(0));
+      cpu::vexp(lr, r + k * C, C, A(1), A(0));
       r[k * C + k] = 0;
     }
   });
@@ -228,373 +162,356 @@ RowStats<A> forward_row(const A* z, int64_t C, int64_t k, bool distillation, A i
   return s;
 }
 
-// Rows of each class with n_c >= 2, as an (n_c, d) matrix of unit rows (bucket order).
-Tensor class_rows(const Tensor& U, const Layout& L, int64_t c) {
-  const int64_t n = L.count[c];
-  const Tensor idx = at::from_blob(const_cast<int64_t*>(L.bucket.data() + L.start[c]), {n}, at::kLong);
-  return U.index_select(0, idx);
-}
-
-// L_ID = mean over classes with n_c >= 2 of D_c = sum_{i != j same class} kappa_ij / (n_c (n_c - 1)).
-template <typename A>
-A diversity_forward(const Tensor& U, const Layout& L, A t, int64_t chunk_rows) {
-  const int64_t d = U.size(1);
-  const A* u = U.const_data_ptr<A>();
-  const int64_t K2 = static_cast<int64_t>(L.multi.size());
-  if (K2 == 0) return A(0);
-  std::vector<A> density(K2, A(0));
-  std::vector<int64_t> small, large;
-  for (int64_t m = 0; m < K2; ++m) (L.count[L.multi[m]] <= kSmallClass ? small : large).push_back(m);
-
-  at::parallel_for(0, static_cast<int64_t>(small.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t s = begin; s < end; ++s) {
-      const int64_t m = small[s], c = L.multi[m], n = L.count[c];
-      const int64_t* members = L.bucket.data() + L.start[c];
-      A sum = 0;
-      for (int64_t a = 0; a < n; ++a) {
-        for (int64_t b = a + 1; b < n; ++b) {
-          sum += std::exp(diversity_exponent(cpu::vdot(u + members[a] * d, u + members[b] * d, d), t));
-        }
-      }
-      density[m] = 2 * sum / static_cast<A>(n * (n - 1));
-    }
-  });
-
-  for (const int64_t m : large) {
-    const int64_t c = L.multi[m], n = L.count[c];
-    const Tensor Uc = class_rows(U, L, c);
-    const int64_t block = chunk_rows_for(chunk_rows, n, sizeof(A), n);
-    Tensor gram = at::empty({block, n}, U.options());
-    std::vector<A> row_sum(n);
-    for (int64_t i0 = 0; i0 < n; i0 += block) {
-      const int64_t rows = std::min(block, n - i0);
-      Tensor g = gram.narrow(0, 0, rows);
-      at::mm_out(g, Uc.narrow(0, i0, rows), Uc.t());
-      const A* gp = g.const_data_ptr<A>();
-      at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
-        for (int64_t ii = begin; ii < end; ++ii) {
-          const A* row = gp + ii * n;
-          const int64_t i = i0 + ii;  // skip the diagonal j == i
-          row_sum[i] = cpu::vsum_kappa(row, i, t) + cpu::vsum_kappa(row + i + 1, n - i - 1, t);
-        }
-      });
-    }
-    A sum = 0;
-    for (int64_t i = 0; i < n; ++i) sum += row_sum[i];
-    density[m] = sum / static_cast<A>(n * (n - 1));
-  }
-  A total = 0;
-  for (int64_t m = 0; m < K2; ++m) total += density[m];
-  return total / static_cast<A>(K2);
-}
-
-// dU_i += grad_id * 2t / (K_2 n_c (n_c - 1)) sum_{j same class, j != i} kappa_ij u_j.
-template <typename A>
-void diversity_backward(const Tensor& U, const Layout& L, A t, A grad_id, int64_t chunk_rows, A* dU) {
-  const int64_t d = U.size(1);
-  const A* u = U.const_data_ptr<A>();
-  const int64_t K2 = static_cast<int64_t>(L.multi.size());
-  std::vector<int64_t> small, large;
-  for (int64_t m = 0; m < K2; ++m) (L.count[L.multi[m]] <= kSmallClass ? small : large).push_back(m);
-
-  at::parallel_for(0, static_cast<int64_t>(small.size()), 1, [&](int64_t begin, int64_t end) {
-    A kappa[kSmallClass * kSmallClass];
-    for (int64_t s = begin; s < end; ++s) {
-      const int64_t c = L.multi[small[s]], n = L.count[c];
-      const int64_t* members = L.bucket.data() + L.start[c];
-      const A coef = grad_id * diversity_grad_coef(t, K2, n);
-      for (int64_t a = 0; a < n; ++a) {
-        kappa[a * n + a] = 0;
-        for (int64_t b = a + 1; b < n; ++b) {
-          const A k = std::exp(diversity_exponent(cpu::vdot(u + members[a] * d, u + members[b] * d, d), t));
-          kappa[a * n + b] = k;
-          kappa[b * n + a] = k;
-        }
-      }
-      for (int64_t a = 0; a < n; ++a) {
-        A* out = dU + members[a] * d;
-        for (int64_t b = 0; b < n; ++b) {
-          if (b == a) continue;
-          const A w = coef * kappa[a * n + b];
-          const A* ub = u + members[b] * d;
-          for (int64_t k = 0; k < d; ++k) out[k] += w * ub[k];
-        }
-      }
-    }
-  });
-
-  for (const int64_t m : large) {
-    const int64_t c = L.multi[m], n = L.count[c];
-    const int64_t* members = L.bucket.data() + L.start[c];
-    const A coef = grad_id * diversity_grad_coef(t, K2, n);
-    const Tensor Uc = class_rows(U, L, c);
-    const int64_t block = chunk_rows_for(chunk_rows, n, sizeof(A), n);
-    Tensor gram = at::empty({block, n}, U.options());
-    Tensor pull = at::empty({block, d}, U.options());
-    for (int64_t i0 = 0; i0 < n; i0 += block) {
-      const int64_t rows = std::min(block, n - i0);
-      Tensor g = gram.narrow(0, 0, rows);
-      at::mm_out(g, Uc.narrow(0, i0, rows), Uc.t());
-      A* gp = g.mutable_data_ptr<A>();
-      at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
-        for (int64_t ii = begin; ii < end; ++ii) {
-          cpu::vkappa(gp + ii * n, n, t);
-          gp[ii * n + i0 + ii] = 0;
-        }
-      });
-      Tensor h = pull.narrow(0, 0, rows);
-      at::mm_out(h, g, Uc);
-      const A* hp = h.const_data_ptr<A>();
-      at::parallel_for(0, rows, grain_rows(d), [&](int64_t begin, int64_t end) {
-        for (int64_t ii = begin; ii < end; ++ii) {
-          A* out = dU + members[i0 + ii] * d;
-          const A* hr = hp + ii * d;
-          for (int64_t k = 0; k < d; ++k) out[k] += coef * hr[k];
-        }
-      });
-    }
+// Classes with n_c >= 2 split by the Gram method: pairwise dots up to kSmallClass rows, GEMM blocks above.
+void multi_classes(const int64_t* start, int64_t C, std::vector<int64_t>& small, std::vector<int64_t>& large) {
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t n = start[c + 1] - start[c];
+    if (n >= 2) (n <= kSmallClass ? small : large).push_back(c);
   }
 }
 
-void check_inputs(const Tensor& x, const Tensor& proxies, const Tensor& labels) {
-  check_2d_float("x", x);
-  check_2d_float("proxies", proxies);
-  TORCH_CHECK(proxies.size(1) == x.size(1), "idid_loss: proxies must have ", x.size(1), " columns, got ",
-              proxies.sizes());
-  TORCH_CHECK(proxies.size(0) >= 2, "idid_loss: needs C >= 2 classes, got ", proxies.size(0));
-  TORCH_CHECK(proxies.scalar_type() == x.scalar_type(), "idid_loss: proxies dtype ", proxies.scalar_type(),
-              " differs from x dtype ", x.scalar_type());
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == x.size(0), "idid_loss: labels must be (", x.size(0),
-              ",), got ", labels.sizes());
-  TORCH_CHECK(labels.scalar_type() == at::kLong, "idid_loss: labels must be int64, got ", labels.scalar_type());
-}
-
-at::ScalarType acc_dtype_of(const Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
-template <typename A>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(
-    const Tensor& x_in, const Tensor& proxies_in, const Tensor& similarity_in, const Tensor& labels, double alpha,
-    double tau, double t, double eps, bool distillation, bool diversity, bool adaptive_weight,
-    double diversity_weight, bool class_balanced, int64_t ignore_index, int64_t chunk_rows) {
-  const auto acc = acc_dtype_of(x_in);
-  const auto opts = x_in.options().dtype(acc);
-  const Tensor x = x_in.to(acc).contiguous();
-  const Tensor w = proxies_in.to(acc).contiguous();
-  const int64_t B = x.size(0), d = x.size(1), C = w.size(0);
-  const Layout L = make_layout(labels, C, ignore_index);
-  const int64_t Bv = L.valid();
-  const int64_t K_B = static_cast<int64_t>(L.present.size());
-
-  Tensor x_norm = at::empty({B}, opts), w_norm = at::empty({C}, opts);
-  row_norms(x.const_data_ptr<A>(), B, d, x_norm.mutable_data_ptr<A>());
-  row_norms(w.const_data_ptr<A>(), C, d, w_norm.mutable_data_ptr<A>());
-  Tensor U = at::empty({Bv, d}, opts), Va = at::empty({C, d}, opts);
-  unit_rows(x.const_data_ptr<A>(), x_norm.const_data_ptr<A>(), L.rows.data(), Bv, d, A(1), U.mutable_data_ptr<A>());
-  unit_rows(w.const_data_ptr<A>(), w_norm.const_data_ptr<A>(), nullptr, C, d, static_cast<A>(alpha),
-            Va.mutable_data_ptr<A>());
-
-  Tensor log_r = at::empty(distillation ? at::IntArrayRef{C, C} : at::IntArrayRef{0, 0}, opts);
-  Tensor r = distillation ? at::empty({C, C}, opts) : Tensor();
-  if (distillation) {
-    const Tensor theta = similarity_in.to(acc).contiguous();
-    teacher_rows(theta.const_data_ptr<A>(), L, log_r.mutable_data_ptr<A>(), r.mutable_data_ptr<A>());
+struct CpuPolicy {
+  // The layout by a stable counting sort on the host (one pass; CPU tensors are host memory), with
+  // the label check of direct op calls.
+  static idid::Layout make_layout(const Tensor& labels, int64_t C, int64_t ignore_index) {
+    const int64_t B = labels.size(0);
+    const int64_t* y = labels.const_data_ptr<int64_t>();
+    const auto lopts = labels.options();
+    idid::Layout L;
+    L.num_classes = C;
+    L.batch = B;
+    L.valid = at::empty({B}, lopts.dtype(at::kBool));
+    L.count = at::zeros({C}, lopts);
+    L.start = at::empty({C + 1}, lopts);
+    L.key = at::empty({B}, lopts);
+    L.perm = at::empty({B}, lopts);
+    bool* valid = L.valid.mutable_data_ptr<bool>();
+    int64_t* count = L.count.mutable_data_ptr<int64_t>();
+    int64_t* start = L.start.mutable_data_ptr<int64_t>();
+    int64_t* key = L.key.mutable_data_ptr<int64_t>();
+    int64_t* perm = L.perm.mutable_data_ptr<int64_t>();
+    for (int64_t i = 0; i < B; ++i) {
+      valid[i] = y[i] != ignore_index;
+      if (!valid[i]) continue;
+      TORCH_CHECK(y[i] >= 0 && y[i] < C, "idid_loss: label ", y[i], " at row ", i, " is outside [0, ", C,
+                  ") and is not ignore_index (", ignore_index, ")");
+      ++count[y[i]];
+    }
+    int64_t present = 0, multi = 0;
+    start[0] = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      start[c + 1] = start[c] + count[c];
+      present += count[c] > 0;
+      multi += count[c] > 1;
+    }
+    std::vector<int64_t> fill(start, start + C + 1);  // fill[C]: the next ignored position
+    for (int64_t i = 0; i < B; ++i) {
+      const int64_t c = valid[i] ? y[i] : C;
+      key[fill[c]] = c;
+      perm[fill[c]++] = i;
+    }
+    L.classes_present = at::scalar_tensor(present, lopts);
+    L.classes_multi = at::scalar_tensor(multi, lopts);
+    L.valid_rows = at::scalar_tensor(start[C], lopts);
+    L.bad_labels = at::scalar_tensor(false, lopts.dtype(at::kBool));  // rejected above
+    return L;
   }
-  const A* lr = distillation ? log_r.const_data_ptr<A>() : nullptr;
-  const A* rp = distillation ? r.const_data_ptr<A>() : nullptr;
 
-  std::vector<A> a(Bv), lse(Bv), lse_nt(Bv), kd(Bv), ce(Bv);
-  for (int64_t j = 0; j < Bv; ++j) a[j] = sample_weight<A>(class_balanced, L.count[L.label[j]], K_B, Bv);
+  // The ignored rows sort last: the chunk loops stop at the valid ones.
+  static int64_t active_rows(const idid::Layout& L) { return valid_rows(L); }
 
-  const A inv_tau = static_cast<A>(1.0 / tau);
-  const bool unit_tau = tau == 1.0;
-  const int64_t chunk = chunk_rows_for(chunk_rows, C, sizeof(A), Bv);
-  Tensor zbuf = at::empty({Bv > 0 ? chunk : 0, C}, opts);
-  for (int64_t j0 = 0; j0 < Bv; j0 += chunk) {
-    const int64_t rows = std::min(chunk, Bv - j0);
-    Tensor zc = zbuf.narrow(0, 0, rows);
-    at::mm_out(zc, U.narrow(0, j0, rows), Va.t());
-    const A* zp = zc.const_data_ptr<A>();
-    at::parallel_for(0, rows, grain_rows(4 * C), [&](int64_t begin, int64_t end) {
+  template <typename A>
+  static Tensor sample_weights(const Tensor& labels, const idid::Layout& L, bool class_balanced) {
+    const int64_t B = L.batch;
+    const int64_t* y = labels.const_data_ptr<int64_t>();
+    const bool* valid = L.valid.const_data_ptr<bool>();
+    const int64_t* count = L.count.const_data_ptr<int64_t>();
+    const int64_t present = L.classes_present.item<int64_t>(), rows = valid_rows(L);
+    Tensor a_t = at::empty({B}, labels.options().dtype(c10::CppTypeToScalarType<A>::value));
+    A* a = a_t.mutable_data_ptr<A>();
+    for (int64_t i = 0; i < B; ++i) a[i] = valid[i] ? sample_weight<A>(class_balanced, count[y[i]], present, rows) : A(0);
+    return a_t;
+  }
+
+  // The scalar terms on the host, as idid::AtenPolicy::loss_terms: L_IC summed in batch order in float64.
+  template <typename A>
+  static std::tuple<Tensor, Tensor, Tensor, Tensor> loss_terms(const Tensor& row_stats, const Tensor& density,
+                                                               const idid::Layout& L, const idid::Config& cfg,
+                                                               at::ScalarType dtype) {
+    const int64_t B = L.batch, C = L.num_classes;
+    const A* st = row_stats.const_data_ptr<A>();
+    double l_ic = 0;
+    for (int64_t i = 0; i < B; ++i) {
+      l_ic += static_cast<double>(st[kStatA * B + i]) *
+              (static_cast<double>(st[kStatCe * B + i]) + static_cast<double>(st[kStatKd * B + i]));
+    }
+    double l_id = 0, lam = 0;
+    if (density.defined()) {
+      const int64_t K2 = L.classes_multi.item<int64_t>();
+      const A* dens = density.const_data_ptr<A>();
+      A total = 0;
+      for (int64_t c = 0; c < C; ++c) total += dens[c];
+      if (K2 > 0) l_id = static_cast<double>(total / static_cast<A>(K2));
+      lam = cfg.adaptive_weight ? (K2 > 0 ? l_ic / (l_id + cfg.eps) : 0.0) : cfg.diversity_weight;
+    }
+    const auto opts = row_stats.options().dtype(dtype);
+    return {at::scalar_tensor(l_ic + lam * l_id, opts), at::scalar_tensor(l_ic, opts), at::scalar_tensor(l_id, opts),
+            at::scalar_tensor(lam, opts)};
+  }
+
+  template <typename A>
+  static Tensor row_norms(const Tensor& x) {
+    Tensor norm = at::empty({x.size(0)}, x.options());
+    idid_kernels::row_norms(x.const_data_ptr<A>(), x.size(0), x.size(1), norm.mutable_data_ptr<A>());
+    return norm;
+  }
+
+  // Sorted: the valid rows in label order, then zero rows for the ignored positions.
+  template <typename A>
+  static Tensor unit_rows(const Tensor& x, const Tensor& norm, const idid::Layout* sorted, double scale) {
+    const int64_t n = x.size(0), d = x.size(1);
+    Tensor u = at::empty({n, d}, x.options());
+    const int64_t active = sorted ? valid_rows(*sorted) : n;
+    idid_kernels::unit_rows(x.const_data_ptr<A>(), norm.const_data_ptr<A>(),
+                            sorted ? sorted->perm.const_data_ptr<int64_t>() : nullptr, active, d,
+                            static_cast<A>(scale), u.mutable_data_ptr<A>());
+    if (active < n) u.narrow(0, active, n - active).zero_();
+    return u;
+  }
+
+  // Sorted: the valid rows' gradients scattered to their batch rows, 0 on ignored rows.
+  template <typename A>
+  static Tensor normalize_backward(const Tensor& g, const Tensor& u, const Tensor& norm, const idid::Layout* sorted,
+                                   at::ScalarType dtype) {
+    const int64_t n = u.size(0), d = u.size(1);
+    const int64_t active = sorted ? valid_rows(*sorted) : n;
+    Tensor out = active < n ? at::zeros({n, d}, u.options().dtype(dtype)) : at::empty({n, d}, u.options().dtype(dtype));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "idid_normalize_backward", [&] {
+      idid_kernels::normalize_backward(g.const_data_ptr<A>(), u.const_data_ptr<A>(), norm.const_data_ptr<A>(),
+                                       sorted ? sorted->perm.const_data_ptr<int64_t>() : nullptr, active, d,
+                                       out.mutable_data_ptr<scalar_t>());
+    });
+    return out;
+  }
+
+  template <typename A>
+  static std::tuple<Tensor, Tensor> teacher(const Tensor& theta, const idid::Layout& L) {
+    const int64_t C = L.num_classes;
+    Tensor log_r = at::empty({C, C}, theta.options()), r = at::empty({C, C}, theta.options());
+    teacher_rows(theta.const_data_ptr<A>(), L.count.const_data_ptr<int64_t>(), C, log_r.mutable_data_ptr<A>(),
+                 r.mutable_data_ptr<A>());
+    return {log_r, r};
+  }
+
+  // r = exp(log r) on the present rows, 0 on the diagonal; the other rows are never read.
+  template <typename A>
+  static Tensor teacher_probs(const Tensor& log_r_t, const idid::Layout& L) {
+    const int64_t C = L.num_classes;
+    const int64_t* count = L.count.const_data_ptr<int64_t>();
+    Tensor r_t = at::empty({C, C}, log_r_t.options());
+    const A* log_r = log_r_t.const_data_ptr<A>();
+    A* r = r_t.mutable_data_ptr<A>();
+    at::parallel_for(0, C, grain_rows(C), [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        if (count[k] == 0) continue;
+        cpu::vexp(log_r + k * C, r + k * C, C, A(1), A(0));
+        r[k * C + k] = 0;
+      }
+    });
+    return r_t;
+  }
+
+  // The chunks hold valid rows only (active_rows), so every key is a class.
+  template <typename A>
+  static void forward_rows(const IdidChunk<A>& job) {
+    const int64_t C = job.num_classes, B = job.batch;
+    at::parallel_for(0, job.rows, grain_rows(4 * C), [&](int64_t begin, int64_t end) {
       for (int64_t jj = begin; jj < end; ++jj) {
-        const int64_t j = j0 + jj, k = L.label[j];
-        const A* z = zp + jj * C;
-        const RowStats<A> s = forward_row(z, C, k, distillation, inv_tau, unit_tau,
-                                          distillation ? rp + k * C : nullptr, distillation ? lr + k * C : nullptr);
-        lse[j] = s.lse;
-        lse_nt[j] = s.lse_nt;
-        kd[j] = s.kd;
-        ce[j] = s.ce;
+        const int64_t j = job.j0 + jj, k = job.key[j];
+        const int64_t i = job.perm[j];
+        const RowStats<A> s =
+            forward_row(job.z + jj * C, C, k, job.distillation, job.inv_tau, job.unit_tau,
+                        job.distillation ? job.r + k * C : nullptr, job.distillation ? job.log_r + k * C : nullptr);
+        job.stats[kStatLse * B + i] = s.lse;
+        job.stats[kStatLseNt * B + i] = s.lse_nt;
+        job.stats[kStatKd * B + i] = s.kd;
+        job.stats[kStatCe * B + i] = s.ce;
       }
     });
   }
 
-  double l_ic = 0;  // B terms: summed in batch order, in double
-  for (int64_t j = 0; j < Bv; ++j) l_ic += static_cast<double>(a[j]) * (static_cast<double>(ce[j]) + kd[j]);
-  double l_id = 0, lam = 0;
-  if (diversity) {
-    l_id = diversity_forward<A>(U, L, static_cast<A>(t), chunk_rows);
-    if (adaptive_weight) {
-      lam = L.multi.empty() ? 0.0 : l_ic / (l_id + eps);
-    } else {
-      lam = diversity_weight;
-    }
-  }
-
-  Tensor row_stats = at::zeros({kRowStats, B}, opts);
-  A* st = row_stats.mutable_data_ptr<A>();
-  for (int64_t j = 0; j < Bv; ++j) {
-    const int64_t i = L.rows[j];
-    st[i] = a[j];
-    st[B + i] = lse[j];
-    st[2 * B + i] = lse_nt[j];
-    st[3 * B + i] = kd[j];
-    st[4 * B + i] = ce[j];
-  }
-  const auto out_opts = x_in.options();
-  return {at::scalar_tensor(l_ic + lam * l_id, out_opts), at::scalar_tensor(l_ic, out_opts),
-          at::scalar_tensor(l_id, out_opts), at::scalar_tensor(lam, out_opts), row_stats, x_norm, w_norm, log_r};
-}
-
-template <typename scalar_t>
-std::tuple<Tensor, Tensor, Tensor> backward_impl(double grad_ic, double grad_id, const Tensor& x_in,
-                                                 const Tensor& proxies_in, const Tensor& labels,
-                                                 const Tensor& row_stats_in, const Tensor& x_norm_in,
-                                                 const Tensor& w_norm_in, const Tensor& log_r_in, double alpha,
-                                                 double tau, double t, bool distillation, bool diversity,
-                                                 int64_t ignore_index, int64_t chunk_rows) {
-  using A = acc_t<scalar_t>;
-  const auto acc = acc_dtype_of(x_in);
-  const auto opts = x_in.options().dtype(acc);
-  const Tensor x = x_in.to(acc).contiguous();
-  const Tensor w = proxies_in.to(acc).contiguous();
-  const int64_t B = x.size(0), d = x.size(1), C = w.size(0);
-  TORCH_CHECK(row_stats_in.dim() == 2 && row_stats_in.size(0) == kRowStats && row_stats_in.size(1) == B,
-              "idid_loss_backward: row_stats must be (", kRowStats, ", ", B, "), got ", row_stats_in.sizes());
-  TORCH_CHECK(x_norm_in.numel() == B && w_norm_in.numel() == C, "idid_loss_backward: norms must be (", B, ",) and (",
-              C, ",)");
-  if (distillation) {
-    TORCH_CHECK(log_r_in.dim() == 2 && log_r_in.size(0) == C && log_r_in.size(1) == C,
-                "idid_loss_backward: teacher_log_prob must be (", C, ", ", C, "), got ", log_r_in.sizes());
-  }
-  const Tensor row_stats = row_stats_in.to(acc).contiguous();
-  const Tensor x_norm = x_norm_in.to(acc).contiguous(), w_norm = w_norm_in.to(acc).contiguous();
-  const Layout L = make_layout(labels, C, ignore_index);
-  const int64_t Bv = L.valid();
-
-  Tensor U = at::empty({Bv, d}, opts), V = at::empty({C, d}, opts), Va = at::empty({C, d}, opts);
-  unit_rows(x.const_data_ptr<A>(), x_norm.const_data_ptr<A>(), L.rows.data(), Bv, d, A(1), U.mutable_data_ptr<A>());
-  unit_rows(w.const_data_ptr<A>(), w_norm.const_data_ptr<A>(), nullptr, C, d, A(1), V.mutable_data_ptr<A>());
-  unit_rows(w.const_data_ptr<A>(), w_norm.const_data_ptr<A>(), nullptr, C, d, static_cast<A>(alpha),
-            Va.mutable_data_ptr<A>());
-  Tensor dU = at::zeros({Bv, d}, opts), dV = at::zeros({C, d}, opts);
-  Tensor dphi = distillation ? at::zeros({C, C}, opts) : Tensor();
-
-  const A gi = static_cast<A>(grad_ic);
-  if (grad_ic != 0.0 && Bv > 0) {
-    const A* st = row_stats.const_data_ptr<A>();
-    const Tensor log_r = distillation ? log_r_in.to(acc).contiguous() : Tensor();
-    Tensor r = distillation ? at::empty({C, C}, opts) : Tensor();
-    if (distillation) teacher_probs(log_r.const_data_ptr<A>(), L, r.mutable_data_ptr<A>());
-    const A* lr = distillation ? log_r.const_data_ptr<A>() : nullptr;
-    const A* rp = distillation ? r.const_data_ptr<A>() : nullptr;
-    A* dp = distillation ? dphi.mutable_data_ptr<A>() : nullptr;
-    const A inv_tau = static_cast<A>(1.0 / tau);
-    const bool unit_tau = tau == 1.0;
-
-    const int64_t chunk = chunk_rows_for(chunk_rows, C, sizeof(A), Bv);
-    Tensor zbuf = at::empty({chunk, C}, opts);
-    for (int64_t j0 = 0; j0 < Bv; j0 += chunk) {
-      const int64_t rows = std::min(chunk, Bv - j0);
-      Tensor zc = zbuf.narrow(0, 0, rows);
-      const Tensor Uc = U.narrow(0, j0, rows);
-      at::mm_out(zc, Uc, Va.t());
-      A* zp = zc.mutable_data_ptr<A>();
-      // Parallel over class blocks, rows in order within each: dphi row k gets its rows' terms
-      // in batch order whatever the thread count.
-      at::parallel_for(0, C, grain_rows(rows), [&](int64_t c0, int64_t c1) {
-        for (int64_t jj = 0; jj < rows; ++jj) {
-          const int64_t j = j0 + jj, i = L.rows[j], k = L.label[j];
-          A* z = zp + jj * C;
-          const A aj = st[i], lse = st[B + i];
-          if (distillation) {
-            const A lse_nt = st[2 * B + i];
-            const cpu::IcRow<A> row{lse, lse_nt, inv_tau, gi * aj, aj, lse_nt - st[3 * B + i],
-                                    unit_tau ? std::exp(lse_nt - lse) : A(0), unit_tau};
-            cpu::ic_grad_distill(z + c0, rp + k * C + c0, lr + k * C + c0, dp + k * C + c0, c1 - c0, row);
-          } else {
-            cpu::ic_grad_plain(z + c0, c1 - c0, lse, gi * aj);
-          }
-          if (c0 <= k && k < c1) z[k] = gi * aj * std::expm1(-st[4 * B + i]);  // p_ik - 1
+  template <typename A>
+  static void grad_rows(const IdidChunk<A>& job) {
+    const int64_t C = job.num_classes, B = job.batch;
+    const A* st = job.stats;
+    const A gi = *job.grad_ic;
+    // Parallel over class blocks, rows in order within each: dphi row k gets its rows' terms
+    // in sorted (for a class: batch) order whatever the thread count.
+    at::parallel_for(0, C, grain_rows(job.rows), [&](int64_t c0, int64_t c1) {
+      for (int64_t jj = 0; jj < job.rows; ++jj) {
+        const int64_t j = job.j0 + jj, k = job.key[j];
+        A* z = job.z + jj * C;
+        const int64_t i = job.perm[j];
+        const A aj = st[kStatA * B + i], lse = st[kStatLse * B + i];
+        if (job.distillation) {
+          const A lse_nt = st[kStatLseNt * B + i];
+          const cpu::IcRow<A> row{lse,   lse_nt, job.inv_tau, gi * aj, aj, lse_nt - st[kStatKd * B + i],
+                                  job.unit_tau ? std::exp(lse_nt - lse) : A(0), job.unit_tau};
+          cpu::ic_grad_distill(z + c0, job.r + k * C + c0, job.log_r + k * C + c0, job.dphi + k * C + c0, c1 - c0,
+                               row);
+        } else {
+          cpu::ic_grad_plain(z + c0, c1 - c0, lse, gi * aj);
         }
-      });
-      Tensor dUc = dU.narrow(0, j0, rows);
-      at::mm_out(dUc, zc, Va);          // alpha G V
-      dV.addmm_(zc.t(), Uc, 1, alpha);  // alpha G^T U
+        if (c0 <= k && k < c1) z[k] = gi * aj * std::expm1(-st[kStatCe * B + i]);  // p_ik - 1
+      }
+    });
+  }
+
+  // D_c = sum_{i != j same class} kappa_ij / (n_c (n_c - 1)) for n_c >= 2, else 0.
+  template <typename A>
+  static Tensor class_density(const Tensor& U, const idid::Layout& L, A t, int64_t chunk_rows) {
+    const int64_t C = L.num_classes, d = U.size(1);
+    const int64_t* start = L.start.const_data_ptr<int64_t>();
+    const A* u = U.const_data_ptr<A>();
+    Tensor density_t = at::zeros({C}, U.options());
+    A* density = density_t.mutable_data_ptr<A>();
+    std::vector<int64_t> small, large;
+    multi_classes(start, C, small, large);
+
+    at::parallel_for(0, static_cast<int64_t>(small.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t s = begin; s < end; ++s) {
+        const int64_t c = small[s], n = start[c + 1] - start[c];
+        const A* uc = u + start[c] * d;
+        A sum = 0;
+        for (int64_t a = 0; a < n; ++a) {
+          for (int64_t b = a + 1; b < n; ++b) {
+            sum += std::exp(diversity_exponent(cpu::vdot(uc + a * d, uc + b * d, d), t));
+          }
+        }
+        density[c] = 2 * sum / static_cast<A>(n * (n - 1));
+      }
+    });
+
+    for (const int64_t c : large) {
+      const int64_t n = start[c + 1] - start[c];
+      const Tensor Uc = U.narrow(0, start[c], n);
+      const int64_t block = idid::chunk_rows_for(chunk_rows, n, sizeof(A), n);
+      Tensor gram = at::empty({block, n}, U.options());
+      std::vector<A> row_sum(n);
+      for (int64_t i0 = 0; i0 < n; i0 += block) {
+        const int64_t rows = std::min(block, n - i0);
+        Tensor g = gram.narrow(0, 0, rows);
+        at::mm_out(g, Uc.narrow(0, i0, rows), Uc.t());
+        const A* gp = g.const_data_ptr<A>();
+        at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
+          for (int64_t ii = begin; ii < end; ++ii) {
+            const A* row = gp + ii * n;
+            const int64_t i = i0 + ii;  // skip the diagonal j == i
+            row_sum[i] = cpu::vsum_kappa(row, i, t) + cpu::vsum_kappa(row + i + 1, n - i - 1, t);
+          }
+        });
+      }
+      A sum = 0;
+      for (int64_t i = 0; i < n; ++i) sum += row_sum[i];
+      density[c] = sum / static_cast<A>(n * (n - 1));
+    }
+    return density_t;
+  }
+
+  // dU_i += grad_id * 2t / (K_2 n_c (n_c - 1)) sum_{j same class, j != i} kappa_ij u_j.
+  template <typename A>
+  static void diversity_backward(const Tensor& U, const idid::Layout& L, A t, const Tensor& grad_id,
+                                 int64_t chunk_rows, Tensor& dU_t) {
+    const int64_t C = L.num_classes, d = U.size(1);
+    const int64_t* start = L.start.const_data_ptr<int64_t>();
+    const int64_t K2 = L.classes_multi.item<int64_t>();
+    const A gd = grad_id.item<A>();
+    const A* u = U.const_data_ptr<A>();
+    A* dU = dU_t.mutable_data_ptr<A>();
+    std::vector<int64_t> small, large;
+    multi_classes(start, C, small, large);
+
+    at::parallel_for(0, static_cast<int64_t>(small.size()), 1, [&](int64_t begin, int64_t end) {
+      A kappa[kSmallClass * kSmallClass];
+      for (int64_t s = begin; s < end; ++s) {
+        const int64_t c = small[s], n = start[c + 1] - start[c];
+        const A* uc = u + start[c] * d;
+        const A coef = gd * diversity_grad_coef(t, K2, n);
+        for (int64_t a = 0; a < n; ++a) {
+          kappa[a * n + a] = 0;
+          for (int64_t b = a + 1; b < n; ++b) {
+            const A k = std::exp(diversity_exponent(cpu::vdot(uc + a * d, uc + b * d, d), t));
+            kappa[a * n + b] = k;
+            kappa[b * n + a] = k;
+          }
+        }
+        for (int64_t a = 0; a < n; ++a) {
+          A* out = dU + (start[c] + a) * d;
+          for (int64_t b = 0; b < n; ++b) {
+            if (b == a) continue;
+            const A w = coef * kappa[a * n + b];
+            const A* ub = uc + b * d;
+            for (int64_t k = 0; k < d; ++k) out[k] += w * ub[k];
+          }
+        }
+      }
+    });
+
+    for (const int64_t c : large) {
+      const int64_t n = start[c + 1] - start[c];
+      const A coef = gd * diversity_grad_coef(t, K2, n);
+      const Tensor Uc = U.narrow(0, start[c], n);
+      const int64_t block = idid::chunk_rows_for(chunk_rows, n, sizeof(A), n);
+      Tensor gram = at::empty({block, n}, U.options());
+      Tensor pull = at::empty({block, d}, U.options());
+      for (int64_t i0 = 0; i0 < n; i0 += block) {
+        const int64_t rows = std::min(block, n - i0);
+        Tensor g = gram.narrow(0, 0, rows);
+        at::mm_out(g, Uc.narrow(0, i0, rows), Uc.t());
+        A* gp = g.mutable_data_ptr<A>();
+        at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
+          for (int64_t ii = begin; ii < end; ++ii) {
+            cpu::vkappa(gp + ii * n, n, t);
+            gp[ii * n + i0 + ii] = 0;
+          }
+        });
+        Tensor h = pull.narrow(0, 0, rows);
+        at::mm_out(h, g, Uc);
+        const A* hp = h.const_data_ptr<A>();
+        at::parallel_for(0, rows, grain_rows(d), [&](int64_t begin, int64_t end) {
+          for (int64_t ii = begin; ii < end; ++ii) {
+            A* out = dU + (start[c] + i0 + ii) * d;
+            const A* hr = hp + ii * d;
+            for (int64_t k = 0; k < d; ++k) out[k] += coef * hr[k];
+          }
+        });
+      }
     }
   }
-  if (diversity && grad_id != 0.0 && !L.multi.empty()) {
-    diversity_backward<A>(U, L, static_cast<A>(t), static_cast<A>(grad_id), chunk_rows, dU.mutable_data_ptr<A>());
+
+  // dTheta = grad_ic (dPhi + dPhi^T) / 2, the upstream coefficient applied here once.
+  template <typename A>
+  static Tensor symmetrize_grad(const Tensor& dphi, const Tensor& grad_ic, at::ScalarType dtype) {
+    const int64_t C = dphi.size(0);
+    Tensor out = at::empty({C, C}, dphi.options().dtype(dtype));
+    const A scale = static_cast<A>(0.5) * grad_ic.item<A>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "idid_symmetrize_grad", [&] {
+      symmetrize(dphi.const_data_ptr<A>(), C, scale, nullptr, out.mutable_data_ptr<scalar_t>());
+    });
+    return out;
   }
 
-  Tensor dx = at::zeros({B, d}, x_in.options());
-  Tensor dw = at::empty({C, d}, x_in.options());
-  normalize_backward(dU.const_data_ptr<A>(), U.const_data_ptr<A>(), x_norm.const_data_ptr<A>(), L.rows.data(), Bv,
-                     d, dx.mutable_data_ptr<scalar_t>());
-  normalize_backward(dV.const_data_ptr<A>(), V.const_data_ptr<A>(), w_norm.const_data_ptr<A>(), nullptr, C, d,
-                     dw.mutable_data_ptr<scalar_t>());
-  Tensor dsim;
-  if (distillation) {  // dTheta = (dPhi + dPhi^T) / 2, the upstream coefficient applied here once
-    dsim = at::empty({C, C}, x_in.options());
-    symmetrize(dphi.const_data_ptr<A>(), C, static_cast<A>(0.5) * gi, nullptr, dsim.mutable_data_ptr<scalar_t>());
-  } else {
-    dsim = at::zeros({C, C}, x_in.options());
-  }
-  return {dx, dw, dsim};
-}
+  // A CPU scalar is read for free: skip a pass whose upstream coefficient is zero.
+  static bool may_be_nonzero(const Tensor& scalar) { return scalar.item<double>() != 0.0; }
+};
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> idid_loss_forward_cpu(
-    const Tensor& x, const Tensor& proxies, const Tensor& similarity, const Tensor& labels, double alpha, double tau,
-    double t, double eps, bool distillation, bool diversity, bool adaptive_weight, double diversity_weight,
-    bool class_balanced, int64_t ignore_index, int64_t chunk_rows) {
-  check_inputs(x, proxies, labels);
-  const int64_t C = proxies.size(0);
-  TORCH_CHECK(similarity.dim() == 2 && similarity.size(0) == C && similarity.size(1) == C,
-              "idid_loss: similarity must be (", C, ", ", C, "), got ", similarity.sizes());
-  TORCH_CHECK(similarity.scalar_type() == x.scalar_type(), "idid_loss: similarity dtype ", similarity.scalar_type(),
-              " differs from x dtype ", x.scalar_type());
-  TORCH_CHECK(alpha > 0 && tau > 0 && t > 0 && eps > 0, "idid_loss: alpha, tau, t, eps must be > 0");
-  if (x.scalar_type() == at::kDouble) {
-    return forward_impl<double>(x, proxies, similarity, labels, alpha, tau, t, eps, distillation, diversity,
-                                adaptive_weight, diversity_weight, class_balanced, ignore_index, chunk_rows);
-  }
-  return forward_impl<float>(x, proxies, similarity, labels, alpha, tau, t, eps, distillation, diversity,
-                             adaptive_weight, diversity_weight, class_balanced, ignore_index, chunk_rows);
-}
-
-std::tuple<Tensor, Tensor, Tensor> idid_loss_backward_cpu(const Tensor& grad_ic, const Tensor& grad_id,
-                                                          const Tensor& x, const Tensor& proxies,
-                                                          const Tensor& labels, const Tensor& row_stats,
-                                                          const Tensor& x_norm, const Tensor& w_norm,
-                                                          const Tensor& teacher_log_prob, double alpha, double tau,
-                                                          double t, bool distillation, bool diversity,
-                                                          int64_t ignore_index, int64_t chunk_rows) {
-  check_inputs(x, proxies, labels);
-  TORCH_CHECK(grad_ic.numel() == 1 && grad_id.numel() == 1,
-              "idid_loss_backward: grad_ic and grad_id must be scalars");
-  const double gi = grad_ic.item<double>(), gd = grad_id.item<double>();
-  std::tuple<Tensor, Tensor, Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "idid_loss_backward_cpu", [&] {
-    out = backward_impl<scalar_t>(gi, gd, x, proxies, labels, row_stats, x_norm, w_norm, teacher_log_prob, alpha,
-                                  tau, t, distillation, diversity, ignore_index, chunk_rows);
-  });
-  return out;
-}
+using CpuOps = idid::IdidOps<CpuPolicy>;
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(idid_kernels, CPU, m) {
-  m.impl("idid_loss_forward", &idid_loss_forward_cpu);
-  m.impl("idid_loss_backward", &idid_loss_backward_cpu);
+  m.impl("idid_loss_forward", &CpuOps::forward);
+  m.impl("idid_loss_backward", &CpuOps::backward);
 }
 
 }  // namespace idid_kernels
