@@ -52,7 +52,7 @@ _KERNELS = {
     "pairwise_cosine": {"reference": ref.pairwise_cosine, "cpp": _pairwise_cosine_ext, "cuda": _pairwise_cosine_ext},
     "class_density": {"reference": ref.class_density, "cpp": _class_density_ext, "cuda": _class_density_ext},
     "cm_margin_loss": {"reference": ref.cm_margin_loss, "cpp": _cm_margin_loss_ext, "cuda": _cm_margin_loss_ext},
-    "idid_loss": {"reference": ref.idid_loss, "cpp": _idid_loss_ext},
+    "idid_loss": {"reference": ref.idid_loss, "cpp": _idid_loss_ext, "cuda": _idid_loss_ext},
 }
 
 

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "../common/cm_row.h"
+#include "../common/idid_chunk.h"
 
 namespace idid_kernels {
 namespace cuda {
@@ -57,6 +58,14 @@ template <typename A>
 cudaError_t class_density_sorted_pull(const A* grad, const A* us, const int64_t* sorted_labels,
                                       const int64_t* offsets, int64_t n, int64_t d, int64_t num_classes, A t, A* du,
                                       cudaStream_t stream);
+
+// IDID-R1 row epilogues over one chunk of label-sorted rows, job.rows x C logits (idid_loss.cu,
+// csrc/common/idid_chunk.h); A is float or double. Forward: lse, lse_nt, kd, ce of each valid row into
+// job.stats. Gradient: job.z <- G in place and, with distillation, dPhi accumulated into job.dphi.
+template <typename A>
+cudaError_t idid_forward_rows(const IdidChunk<A>& job, cudaStream_t stream);
+template <typename A>
+cudaError_t idid_grad_rows(const IdidChunk<A>& job, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace idid_kernels

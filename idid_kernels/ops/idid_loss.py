@@ -20,8 +20,8 @@ and teacher non-target distributions with a zero target column):
     G = grad_ic * a_i [P - Y + (Q - R) / tau],   dU = alpha G V + grad_id * H,   dV = alpha G^T U
     dPhi_kc = grad_ic * sum_{i: y_i = k} a_i r_kc (log r_kc - log q_ic - kd_i),  dTheta = (dPhi + dPhi^T) / 2
 
-and the F.normalize backward on dU, dV. Any backend implementing these two ops (C++ on the CPU
-today) shares this autograd and fake registration.
+and the F.normalize backward on dU, dV. Every backend implementing these two ops (C++ on the CPU,
+CUDA on a GPU) shares this autograd and fake registration.
 
 The logits are processed ``chunk_rows`` rows at a time (0: from a 32 MB budget). Tests force tiny
 chunks with :func:`chunk_rows`; the environment variable ``IDID_KERNELS_CHUNK_ROWS`` sets the default.
