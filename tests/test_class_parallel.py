@@ -177,3 +177,19 @@ def test_two_process_gloo_matches_single_device():
         assert abs(float(res["loss"] - ref.detach())) < 1e-12
         assert rel_err(res["dx"], x.grad) < 1e-12
         assert rel_err(res["dw"], w.grad[bounds[r]:bounds[r + 1]]) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_shard_ops_opcheck(dtype):
+    from idid_kernels.ops.cm_margin import config_args
+    from idid_kernels.reference.margins import resolve_margin
+    x, w, y = _inputs(9, 5, 7, seed=15, dtype=dtype, ignore=(1,))
+    cfg = config_args(resolve_margin("arcface", None, 1.0, 0.0, 0.0, 0.0, False), s=8.0, contraction="sigmoid",
+                      norm_offset=0.0, norm_temperature=1.0, detach_norm=False, margin_grad="exact",
+                      ignore_index=-100, num_classes=4)
+    ops = torch.ops.idid_kernels
+    torch.library.opcheck(ops.cm_margin_shard_forward.default, (x, w[3:], y, 3, *cfg))
+    row_max, sum_exp, target, x_norm, w_norm = ops.cm_margin_shard_forward(x, w[3:], y, 3, *cfg)
+    lse = row_max + torch.log(sum_exp)
+    g = torch.rand(9, dtype=lse.dtype)
+    torch.library.opcheck(ops.cm_margin_shard_backward.default, (g, x, w[3:], y, 3, lse, x_norm, w_norm, *cfg))
