@@ -238,10 +238,13 @@ def test_smoke_run_of_the_command(tmp_path):
     assert float(rows[0]["accuracy"]) == pytest.approx(payload["runs"][0]["accuracy"], rel=1e-5)
 
 
-def test_train_command_rejects_unknown_losses():
+@pytest.mark.parametrize("bad", [["--losses", "ce,focal"], ["--epochs", "0"], ["--rho", "0.5"],
+                                 ["--degrade-frac", "1.5"], ["--test-frac", "1"], ["--batch-size", "1"]])
+def test_train_command_rejects_bad_options(bad, capsys):
     from idid_kernels.train.runner import main
-    args = build_parser().parse_args(["train", "--losses", "ce,focal", "--no-progress"])
+    args = build_parser().parse_args(["train", "--no-progress"] + bad)
     assert main(args, out=io.StringIO()) == 2
+    assert "error:" in capsys.readouterr().err
 
 
 def test_plots_are_written(tmp_path):

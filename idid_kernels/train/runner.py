@@ -16,7 +16,7 @@ from .progress import RunProgress
 from .report import format_report, summarize_runs, write_csv, write_json
 from .trainer import TAIL_CLASSES, TrainConfig, train_and_evaluate
 
-DEFAULT_SEEDS = (0, 1, 2, 3, 4)
+DEFAULT_SEEDS = tuple(range(10))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=d.lr, help="AdamW peak learning rate (default: %(default)s)")
     parser.add_argument("--weight-decay", type=float, default=d.weight_decay, help="default: %(default)s")
     parser.add_argument("--embed-dim", type=int, default=d.embed_dim, help="default: %(default)s")
+    parser.add_argument("--width", type=int, default=d.width, help="hidden units per MLP layer (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     parser.add_argument("--backend", default="auto", choices=("auto", "reference", "cpp", "cuda", "triton"),
                         help="idid_kernels backend of the margin and IDID-R1 heads (default: %(default)s)")
@@ -126,6 +127,8 @@ def run(losses: list[str], seeds: list[int], cfg: TrainConfig, *, rho: float = 5
         "environment": env,
         "wall_seconds": wall,
         "train_counts_by_rank": counts_by_rank,
+        # rho after rounding the profile to whole images (87 / 2 = 43.5 for the defaults)
+        "realised_imbalance_ratio": counts_by_rank[0] / counts_by_rank[-1],
         "summary": summary,
         "runs": [r.as_dict() for r in runs],
         "_runs": runs,
@@ -139,13 +142,22 @@ def main(args: argparse.Namespace, out=None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    checks = ((args.epochs >= 1, "--epochs must be >= 1"), (args.batch_size >= 2, "--batch-size must be >= 2"),
+              (args.rho >= 1, "--rho must be >= 1"), (0 <= args.degrade_frac <= 1, "--degrade-frac must lie in [0, 1]"),
+              (0 < args.test_frac < 1, "--test-frac must lie in (0, 1)"), (args.threads >= 1, "--threads must be >= 1"),
+              (args.embed_dim >= 1 and args.width >= 1, "--embed-dim and --width must be >= 1"),
+              (args.lr > 0 and args.weight_decay >= 0, "--lr must be > 0 and --weight-decay >= 0"))
+    for ok, message in checks:
+        if not ok:
+            print(f"error: {message}", file=sys.stderr)
+            return 2
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is visible to torch", file=sys.stderr)
         return 2
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                      embed_dim=args.embed_dim, backend=args.backend, device=args.device)
+                      embed_dim=args.embed_dim, width=args.width, backend=args.backend, device=args.device)
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, args.threads))
+    torch.set_num_threads(args.threads)
     try:
         payload = run(losses, list(args.seeds), cfg, rho=args.rho, degrade_frac=args.degrade_frac,
                       test_frac=args.test_frac, progress=not args.no_progress)

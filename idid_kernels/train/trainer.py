@@ -29,7 +29,7 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 5e-4
     embed_dim: int = 64
-    width: int = 32
+    width: int = 256
     backend: str = "auto"
     device: str = "cpu"
 
