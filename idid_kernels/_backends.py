@@ -33,7 +33,7 @@ def triton_interpreted() -> bool:
 # op name -> backends with kernels for it. Grows as kernels land; the reference has everything.
 IMPLEMENTED: dict[str, set[str]] = {
     "cm_margin_loss": {"reference", "cpp", "cuda"},
-    "idid_loss": {"reference", "cpp"},
+    "idid_loss": {"reference", "cpp", "triton"},
     "pairwise_cosine": {"reference", "cpp", "cuda"},
     "class_density": {"reference", "cpp", "cuda"},
     "norm_contraction": {"reference", "cpp", "cuda"},

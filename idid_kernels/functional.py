@@ -45,6 +45,11 @@ def _idid_loss_ext(x, proxies, similarity, labels, **kw):
     return op(x, proxies, similarity, labels, **kw)
 
 
+def _idid_loss_triton(x, proxies, similarity, labels, **kw):
+    from .triton.idid_loss import idid_loss as op
+    return op(x, proxies, similarity, labels, **kw)
+
+
 # op -> backend -> callable taking the validated arguments of the public function.
 _KERNELS = {
     "norm_contraction": {"reference": ref.norm_contraction, "cpp": _norm_contraction_ext,
@@ -52,7 +57,7 @@ _KERNELS = {
     "pairwise_cosine": {"reference": ref.pairwise_cosine, "cpp": _pairwise_cosine_ext, "cuda": _pairwise_cosine_ext},
     "class_density": {"reference": ref.class_density, "cpp": _class_density_ext, "cuda": _class_density_ext},
     "cm_margin_loss": {"reference": ref.cm_margin_loss, "cpp": _cm_margin_loss_ext, "cuda": _cm_margin_loss_ext},
-    "idid_loss": {"reference": ref.idid_loss, "cpp": _idid_loss_ext},
+    "idid_loss": {"reference": ref.idid_loss, "cpp": _idid_loss_ext, "triton": _idid_loss_triton},
 }
 
 
