@@ -35,7 +35,7 @@ IMPLEMENTED: dict[str, set[str]] = {
     "cm_margin_loss": {"reference", "cpp", "cuda"},
     "idid_loss": {"reference", "cpp", "triton"},
     "pairwise_cosine": {"reference", "cpp", "cuda"},
-    "class_density": {"reference", "cpp", "cuda"},
+    "class_density": {"reference", "cpp", "cuda", "triton"},
     "norm_contraction": {"reference", "cpp", "cuda"},
 }
 

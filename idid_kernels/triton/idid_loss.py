@@ -178,7 +178,7 @@ def _ic_forward_kernel(x_ptr, w_ptr, xn_ptr, wn_ptr, lay_ptr, offs_ptr, cls_ptr,
         kd = tl.zeros((BLOCK_M,), dtype=ACC)
     n = (tl.load(offs_ptr + y + 1, mask=rmask, other=1) - tl.load(offs_ptr + y, mask=rmask, other=0)).to(ACC)
     if BALANCED:
-        a = 1.0 / (tl.load(cls_ptr).to(ACC) * n)
+        a = 1.0 / (tl.maximum(tl.load(cls_ptr), 1).to(ACC) * n)
     else:
         a = 1.0 / tl.maximum(Bv, 1).to(ACC) + tl.zeros((BLOCK_M,), dtype=ACC)
     k2 = tl.maximum(tl.load(cls_ptr + 1), 1).to(ACC)
