@@ -22,7 +22,9 @@ cosines: outside ARCHITECTURE.md's float32 tolerances, hence opt-in).
 
 Under ``TRITON_INTERPRET=1`` every autotuned kernel has one small configuration: the interpreter
 runs each program in Python, where autotuning would only cost time, and small blocks make the tiny
-test shapes span several row, class and feature tiles.
+test shapes span several row, class and feature tiles. The interpreter re-patches triton.language
+on every call of a nested @triton.jit function (tl.zeros included), about a millisecond each, so
+one-line helpers are written inline and tensors are created with ``tl.full``.
 """
 from __future__ import annotations
 
@@ -65,13 +67,15 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def split_f64(value: float) -> tuple[float, float]:
-    """(hi, lo), both exact float32 numbers, with hi + lo = value to about 2^-48 relative.
+def split_f64(value: float) -> tuple[float, float, float]:
+    """(hi, mid, lo): float32 numbers with hi + mid + lo = value exactly (3 x 24 >= 53 bits).
 
-    Triton passes Python floats to kernels as float32 scalars; the float64 path rebuilds its
-    parameters (alpha, 1/tau, t, ...) with :func:`join_f64` instead of computing with rounded ones."""
+    Triton passes Python floats to kernels as float32 scalars; the kernels rebuild their parameters
+    (alpha, 1/tau, t, ...) as ``tl.cast(hi, ACC) + tl.cast(mid, ACC) + tl.cast(lo, ACC)``, so the
+    float64 path does not compute with rounded ones (in float32 the sum rounds back to hi)."""
     hi = float(np.float32(value))
-    return hi, float(np.float32(value - hi))
+    mid = float(np.float32(value - hi))
+    return hi, mid, float(np.float32(value - hi - mid))
 
 
 def configs(gpu: list[tuple], interp: tuple, names: tuple[str, ...]) -> list[triton.Config]:
@@ -114,12 +118,6 @@ def bucket_rows(labels: torch.Tensor, num_classes: int, ignore_index: int | None
 
 
 @triton.jit
-def join_f64(hi, lo, ACC: tl.constexpr):
-    """The kernel parameter hi + lo of :func:`split_f64` in the accumulation dtype."""
-    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
-
-
-@triton.jit
 def softplus(v):
     """log(1 + exp(v)) = max(v, 0) + log1p(exp(-|v|)), log1p(e) = log(w) e / (w - 1), w = 1 + e
     (exact to rounding even where e is below the unit roundoff; Triton's interpreter has no log1p)."""
@@ -137,18 +135,11 @@ def log_add_exp(a, b):
 
 
 @triton.jit
-def inv_norm(norm_ptr, idx, mask):
-    """1 / max(||row||, 1e-12) of the rows ``idx`` (1 where masked)."""
-    r = tl.load(norm_ptr + idx, mask=mask, other=1.0)
-    return 1.0 / tl.maximum(r, 1e-12)
-
-
-@triton.jit
 def dot_rows(a_ptr, a_rows, a_mask, b_ptr, b_rows, b_mask, D, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
              BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     """(BLOCK_A, BLOCK_B) raw dot products <a_i, b_j> of rows of two row-major (., D) matrices,
     accumulated over D in chunks of BLOCK_K; masked rows give 0."""
-    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=ACC)
+    acc = tl.full((BLOCK_A, BLOCK_B), 0, ACC)
     a_base = a_ptr + a_rows.to(tl.int64)[:, None] * D
     b_base = b_ptr + b_rows.to(tl.int64)[:, None] * D
     for k0 in range(0, D, BLOCK_K):
@@ -184,7 +175,7 @@ def pair_kernel_tile(x_ptr, xn_ptr, lay_ptr, rows, rmask, src, y, inx, j0, end, 
     jm = cj < end
     srcj = tl.load(lay_ptr + cj, mask=jm, other=0)
     yj = tl.load(lay_ptr + B + cj, mask=jm, other=-1)
-    inxj = inv_norm(xn_ptr, srcj, jm)
+    inxj = 1.0 / tl.maximum(tl.load(xn_ptr + srcj, mask=jm, other=1.0), 1e-12)
     gram = dot_rows(x_ptr, src, rmask, x_ptr, srcj, jm, D, ACC, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     cos = gram * inx[:, None] * inxj[None, :]
     same = (y[:, None] == yj[None, :]) & (rows[:, None] != cj[None, :]) & rmask[:, None] & jm[None, :]
@@ -221,7 +212,7 @@ def row_norms_kernel(x_ptr, out_ptr, N, D, ACC: tl.constexpr, BLOCK_R: tl.conste
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rm = rows < N
     base = x_ptr + rows.to(tl.int64)[:, None] * D
-    ss = tl.zeros((BLOCK_R,), dtype=ACC)
+    ss = tl.full((BLOCK_R,), 0, ACC)
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         v = tl.load(base + ks[None, :], mask=rm[:, None] & (ks < D)[None, :], other=0.0).to(ACC)
@@ -241,19 +232,20 @@ def row_norms(x: torch.Tensor) -> torch.Tensor:
 @triton.autotune(configs=configs([(64, 64, 32, 4, 3), (32, 64, 64, 4, 3), (128, 64, 32, 8, 3), (64, 32, 64, 4, 3)],
                                  (8, 8, 32, 1, 1), ("BLOCK_M", "BLOCK_N", "BLOCK_K")), key=["C", "D"])
 @triton.jit
-def pair_row_sums_kernel(x_ptr, xn_ptr, lay_ptr, offs_ptr, out_ptr, B, C, D, t_hi, t_lo, ACC: tl.constexpr,
-                         DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def pair_row_sums_kernel(x_ptr, xn_ptr, lay_ptr, offs_ptr, out_ptr, B, C, D, t_hi, t_mid, t_lo, ACC: tl.constexpr,
+                         DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
     """out[p] = sum_{j same class, j != i} kappa_ij for the row i at sorted position p (0 for rows
     that take no part)."""
-    t = join_f64(t_hi, t_lo, ACC)
+    t = tl.cast(t_hi, ACC) + tl.cast(t_mid, ACC) + tl.cast(t_lo, ACC)  # split_f64 parts
     r0 = tl.program_id(0) * BLOCK_M
     rows = r0 + tl.arange(0, BLOCK_M)
     Bv = tl.load(offs_ptr + C)
     rmask = rows < Bv
     src = tl.load(lay_ptr + rows, mask=rmask, other=0)
     y = tl.load(lay_ptr + B + rows, mask=rmask, other=0)
-    inx = inv_norm(xn_ptr, src, rmask)
-    sums = tl.zeros((BLOCK_M,), dtype=ACC)
+    inx = 1.0 / tl.maximum(tl.load(xn_ptr + src, mask=rmask, other=1.0), 1e-12)
+    sums = tl.full((BLOCK_M,), 0, ACC)
     start, end = same_class_span(lay_ptr, offs_ptr, r0, B, Bv, BLOCK_M)
     for j0 in range(start, end, BLOCK_N):
         kappa, _, _, _ = pair_kernel_tile(x_ptr, xn_ptr, lay_ptr, rows, rmask, src, y, inx, j0, end, B, D, t, ACC,
@@ -282,11 +274,11 @@ def normalize_backward_kernel(g_ptr, x_ptr, xn_ptr, out_ptr, N, D, NSPLIT, split
     r = tl.load(xn_ptr + rows, mask=rm, other=1.0)
     inv = 1.0 / tl.maximum(r, 1e-12)
     base = rows.to(tl.int64)[:, None] * D
-    radial = tl.zeros((BLOCK_R,), dtype=ACC)
+    radial = tl.full((BLOCK_R,), 0, ACC)
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         m = rm[:, None] & (ks < D)[None, :]
-        g = tl.zeros((BLOCK_R, BLOCK_K), dtype=ACC)
+        g = tl.full((BLOCK_R, BLOCK_K), 0, ACC)
         for s in range(0, NSPLIT):
             g += tl.load(g_ptr + s * split_stride + base + ks[None, :], mask=m, other=0.0)
         xv = tl.load(x_ptr + base + ks[None, :], mask=m, other=0.0).to(ACC)
@@ -295,7 +287,7 @@ def normalize_backward_kernel(g_ptr, x_ptr, xn_ptr, out_ptr, N, D, NSPLIT, split
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         m = rm[:, None] & (ks < D)[None, :]
-        g = tl.zeros((BLOCK_R, BLOCK_K), dtype=ACC)
+        g = tl.full((BLOCK_R, BLOCK_K), 0, ACC)
         for s in range(0, NSPLIT):
             g += tl.load(g_ptr + s * split_stride + base + ks[None, :], mask=m, other=0.0)
         u = tl.load(x_ptr + base + ks[None, :], mask=m, other=0.0).to(ACC) * inv[:, None]

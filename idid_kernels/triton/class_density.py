@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._idid_common import (
-    acc_dtype, accumulate_pull, bucket_rows, check_dtype, configs, dot_precision, inv_norm, join_f64,
+    acc_dtype, accumulate_pull, bucket_rows, check_dtype, configs, dot_precision,
     no_double_backward, normalize_backward, pair_row_sums, pick, row_norms, split_f64, tl_acc,
 )
 
@@ -35,7 +35,7 @@ def _class_sum_kernel(rowsum_ptr, offs_ptr, out_ptr, ACC: tl.constexpr, BLOCK: t
     c = tl.program_id(0)
     start = tl.load(offs_ptr + c)
     end = tl.load(offs_ptr + c + 1)
-    acc = tl.zeros((BLOCK,), dtype=ACC)
+    acc = tl.full((BLOCK,), 0, ACC)
     for r0 in range(start, end, BLOCK):
         rows = r0 + tl.arange(0, BLOCK)
         acc += tl.load(rowsum_ptr + rows, mask=rows < end, other=0.0)
@@ -48,11 +48,11 @@ def _class_sum_kernel(rowsum_ptr, offs_ptr, out_ptr, ACC: tl.constexpr, BLOCK: t
                                   (128, 64, 32, 128, 8, 2)], (8, 8, 32, 32, 1, 1),
                                  ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_D")), key=["C", "D"])
 @triton.jit
-def _pull_rows_kernel(x_ptr, xn_ptr, lay_ptr, offs_ptr, g_ptr, du_ptr, B, C, D, t_hi, t_lo, ACC: tl.constexpr,
+def _pull_rows_kernel(x_ptr, xn_ptr, lay_ptr, offs_ptr, g_ptr, du_ptr, B, C, D, t_hi, t_mid, t_lo, ACC: tl.constexpr,
                       DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       BLOCK_D: tl.constexpr):
     """dL/du_i[dcols] = 2t g_c / (n_c (n_c - 1)) sum_{j same class, j != i} kappa_ij u_j, in batch order."""
-    t = join_f64(t_hi, t_lo, ACC)
+    t = tl.cast(t_hi, ACC) + tl.cast(t_mid, ACC) + tl.cast(t_lo, ACC)  # split_f64 parts
     r0 = tl.program_id(0) * BLOCK_M
     rows = r0 + tl.arange(0, BLOCK_M)
     dcols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -61,11 +61,11 @@ def _pull_rows_kernel(x_ptr, xn_ptr, lay_ptr, offs_ptr, g_ptr, du_ptr, B, C, D, 
     rmask = rows < Bv
     src = tl.load(lay_ptr + rows, mask=rmask, other=0)
     y = tl.load(lay_ptr + B + rows, mask=rmask, other=0)
-    inx = inv_norm(xn_ptr, src, rmask)
+    inx = 1.0 / tl.maximum(tl.load(xn_ptr + src, mask=rmask, other=1.0), 1e-12)
     n = (tl.load(offs_ptr + y + 1, mask=rmask, other=1) - tl.load(offs_ptr + y, mask=rmask, other=0)).to(ACC)
     g = tl.load(g_ptr + y, mask=rmask, other=0.0).to(ACC)
     coef = tl.where(n >= 2, 2.0 * t * g / (n * tl.maximum(n - 1.0, 1.0)), 0.0)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
+    acc = tl.full((BLOCK_M, BLOCK_D), 0, ACC)
     acc = accumulate_pull(acc, x_ptr, xn_ptr, lay_ptr, offs_ptr, r0, rows, rmask, src, y, inx, coef, dcols, dmask,
                           B, Bv, D, t, ACC, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     tl.store(du_ptr + src.to(tl.int64)[:, None] * D + dcols[None, :], acc, mask=rmask[:, None] & dmask[None, :])

@@ -57,8 +57,8 @@ import triton.language as tl
 
 from ..reference.idid import IDIDTerms
 from ._idid_common import (
-    INTERPRET, acc_dtype, accumulate_pull, bucket_rows, check_dtype, configs, dot_precision, dot_rows, inv_norm,
-    join_f64, log_add_exp, no_double_backward, normalize_backward, pair_row_sums, pick, row_norms, softplus,
+    INTERPRET, acc_dtype, accumulate_pull, bucket_rows, check_dtype, configs, dot_precision, dot_rows,
+    log_add_exp, no_double_backward, normalize_backward, pair_row_sums, pick, row_norms, softplus,
     split_f64, tl_acc,
 )
 
@@ -81,8 +81,8 @@ _GRAD_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_D")
 @triton.jit
 def _class_stats_kernel(offs_ptr, out_ptr, C, BLOCK: tl.constexpr):
     """out = (K_B, K_2): classes with at least one / two rows."""
-    kb = tl.zeros((BLOCK,), dtype=tl.int64)
-    k2 = tl.zeros((BLOCK,), dtype=tl.int64)
+    kb = tl.full((BLOCK,), 0, tl.int64)
+    k2 = tl.full((BLOCK,), 0, tl.int64)
     for c0 in range(0, C, BLOCK):
         cs = c0 + tl.arange(0, BLOCK)
         m = cs < C
@@ -99,7 +99,7 @@ def _teacher_kernel(th_ptr, lr_ptr, C, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
     ks = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     km = ks < C
     mv = tl.full((BLOCK_R, BLOCK_C), -1.0e30, ACC)   # per-lane online logsumexp
-    sv = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
+    sv = tl.full((BLOCK_R, BLOCK_C), 0, ACC)
     for c0 in range(0, C, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
         inb = km[:, None] & (cs < C)[None, :]
@@ -123,31 +123,32 @@ def _teacher_kernel(th_ptr, lr_ptr, C, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
 @triton.autotune(configs=configs([(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (128, 128, 32, 8, 3),
                                   (32, 64, 64, 4, 3)], (8, 8, 32, 1, 1), _TILE_NAMES), key=["C", "D"])
 @triton.jit
-def _ic_forward_kernel(x_ptr, w_ptr, xn_ptr, wn_ptr, lay_ptr, offs_ptr, cls_ptr, lr_ptr, rs_ptr, B, C, D, alpha_hi,
-                       alpha_lo, itau_hi, itau_lo, DISTILL: tl.constexpr, UNIT_TAU: tl.constexpr, BALANCED: tl.constexpr,
-                       ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
+def _ic_forward_kernel(x_ptr, w_ptr, xn_ptr, wn_ptr, lay_ptr, offs_ptr, cls_ptr, lr_ptr, rs_ptr, B, C, D,
+                       alpha_hi, alpha_mid, alpha_lo, itau_hi, itau_mid, itau_lo, DISTILL: tl.constexpr,
+                       UNIT_TAU: tl.constexpr, BALANCED: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Per-row statistics of the push and distillation terms (module docstring, forward step 4)."""
-    alpha = join_f64(alpha_hi, alpha_lo, ACC)
-    inv_tau = join_f64(itau_hi, itau_lo, ACC)
+    alpha = tl.cast(alpha_hi, ACC) + tl.cast(alpha_mid, ACC) + tl.cast(alpha_lo, ACC)  # split_f64 parts
+    inv_tau = tl.cast(itau_hi, ACC) + tl.cast(itau_mid, ACC) + tl.cast(itau_lo, ACC)  # split_f64 parts
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     Bv = tl.load(offs_ptr + C)
     rmask = rows < Bv
     src = tl.load(lay_ptr + rows, mask=rmask, other=0)
     y = tl.load(lay_ptr + B + rows, mask=rmask, other=0)
-    zscale = alpha * inv_norm(xn_ptr, src, rmask)
+    zscale = alpha * (1.0 / tl.maximum(tl.load(xn_ptr + src, mask=rmask, other=1.0), 1e-12))
 
     m_nt = tl.full((BLOCK_M,), -1.0e30, ACC)   # running max / sum of exp over the non-targets of z
-    s_nt = tl.zeros((BLOCK_M,), dtype=ACC)
+    s_nt = tl.full((BLOCK_M,), 0, ACC)
     m_t = tl.full((BLOCK_M,), -1.0e30, ACC)    # the same for z / tau (tau != 1)
-    s_t = tl.zeros((BLOCK_M,), dtype=ACC)
-    z_y = tl.zeros((BLOCK_M,), dtype=ACC)
-    kd_sum = tl.zeros((BLOCK_M,), dtype=ACC)   # sum_{c != y} r (log r - z / tau)
+    s_t = tl.full((BLOCK_M,), 0, ACC)
+    z_y = tl.full((BLOCK_M,), 0, ACC)
+    kd_sum = tl.full((BLOCK_M,), 0, ACC)   # sum_{c != y} r (log r - z / tau)
     for c0 in range(0, C, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         cmask = cols < C
         s = dot_rows(x_ptr, src, rmask, w_ptr, cols, cmask, D, ACC, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-        z = s * zscale[:, None] * inv_norm(wn_ptr, cols, cmask)[None, :]
+        inw = 1.0 / tl.maximum(tl.load(wn_ptr + cols, mask=cmask, other=1.0), 1e-12)
+        z = s * zscale[:, None] * inw[None, :]
         is_t = cols[None, :] == y[:, None]
         nt = cmask[None, :] & (cols[None, :] != y[:, None])
         z_y += tl.sum(tl.where(is_t, z, 0.0), axis=1)
@@ -168,24 +169,24 @@ def _ic_forward_kernel(x_ptr, w_ptr, xn_ptr, wn_ptr, lay_ptr, offs_ptr, cls_ptr,
     lnt = m_nt + tl.log(s_nt)
     lse = log_add_exp(lnt, z_y)
     ce = softplus(lnt - z_y)
-    if UNIT_TAU:
-        lse_t = lnt
-    else:
+    if DISTILL and not UNIT_TAU:
         lse_t = m_t + tl.log(s_t)
+    else:
+        lse_t = lnt  # tau = 1, or unused without distillation
     if DISTILL:
         kd = kd_sum + lse_t
     else:
-        kd = tl.zeros((BLOCK_M,), dtype=ACC)
+        kd = tl.full((BLOCK_M,), 0, ACC)
     n = (tl.load(offs_ptr + y + 1, mask=rmask, other=1) - tl.load(offs_ptr + y, mask=rmask, other=0)).to(ACC)
     if BALANCED:
         a = 1.0 / (tl.maximum(tl.load(cls_ptr), 1).to(ACC) * n)
     else:
-        a = 1.0 / tl.maximum(Bv, 1).to(ACC) + tl.zeros((BLOCK_M,), dtype=ACC)
+        a = 1.0 / tl.maximum(Bv, 1).to(ACC) + tl.full((BLOCK_M,), 0, ACC)
     k2 = tl.maximum(tl.load(cls_ptr + 1), 1).to(ACC)
     div_coef = tl.where(n >= 2, 1.0 / (k2 * n * tl.maximum(n - 1.0, 1.0)), 0.0)
 
     inb = rows < B
-    zero = tl.zeros((BLOCK_M,), dtype=ACC)
+    zero = tl.full((BLOCK_M,), 0, ACC)
     tl.store(rs_ptr + 0 * B + rows, tl.where(rmask, a, 0.0), mask=inb)
     tl.store(rs_ptr + 1 * B + rows, tl.where(rmask, lse, 0.0), mask=inb)
     tl.store(rs_ptr + 2 * B + rows, tl.where(rmask, lnt, 0.0), mask=inb)
@@ -197,12 +198,13 @@ def _ic_forward_kernel(x_ptr, w_ptr, xn_ptr, wn_ptr, lay_ptr, offs_ptr, cls_ptr,
 
 
 @triton.jit
-def _finalize_kernel(rs_ptr, offs_ptr, cls_ptr, loss_ptr, lic_ptr, lid_ptr, lam_ptr, B, C, eps_hi, eps_lo, dw_hi,
-                     dw_lo, DIVERSITY: tl.constexpr, ADAPTIVE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _finalize_kernel(rs_ptr, offs_ptr, cls_ptr, loss_ptr, lic_ptr, lid_ptr, lam_ptr, B, C, eps_hi, eps_mid, eps_lo,
+                     dw_hi, dw_mid, dw_lo, DIVERSITY: tl.constexpr, ADAPTIVE: tl.constexpr, ACC: tl.constexpr,
+                     BLOCK: tl.constexpr):
     """One program: L_IC, L_ID, lambda and the loss, summed over the rows in a fixed order."""
     Bv = tl.load(offs_ptr + C)
-    l_ic = tl.zeros((BLOCK,), dtype=ACC)
-    l_id = tl.zeros((BLOCK,), dtype=ACC)
+    l_ic = tl.full((BLOCK,), 0, ACC)
+    l_id = tl.full((BLOCK,), 0, ACC)
     for r0 in range(0, Bv, BLOCK):
         rows = r0 + tl.arange(0, BLOCK)
         m = rows < Bv
@@ -217,9 +219,10 @@ def _finalize_kernel(rs_ptr, offs_ptr, cls_ptr, loss_ptr, lic_ptr, lid_ptr, lam_
     idv = tl.sum(l_id, axis=0)
     if DIVERSITY:
         if ADAPTIVE:
-            lam = tl.where(tl.load(cls_ptr + 1) > 0, ic / (idv + join_f64(eps_hi, eps_lo, ACC)), 0.0)
+            eps = tl.cast(eps_hi, ACC) + tl.cast(eps_mid, ACC) + tl.cast(eps_lo, ACC)
+            lam = tl.where(tl.load(cls_ptr + 1) > 0, ic / (idv + eps), 0.0)
         else:
-            lam = join_f64(dw_hi, dw_lo, ACC) + 0.0 * ic
+            lam = tl.cast(dw_hi, ACC) + tl.cast(dw_mid, ACC) + tl.cast(dw_lo, ACC) + 0.0 * ic
     else:
         lam = 0.0 * ic
     out_t = loss_ptr.dtype.element_ty
@@ -249,21 +252,22 @@ def _ic_logit_grad(z, y, cols, cmask, rmask, lse, lnt, lse_t, lr_ptr, C, inv_tau
     return g
 
 
+# BLOCK_D is the feature chunk of dU each program owns: the logits tile is recomputed once per chunk,
+# so wide chunks trade registers for fewer recomputations (configs that do not fit are skipped).
 @triton.autotune(configs=configs([(64, 64, 32, 64, 4, 2), (64, 64, 32, 128, 4, 2), (128, 64, 32, 128, 8, 2),
-                                  (32, 64, 32, 256, 4, 2), (64, 32, 64, 128, 4, 2)], (8, 8, 32, 32, 1, 1),
-                                 _GRAD_NAMES), key=["C", "D"])
+                                  (32, 64, 32, 256, 4, 2), (64, 32, 64, 128, 4, 2), (32, 32, 32, 512, 8, 2)],
+                                 (8, 8, 32, 32, 1, 1), _GRAD_NAMES), key=["C", "D"])
 @triton.jit
 def _grad_rows_kernel(x_ptr, w_ptr, xn_ptr, wn_ptr, lay_ptr, offs_ptr, rs_ptr, lr_ptr, gic_ptr, gid_ptr, du_ptr,
-                      B, C, D, alpha_hi, alpha_lo, itau_hi, itau_lo, t_hi, t_lo, DISTILL: tl.constexpr,
-                      DIVERSITY: tl.constexpr, ACC: tl.constexpr,
-                      DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      BLOCK_D: tl.constexpr):
+                      B, C, D, alpha_hi, alpha_mid, alpha_lo, itau_hi, itau_mid, itau_lo, t_hi, t_mid, t_lo,
+                      DISTILL: tl.constexpr, DIVERSITY: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """dL/du_i[dcols] = alpha sum_c G_ic v_c + grad_id coef_i sum_j kappa_ij u_j, written in batch row
     order (0 for ignored rows)."""
     DT = x_ptr.dtype.element_ty
-    alpha = join_f64(alpha_hi, alpha_lo, ACC)
-    inv_tau = join_f64(itau_hi, itau_lo, ACC)
-    t = join_f64(t_hi, t_lo, ACC)
+    alpha = tl.cast(alpha_hi, ACC) + tl.cast(alpha_mid, ACC) + tl.cast(alpha_lo, ACC)  # split_f64 parts
+    inv_tau = tl.cast(itau_hi, ACC) + tl.cast(itau_mid, ACC) + tl.cast(itau_lo, ACC)  # split_f64 parts
+    t = tl.cast(t_hi, ACC) + tl.cast(t_mid, ACC) + tl.cast(t_lo, ACC)  # split_f64 parts
     r0 = tl.program_id(0) * BLOCK_M
     rows = r0 + tl.arange(0, BLOCK_M)
     dcols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -273,17 +277,17 @@ def _grad_rows_kernel(x_ptr, w_ptr, xn_ptr, wn_ptr, lay_ptr, offs_ptr, rs_ptr, l
     inb = rows < B
     src = tl.load(lay_ptr + rows, mask=inb, other=0)
     y = tl.load(lay_ptr + B + rows, mask=rmask, other=0)
-    inx = inv_norm(xn_ptr, src, rmask)
+    inx = 1.0 / tl.maximum(tl.load(xn_ptr + src, mask=rmask, other=1.0), 1e-12)
     a = tl.load(rs_ptr + 0 * B + rows, mask=rmask, other=0.0)
     lse = tl.load(rs_ptr + 1 * B + rows, mask=rmask, other=0.0)
     lnt = tl.load(rs_ptr + 2 * B + rows, mask=rmask, other=0.0)
     lse_t = tl.load(rs_ptr + 3 * B + rows, mask=rmask, other=0.0)
     gscale = alpha * tl.load(gic_ptr).to(ACC) * a
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
+    acc = tl.full((BLOCK_M, BLOCK_D), 0, ACC)
     for c0 in range(0, C, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         cmask = cols < C
-        inw = inv_norm(wn_ptr, cols, cmask)
+        inw = 1.0 / tl.maximum(tl.load(wn_ptr + cols, mask=cmask, other=1.0), 1e-12)
         s = dot_rows(x_ptr, src, rmask, w_ptr, cols, cmask, D, ACC, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
         z = s * (alpha * inx)[:, None] * inw[None, :]
         g = _ic_logit_grad(z, y, cols, cmask, rmask, lse, lnt, lse_t, lr_ptr, C, inv_tau, DISTILL) * gscale[:, None]
@@ -299,36 +303,35 @@ def _grad_rows_kernel(x_ptr, w_ptr, xn_ptr, wn_ptr, lay_ptr, offs_ptr, rs_ptr, l
 
 
 @triton.autotune(configs=configs([(64, 64, 32, 64, 4, 2), (64, 64, 32, 128, 4, 2), (64, 128, 32, 128, 8, 2),
-                                  (64, 32, 32, 256, 4, 2), (32, 64, 64, 128, 4, 2)], (8, 8, 32, 32, 1, 1),
-                                 _GRAD_NAMES), key=["C", "D"], reset_to_zero=["dv_ptr"])
+                                  (64, 32, 32, 256, 4, 2), (32, 64, 64, 128, 4, 2), (32, 32, 32, 512, 8, 2)],
+                                 (8, 8, 32, 32, 1, 1), _GRAD_NAMES), key=["C", "D"], reset_to_zero=["dv_ptr"])
 @triton.jit
 def _grad_cols_kernel(x_ptr, w_ptr, xn_ptr, wn_ptr, lay_ptr, offs_ptr, rs_ptr, lr_ptr, gic_ptr, dv_ptr, B, C, D,
-                      rows_per_split, alpha_hi, alpha_lo, itau_hi, itau_lo, DISTILL: tl.constexpr, ATOMIC: tl.constexpr,
-                      ACC: tl.constexpr,
-                      DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      BLOCK_D: tl.constexpr):
+                      rows_per_split, alpha_hi, alpha_mid, alpha_lo, itau_hi, itau_mid, itau_lo, DISTILL: tl.constexpr,
+                      ATOMIC: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """dL/dv_c[dcols] = alpha sum_i G_ic u_i over the rows of split ``program_id(2)``: added into dv
     (ATOMIC) or stored to the split's own (C, D) slice of dv."""
     DT = x_ptr.dtype.element_ty
-    alpha = join_f64(alpha_hi, alpha_lo, ACC)
-    inv_tau = join_f64(itau_hi, itau_lo, ACC)
+    alpha = tl.cast(alpha_hi, ACC) + tl.cast(alpha_mid, ACC) + tl.cast(alpha_lo, ACC)  # split_f64 parts
+    inv_tau = tl.cast(itau_hi, ACC) + tl.cast(itau_mid, ACC) + tl.cast(itau_lo, ACC)  # split_f64 parts
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < C
     dcols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = dcols < D
     split = tl.program_id(2)
-    inw = inv_norm(wn_ptr, cols, cmask)
+    inw = 1.0 / tl.maximum(tl.load(wn_ptr + cols, mask=cmask, other=1.0), 1e-12)
     Bv = tl.load(offs_ptr + C)
     r_begin = split * rows_per_split
     r_end = tl.minimum(r_begin + rows_per_split, Bv)
     gi = alpha * tl.load(gic_ptr).to(ACC)
-    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
+    acc = tl.full((BLOCK_N, BLOCK_D), 0, ACC)
     for r0 in range(r_begin, r_end, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
         rmask = rows < r_end
         src = tl.load(lay_ptr + rows, mask=rmask, other=0)
         y = tl.load(lay_ptr + B + rows, mask=rmask, other=0)
-        inx = inv_norm(xn_ptr, src, rmask)
+        inx = 1.0 / tl.maximum(tl.load(xn_ptr + src, mask=rmask, other=1.0), 1e-12)
         a = tl.load(rs_ptr + 0 * B + rows, mask=rmask, other=0.0)
         lse = tl.load(rs_ptr + 1 * B + rows, mask=rmask, other=0.0)
         lnt = tl.load(rs_ptr + 2 * B + rows, mask=rmask, other=0.0)
@@ -356,8 +359,8 @@ def _class_sums_kernel(x_ptr, xn_ptr, lay_ptr, offs_ptr, rs_ptr, m_ptr, ab_ptr, 
     k = tl.program_id(0).to(tl.int64)
     start = tl.load(offs_ptr + k)
     end = tl.load(offs_ptr + k + 1)
-    a_sum = tl.zeros((BLOCK_M,), dtype=ACC)
-    b_sum = tl.zeros((BLOCK_M,), dtype=ACC)
+    a_sum = tl.full((BLOCK_M,), 0, ACC)
+    b_sum = tl.full((BLOCK_M,), 0, ACC)
     for r0 in range(start, end, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
         rm = rows < end
@@ -370,29 +373,30 @@ def _class_sums_kernel(x_ptr, xn_ptr, lay_ptr, offs_ptr, rs_ptr, m_ptr, ab_ptr, 
     for d0 in range(0, D, BLOCK_D):
         dcols = d0 + tl.arange(0, BLOCK_D)
         dmask = dcols < D
-        mk = tl.zeros((BLOCK_D,), dtype=ACC)
+        mk = tl.full((BLOCK_D,), 0, ACC)
         for r0 in range(start, end, BLOCK_M):
             rows = r0 + tl.arange(0, BLOCK_M)
             rm = rows < end
             src = tl.load(lay_ptr + rows, mask=rm, other=0)
             a = tl.load(rs_ptr + 0 * B + rows, mask=rm, other=0.0)
             xv = tl.load(x_ptr + src[:, None] * D + dcols[None, :], mask=rm[:, None] & dmask[None, :], other=0.0)
-            mk += tl.sum(xv.to(ACC) * (a * inv_norm(xn_ptr, src, rm))[:, None], axis=0)
+            inx = 1.0 / tl.maximum(tl.load(xn_ptr + src, mask=rm, other=1.0), 1e-12)
+            mk += tl.sum(xv.to(ACC) * (a * inx)[:, None], axis=0)
         tl.store(m_ptr + k * D + dcols, mk, mask=dmask)
 
 
 @triton.jit
-def _dtheta_kernel(m_ptr, ab_ptr, w_ptr, wn_ptr, lr_ptr, gic_ptr, out_ptr, C, D, alpha_hi, alpha_lo, itau_hi, itau_lo,
-                   ACC: tl.constexpr,
-                   DOT_PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+def _dtheta_kernel(m_ptr, ab_ptr, w_ptr, wn_ptr, lr_ptr, gic_ptr, out_ptr, C, D, alpha_hi, alpha_mid, alpha_lo,
+                   itau_hi, itau_mid, itau_lo, ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_T: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
     """dTheta tile (K, Cc) = (f(k, c) + f(c, k)) / 2, f(k, c) = grad_ic r_kc [A_k log r_kc
     - (alpha / tau) <M_k, v_c> + B'_k] for c != k (module docstring)."""
     ks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cs = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     km = ks < C
     cm = cs < C
-    mw = tl.zeros((BLOCK_T, BLOCK_T), dtype=ACC)   # <M_k, w_c>
-    wm = tl.zeros((BLOCK_T, BLOCK_T), dtype=ACC)   # <w_k, M_c>
+    mw = tl.full((BLOCK_T, BLOCK_T), 0, ACC)   # <M_k, w_c>
+    wm = tl.full((BLOCK_T, BLOCK_T), 0, ACC)   # <w_k, M_c>
     for k0 in range(0, D, BLOCK_K):
         f = k0 + tl.arange(0, BLOCK_K)
         fm = f < D
@@ -404,9 +408,12 @@ def _dtheta_kernel(m_ptr, ab_ptr, w_ptr, wn_ptr, lr_ptr, gic_ptr, out_ptr, C, D,
                       other=0.0).to(ACC)
         mw = tl.dot(m_k, tl.trans(w_c), mw, input_precision=DOT_PREC)
         wm = tl.dot(w_k, tl.trans(m_c), wm, input_precision=DOT_PREC)
-    zs = join_f64(alpha_hi, alpha_lo, ACC) * join_f64(itau_hi, itau_lo, ACC)
-    mv = mw * (zs * inv_norm(wn_ptr, cs, cm))[None, :]
-    vm = wm * (zs * inv_norm(wn_ptr, ks, km))[:, None]
+    alpha = tl.cast(alpha_hi, ACC) + tl.cast(alpha_mid, ACC) + tl.cast(alpha_lo, ACC)
+    inv_tau = tl.cast(itau_hi, ACC) + tl.cast(itau_mid, ACC) + tl.cast(itau_lo, ACC)
+    inw_c = 1.0 / tl.maximum(tl.load(wn_ptr + cs, mask=cm, other=1.0), 1e-12)
+    inw_k = 1.0 / tl.maximum(tl.load(wn_ptr + ks, mask=km, other=1.0), 1e-12)
+    mv = mw * (alpha * inv_tau * inw_c)[None, :]   # (alpha / tau) <M_k, v_c>
+    vm = wm * (alpha * inv_tau * inw_k)[:, None]   # (alpha / tau) <v_k, M_c>
     off = km[:, None] & cm[None, :] & (ks[:, None] != cs[None, :])
     lr_kc = tl.load(lr_ptr + ks.to(tl.int64)[:, None] * C + cs[None, :], mask=off, other=0.0)
     lr_ck = tl.load(lr_ptr + cs.to(tl.int64)[None, :] * C + ks[:, None], mask=off, other=0.0)
@@ -468,13 +475,14 @@ def _forward_impl(x, proxies, similarity, labels, alpha, tau, t, eps, distillati
     row_stats = torch.empty((ROW_STATS, b), dtype=acc, device=x.device)
     grid = lambda meta: (triton.cdiv(b, meta["BLOCK_M"]),)  # noqa: E731
     _ic_forward_kernel[grid](x, w, x_norm, w_norm, layout, offsets, cls, teacher if distillation else w_norm,
-                             row_stats, b, c, d, *split_f64(alpha), *split_f64(1.0 / tau), DISTILL=distillation, UNIT_TAU=tau == 1.0,
-                             BALANCED=class_balanced, ACC=ACC, DOT_PREC=prec)
+                             row_stats, b, c, d, *split_f64(alpha), *split_f64(1.0 / tau), DISTILL=distillation,
+                             UNIT_TAU=tau == 1.0, BALANCED=class_balanced, ACC=ACC, DOT_PREC=prec)
     if diversity:
         pair_row_sums(x, x_norm, layout, offsets, c, t, row_stats[PAIR_SUM])
     loss, l_ic, l_id, lam = (torch.empty((), dtype=x.dtype, device=x.device) for _ in range(4))
-    _finalize_kernel[(1,)](row_stats, offsets, cls, loss, l_ic, l_id, lam, b, c, *split_f64(eps), *split_f64(diversity_weight),
-                           DIVERSITY=diversity, ADAPTIVE=adaptive_weight, ACC=ACC, BLOCK=pick(1024, 8))
+    _finalize_kernel[(1,)](row_stats, offsets, cls, loss, l_ic, l_id, lam, b, c, *split_f64(eps),
+                           *split_f64(diversity_weight), DIVERSITY=diversity, ADAPTIVE=adaptive_weight, ACC=ACC,
+                           BLOCK=pick(1024, 8))
     return loss, l_ic, l_id, lam, row_stats, x_norm, w_norm, teacher, layout, offsets
 
 
