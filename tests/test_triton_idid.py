@@ -192,9 +192,17 @@ def test_float32_more_than_65536_classes():
     labels[:3] = IGNORE
     x = torch.randn(b, d, generator=g, dtype=F64).to(DEV)
     proxies = torch.randn(c, d, generator=g, dtype=F64).to(DEV)
-    # No distillation: the (C, C) teacher would need 20 GB; the similarity is a stride-0 constant.
+    # No distillation: a (C, C) teacher would need 20 GB; the similarity is a stride-0 constant.
     sim = torch.zeros(1, 1, dtype=F64, device=DEV).expand(c, c)
-    _compare([x, proxies, sim], labels.to(DEV), F32, 1e-5, 1e-4, **_kw(distillation=False))
+    labels, kw = labels.to(DEV), _kw(distillation=False)
+    outs = []
+    for backend, dtype in (("reference", F64), ("triton", F32)):
+        inputs = [x.to(dtype).requires_grad_(True), proxies.to(dtype).requires_grad_(True)]
+        terms = ik.idid_loss(*inputs, sim.to(dtype), labels, return_terms=True, backend=backend, **kw)
+        outs.append((terms, torch.autograd.grad(terms.loss + 0.5 * terms.l_id, inputs)))
+    (truth, truth_grads), (ours, grads) = outs
+    assert max(rel_err(a, b_) for a, b_ in zip(ours, truth)) <= 1e-5
+    assert max(rel_err(a, b_) for a, b_ in zip(grads, truth_grads)) <= 1e-4
 
 
 # ------------------------------------------------------------------------------------------------
@@ -236,6 +244,21 @@ def test_zero_feature_rows_match_reference():
         tensors[0][1].zero_()
         tensors[1][2].zero_()
     _compare(tensors, labels, F64, 1e-12, 1e-10, **_kw())
+
+
+def test_no_similarity_gradient_unless_needed(monkeypatch):
+    """The (C, C) dTheta is formed only with distillation and a similarity that requires grad."""
+    from idid_kernels.triton import idid_loss as mod
+    spy = _LaunchSpy(mod._dtheta_kernel)
+    monkeypatch.setattr(mod, "_dtheta_kernel", spy)
+    tensors, labels = _inputs(31, [0, 1, 0, 2, 1], c=3, d=4)
+    x, proxies, sim = tensors
+    for distillation, needs in ((True, True), (True, False), (False, True)):
+        inputs = [x.detach().requires_grad_(True), proxies.detach().requires_grad_(True),
+                  sim.detach().requires_grad_(needs)]
+        ik.idid_loss(*inputs, labels, backend="triton", **_kw(distillation=distillation)).backward()
+        assert (inputs[2].grad is not None) == (distillation and needs)
+    assert len(spy.calls) == 1
 
 
 def test_return_terms():
@@ -427,8 +450,9 @@ def test_opcheck_backward():
     with torch.no_grad():
         _, _, _, lam, row_stats, x_norm, w_norm, teacher, layout, offsets = fwd(*args)
     grad_ic = torch.tensor(0.8, device=DEV)
-    torch.library.opcheck(bwd, (grad_ic, grad_ic * lam, args[0].detach(), args[1].detach(), row_stats, x_norm, w_norm,
-                                teacher, layout, offsets, 8.0, 1.3, 2.0, True, True))
+    for similarity_grad in (True, False):
+        torch.library.opcheck(bwd, (grad_ic, grad_ic * lam, args[0].detach(), args[1].detach(), row_stats, x_norm,
+                                    w_norm, teacher, layout, offsets, 8.0, 1.3, 2.0, True, True, similarity_grad))
 
 
 def test_compile_fullgraph_matches_eager():

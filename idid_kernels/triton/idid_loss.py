@@ -487,7 +487,7 @@ def _forward_impl(x, proxies, similarity, labels, alpha, tau, t, eps, distillati
 
 
 def _backward_impl(grad_ic, grad_id, x, proxies, row_stats, x_norm, w_norm, teacher, layout, offsets, alpha, tau, t,
-                   distillation, diversity):
+                   distillation, diversity, similarity_grad):
     check_dtype("idid_loss", x)
     x, w = x.contiguous(), proxies.contiguous()
     b, d = x.shape
@@ -512,8 +512,10 @@ def _backward_impl(grad_ic, grad_id, x, proxies, row_stats, x_norm, w_norm, teac
                             *scalars, DISTILL=distillation, ATOMIC=atomic, ACC=ACC, DOT_PREC=prec)
     dw = normalize_backward(dv, w, w_norm, nsplit=1 if atomic else splits)
 
+    if not (distillation and similarity_grad):  # no (C, C) buffer for a similarity that takes no gradient
+        dsim = torch.empty((0, 0), dtype=x.dtype, device=x.device)
     # With C = 2 the teacher distribution over the one non-target class is the constant 1: no gradient.
-    if distillation and c > 2:
+    elif c > 2:
         sums = torch.empty((c, d), dtype=acc, device=x.device)
         ab = torch.empty((2, c), dtype=acc, device=x.device)
         _class_sums_kernel[(c,)](x, x_norm, layout, offsets, row_stats, sums, ab, b, c, d, ACC=ACC,
@@ -561,16 +563,17 @@ def _forward_fake(x, proxies, similarity, labels, alpha, tau, t, eps, distillati
 @torch.library.custom_op(_BWD, mutates_args=())
 def _backward_op(grad_ic: Tensor, grad_id: Tensor, x: Tensor, proxies: Tensor, row_stats: Tensor, x_norm: Tensor,
                  w_norm: Tensor, teacher_log_prob: Tensor, layout: Tensor, offsets: Tensor, alpha: float, tau: float,
-                 t: float, distillation: bool, diversity: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """-> (dx, dproxies, dsimilarity) of grad_ic * L_IC + grad_id * L_ID."""
+                 t: float, distillation: bool, diversity: bool, similarity_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (dx, dproxies, dsimilarity) of grad_ic * L_IC + grad_id * L_ID; dsimilarity is (0, 0) unless
+    ``distillation and similarity_grad``."""
     return _backward_impl(grad_ic, grad_id, x, proxies, row_stats, x_norm, w_norm, teacher_log_prob, layout, offsets,
-                          alpha, tau, t, distillation, diversity)
+                          alpha, tau, t, distillation, diversity, similarity_grad)
 
 
 @_backward_op.register_fake
 def _backward_fake(grad_ic, grad_id, x, proxies, row_stats, x_norm, w_norm, teacher_log_prob, layout, offsets, alpha,
-                   tau, t, distillation, diversity):
-    c = proxies.shape[0]
+                   tau, t, distillation, diversity, similarity_grad):
+    c = proxies.shape[0] if distillation and similarity_grad else 0
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(proxies, memory_format=torch.contiguous_format), proxies.new_empty((c, c)))
 
@@ -591,9 +594,11 @@ def _backward(ctx, g_loss, g_ic, g_id, *_):
     g_loss, g_ic, g_id = (zero if g is None else g.to(acc) for g in (g_loss, g_ic, g_id))
     grad_ic = g_loss + g_ic
     grad_id = g_loss * lam.to(acc) + g_id
+    distillation = ctx.config[3]
+    similarity_grad = distillation and ctx.needs_input_grad[2]
     dx, dw, ds = _backward_op(grad_ic, grad_id, x, proxies, row_stats, x_norm, w_norm, teacher, layout, offsets,
-                              *ctx.config)
-    return (dx, dw, ds) + (None,) * 11
+                              *ctx.config, similarity_grad)
+    return (dx, dw, ds if similarity_grad else None) + (None,) * 11
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
