@@ -109,6 +109,39 @@ def test_bitwise_repeatable_and_independent_of_deterministic_mode():
         assert torch.equal(a, b_)
 
 
+@pytest.mark.skipif(not GPU, reason="CUDA graph capture needs a GPU")
+def test_cuda_graph_replays_with_new_inputs():
+    b, c, d = MID
+    g = make_gen(10)
+    x = torch.randn(b, d, generator=g).to(DEV).requires_grad_(True)
+    labels = _labels("mixed", b, c, g).to(DEV)
+    upstream = torch.randn(c, generator=g).to(DEV)
+
+    def step(a, y):
+        out = ik.class_density(a, y, c, backend="triton")
+        return (out, *torch.autograd.grad(out, a, upstream))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # autotuning before the capture
+            step(x, labels)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step(x, labels)
+    new_x = torch.randn(b, d, generator=g).to(DEV)
+    new_labels = _labels("skewed", b, c, g).to(DEV)
+    with torch.no_grad():
+        x.copy_(new_x)
+        labels.copy_(new_labels)
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = step(new_x.clone().requires_grad_(True), new_labels)
+    for a, e in zip(captured, expected):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", HALF)
 def test_half_within_twice_eager_error(dtype):
     b, c, d = MID
