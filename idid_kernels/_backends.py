@@ -33,9 +33,9 @@ def triton_interpreted() -> bool:
 # op name -> backends with kernels for it. Grows as kernels land; the reference has everything.
 IMPLEMENTED: dict[str, set[str]] = {
     "cm_margin_loss": {"reference", "cpp", "cuda"},
-    "idid_loss": {"reference", "cpp"},
+    "idid_loss": {"reference", "cpp", "triton"},
     "pairwise_cosine": {"reference", "cpp", "cuda"},
-    "class_density": {"reference", "cpp", "cuda"},
+    "class_density": {"reference", "cpp", "cuda", "triton"},
     "norm_contraction": {"reference", "cpp", "cuda"},
 }
 
@@ -62,17 +62,26 @@ def extension():
     return _ext_state["module"]
 
 
-def _triton_missing() -> str | None:
+# Constant for torch.compile: dynamo cannot trace importlib, so it calls this once while tracing
+# (select_backend runs inside compiled callers, e.g. backend="auto" on a GPU tries triton first).
+@torch.compiler.assume_constant_result
+def _triton_import_error(module: str) -> str | None:
     try:
-        importlib.import_module("triton")
+        importlib.import_module(module)
     except ImportError as exc:
-        return f"triton is not importable ({exc}); pip install triton"
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _triton_missing() -> str | None:
+    error = _triton_import_error("triton")
+    if error is not None:
+        return f"triton is not importable ({error}); pip install triton"
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         return "triton needs a CUDA GPU, or TRITON_INTERPRET=1 (set before triton is imported) to run on the CPU"
-    try:
-        importlib.import_module("idid_kernels.triton")
-    except ImportError as exc:  # pragma: no cover - a broken install
-        return f"the idid_kernels.triton kernels failed to import ({type(exc).__name__}: {exc})"
+    error = _triton_import_error("idid_kernels.triton")
+    if error is not None:  # pragma: no cover - a broken install
+        return f"the idid_kernels.triton kernels failed to import ({error})"
     return None
 
 

@@ -40,8 +40,18 @@ def _class_density_ext(x, labels, num_classes, t):
     return op(x, labels, num_classes, t)
 
 
+def _class_density_triton(x, labels, num_classes, t):
+    from .triton.class_density import class_density as op
+    return op(x, labels, num_classes, t)
+
+
 def _idid_loss_ext(x, proxies, similarity, labels, **kw):
     from .ops.idid_loss import idid_loss as op
+    return op(x, proxies, similarity, labels, **kw)
+
+
+def _idid_loss_triton(x, proxies, similarity, labels, **kw):
+    from .triton.idid_loss import idid_loss as op
     return op(x, proxies, similarity, labels, **kw)
 
 
@@ -50,9 +60,10 @@ _KERNELS = {
     "norm_contraction": {"reference": ref.norm_contraction, "cpp": _norm_contraction_ext,
                          "cuda": _norm_contraction_ext},
     "pairwise_cosine": {"reference": ref.pairwise_cosine, "cpp": _pairwise_cosine_ext, "cuda": _pairwise_cosine_ext},
-    "class_density": {"reference": ref.class_density, "cpp": _class_density_ext, "cuda": _class_density_ext},
+    "class_density": {"reference": ref.class_density, "cpp": _class_density_ext, "cuda": _class_density_ext,
+                      "triton": _class_density_triton},
     "cm_margin_loss": {"reference": ref.cm_margin_loss, "cpp": _cm_margin_loss_ext, "cuda": _cm_margin_loss_ext},
-    "idid_loss": {"reference": ref.idid_loss, "cpp": _idid_loss_ext},
+    "idid_loss": {"reference": ref.idid_loss, "cpp": _idid_loss_ext, "triton": _idid_loss_triton},
 }
 
 
