@@ -62,17 +62,26 @@ def extension():
     return _ext_state["module"]
 
 
-def _triton_missing() -> str | None:
+@torch.compiler.assume_constant_result
+def _import_error(module: str) -> str:
+    """Why ``module`` cannot be imported ("" when it can). torch.compile takes the answer as a constant
+    instead of tracing the import machinery, so a traced call to ``backend="triton"`` stays one graph."""
     try:
-        importlib.import_module("triton")
+        importlib.import_module(module)
     except ImportError as exc:
-        return f"triton is not importable ({exc}); pip install triton"
+        return f"{type(exc).__name__}: {exc}"
+    return ""
+
+
+def _triton_missing() -> str | None:
+    error = _import_error("triton")
+    if error:
+        return f"triton is not importable ({error}); pip install triton"
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         return "triton needs a CUDA GPU, or TRITON_INTERPRET=1 (set before triton is imported) to run on the CPU"
-    try:
-        importlib.import_module("idid_kernels.triton")
-    except ImportError as exc:  # pragma: no cover - a broken install
-        return f"the idid_kernels.triton kernels failed to import ({type(exc).__name__}: {exc})"
+    error = _import_error("idid_kernels.triton")
+    if error:  # pragma: no cover - a broken install
+        return f"the idid_kernels.triton kernels failed to import ({error})"
     return None
 
 
