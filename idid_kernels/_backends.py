@@ -32,11 +32,11 @@ def triton_interpreted() -> bool:
 
 # op name -> backends with kernels for it. Grows as kernels land; the reference has everything.
 IMPLEMENTED: dict[str, set[str]] = {
-    "cm_margin_loss": {"reference", "cpp", "cuda"},
+    "cm_margin_loss": {"reference", "cpp", "cuda", "triton"},
     "idid_loss": {"reference", "cpp"},
-    "pairwise_cosine": {"reference", "cpp", "cuda"},
+    "pairwise_cosine": {"reference", "cpp", "cuda", "triton"},
     "class_density": {"reference", "cpp", "cuda"},
-    "norm_contraction": {"reference", "cpp", "cuda"},
+    "norm_contraction": {"reference", "cpp", "cuda", "triton"},
 }
 
 
