@@ -305,13 +305,14 @@ def test_low_precision_within_twice_eager_error(dtype):
 
 # -------------------------------------------------------------------------- determinism, dW paths
 class _LaunchCounter:
-    """Wraps a Triton kernel object, counting its launches (kernel[grid](...))."""
+    """Wraps a Triton kernel object, counting its launches (kernel[grid](...)) and keeping the grids."""
 
     def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
+        self.kernel, self.launches, self.grids = kernel, 0, []
 
     def __getitem__(self, grid):
         self.launches += 1
+        self.grids.append(grid)
         return self.kernel[grid]
 
 
@@ -322,13 +323,20 @@ def test_deterministic_path_equals_atomic_path(monkeypatch, dtype, needs):
     n, c, d = SHAPES[-1]
     x, w, y = make(n, c, d, seed=23, ignore=2, dtype=dtype)
     classes = _LaunchCounter(tcm._backward_classes_kernel)
+    rows = _LaunchCounter(tcm._backward_rows_kernel)
     monkeypatch.setattr(tcm, "_backward_classes_kernel", classes)
+    monkeypatch.setattr(tcm, "_backward_rows_kernel", rows)
+    block = dict(BLOCK_N=64, BLOCK_C=64) if GPU else dict(BLOCK_N=16, BLOCK_C=16)
     kw = dict(margin="arcface", reduction="none", needs=needs)
     atomic = loss_and_grads("triton", x, w, y, **kw)
-    assert classes.launches == 0  # default: dW by atomics in the row-block kernel
+    # default: dX and dW by atomics in the row-block kernel, its class tiles split among groups
+    assert classes.launches == 0 and rows.launches == 1 and rows.grids[0](block)[1] > 1
     with deterministic():
         det = loss_and_grads("triton", x, w, y, **kw)
-    assert classes.launches == int(needs[1])  # deterministic: dW by the class-block kernel
+    # deterministic: dX rows owned by one program each (one group), dW by the class-block kernel
+    assert classes.launches == int(needs[1]) and rows.launches == 1 + int(needs[0])
+    if needs[0]:
+        assert rows.grids[1](block)[1] == 1
     assert torch.equal(atomic[0], det[0])  # the forward has no atomics at all
     tol = 1e-13 if dtype == torch.float64 else 1e-6
     for a, b in zip(atomic[1:], det[1:]):

@@ -98,7 +98,7 @@ def _sm_count(index: int) -> int:
 def parallel_programs(device: torch.device) -> int:
     """How many programs keep the device busy (host-side query only, no sync)."""
     if device.type != "cuda":
-        return 2  # the interpreter: enough to exercise the multi-program paths in tests
+        return 4  # the interpreter: enough to exercise the multi-program paths in tests
     return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
