@@ -34,7 +34,7 @@ _FWD_CONFIGS = _rows.configs(
     interpreter=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=16))
 
 _BWD_CONFIGS = _rows.configs(
-    gpu=[dict(BLOCK_M=128, BLOCK_K=64, BLOCK_D=64, num_warps=8, num_stages=3),
+    gpu=[dict(BLOCK_M=128, BLOCK_K=32, BLOCK_D=64, num_warps=8, num_stages=3),
          dict(BLOCK_M=64, BLOCK_K=64, BLOCK_D=64, num_warps=4, num_stages=3),
          dict(BLOCK_M=64, BLOCK_K=32, BLOCK_D=128, num_warps=4, num_stages=3),
          dict(BLOCK_M=32, BLOCK_K=32, BLOCK_D=64, num_warps=4, num_stages=2)],
