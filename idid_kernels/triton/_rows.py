@@ -10,8 +10,10 @@ the cosines, outside the float32 contract); it is read at every call.
 
 Interpreter. Under ``TRITON_INTERPRET=1`` (CPU tensors, tests without a GPU) every autotuned kernel
 gets a single small config, and bfloat16 dot operands are widened to float32 before ``tl.dot``
-because the interpreter multiplies bfloat16 tiles as raw integers. The widening is exact
-(a product of two bfloat16 values fits in float32), so it changes no result beyond summation order.
+because the interpreter multiplies bfloat16 tiles as raw integers (it stores them as uint16;
+triton-lang/triton#11584). The widening is exact (a product of two bfloat16 values fits in
+float32), so it changes no result beyond summation order. No other arithmetic happens in a half
+dtype: every load is converted to the accumulation dtype first.
 
 Row kernels.
 - :func:`row_norms`: r_n = ||x_n|| in the accumulation dtype.
