@@ -227,6 +227,9 @@ def _backward_rows_kernel(x_ptr, w_ptr, labels_ptr, x_norm_ptr, w_norm_ptr, scal
                     tl.atomic_add(out, part, mask=omask)
                 else:
                     tl.store(out, tl.load(out, mask=omask, other=0.0) + part, mask=omask)
+            if not ATOMIC:
+                # the next class tile reads these rows again, possibly through other threads
+                tl.debug_barrier()
         if NEED_W:
             gw = dot_operand(tl.trans(grad * inv_x[:, None]), IN_DT, DOT_DT)
             for d0 in range(0, D, BLOCK_D):
@@ -268,6 +271,8 @@ def _backward_classes_kernel(x_ptr, w_ptr, labels_ptr, x_norm_ptr, w_norm_ptr, s
             out = bw_ptr + c64[:, None] * D + ds[None, :]
             omask = cmask[:, None] & dmask
             tl.store(out, tl.load(out, mask=omask, other=0.0) + part, mask=omask)
+        # the next row block reads these rows again, possibly through other threads
+        tl.debug_barrier()
 
 
 # ------------------------------------------------------------------------------------- host side
