@@ -98,8 +98,9 @@ def test_ops_registered_and_backend_selection():
     assert "triton" in _backends.IMPLEMENTED["idid_loss"]
     assert _backends.select_backend("idid_loss", "triton", DEV) == "triton"
     auto = _backends.select_backend("idid_loss", "auto", DEV)
-    # The interpreter is for tests: "auto" never picks it on the CPU; on a GPU triton is the first choice.
-    assert auto == ("triton" if GPU else ("cpp" if "cpp" in ik.available_backends() else "reference"))
+    # The interpreter is for tests: "auto" never picks it on the CPU; on a GPU "auto" stays on the
+    # reference until the GPU kernels have passed this suite natively (see _backends._PREFERENCE).
+    assert auto == ("reference" if GPU else ("cpp" if "cpp" in ik.available_backends() else "reference"))
 
 
 # ------------------------------------------------------------------------------------------------
