@@ -100,6 +100,8 @@ setup(
         "test": ["pytest>=7", "expecttest"],
         "triton": ["triton"],
         "bench": ["pytest-benchmark", "matplotlib", "pytorch-metric-learning"],
+        # `python -m idid_kernels train`: the bundled digits data set, and --plot.
+        "train": ["scikit-learn", "matplotlib"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -42,6 +42,14 @@ TORCH_LIBRARY(idid_kernels, m) {
   // loss = sum_n row_weight_n loss_n with its gradients formed in the same pass (scalar reductions).
   m.def("cm_margin_fused(Tensor x, Tensor weight, Tensor labels, Tensor row_weight, " IDK_CM_CFG
         ") -> (Tensor loss, Tensor dx, Tensor dweight)");
+  // Class shards for class-parallel heads: weight holds the classes [class_offset, class_offset + C_s).
+  // Forward: per-row partial max, sum-exp and target logit (0 where the target is in another shard).
+  m.def("cm_margin_shard_forward(Tensor x, Tensor weight, Tensor labels, int class_offset, " IDK_CM_CFG
+        ") -> (Tensor row_max, Tensor sum_exp, Tensor target_logit, Tensor x_norm, Tensor w_norm)");
+  // Backward from the global lse: du = sum_j G_nj w^_j, the radial part s g'(r) R, Q = <du, u>, dweight.
+  m.def("cm_margin_shard_backward(Tensor grad_rows, Tensor x, Tensor weight, Tensor labels, int class_offset, "
+        "Tensor lse, Tensor x_norm, Tensor w_norm, " IDK_CM_CFG
+        ") -> (Tensor du, Tensor radial, Tensor q, Tensor dweight)");
 #undef IDK_CM_CFG
 
   // IDID-R1 loss (spec/idid.md). Outputs: loss = l_ic + lam * l_id, l_ic, l_id, lam (0-dim, x's

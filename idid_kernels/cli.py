@@ -1,4 +1,4 @@
-"""Command line: ``python -m idid_kernels {check,info}``."""
+"""Command line: ``python -m idid_kernels {check,info,train}``."""
 from __future__ import annotations
 
 import argparse
@@ -37,6 +37,11 @@ def _cmd_check(args) -> int:
     return 1 if bad else 0
 
 
+def _cmd_train(args) -> int:
+    from .train.runner import main as run_train
+    return run_train(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m idid_kernels",
                                      description="Fused kernels for IDID-R1 and contraction-mapped margin losses.")
@@ -48,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_cmd_check)
     info = sub.add_parser("info", help="versions and which backends can run here")
     info.set_defaults(func=_cmd_info)
+    from .train.runner import add_arguments as add_train_arguments
+    train = sub.add_parser("train", help="train a small MLP with every loss on long-tailed, partly degraded "
+                                         "digits and compare accuracy, macro-F1, G-mean, tail recall")
+    add_train_arguments(train)
+    train.set_defaults(func=_cmd_train)
     return parser
 
 

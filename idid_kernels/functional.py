@@ -35,8 +35,28 @@ def _pairwise_cosine_ext(x, y):
     return op(x, y)
 
 
+def _norm_contraction_triton(x, offset, temperature):
+    from .triton.norm_contraction import norm_contraction as op
+    return op(x, offset, temperature)
+
+
+def _cm_margin_loss_triton(x, weight, labels, *, margin, m, m1, m2, m3, sphere_lambda, easy_margin, **kwargs):
+    from .triton.cm_margin import cm_margin_loss as op
+    return op(x, weight, labels, resolve_margin(margin, m, m1, m2, m3, sphere_lambda, easy_margin), **kwargs)
+
+
+def _pairwise_cosine_triton(x, y):
+    from .triton.pairwise_cosine import pairwise_cosine as op
+    return op(x, y)
+
+
 def _class_density_ext(x, labels, num_classes, t):
     from .ops.class_density import class_density as op
+    return op(x, labels, num_classes, t)
+
+
+def _class_density_triton(x, labels, num_classes, t):
+    from .triton.class_density import class_density as op
     return op(x, labels, num_classes, t)
 
 
@@ -45,14 +65,23 @@ def _idid_loss_ext(x, proxies, similarity, labels, **kw):
     return op(x, proxies, similarity, labels, **kw)
 
 
+def _idid_loss_triton(x, proxies, similarity, labels, **kw):
+    from .triton.idid_loss import idid_loss as op
+    return op(x, proxies, similarity, labels, **kw)
+
+
 # op -> backend -> callable taking the validated arguments of the public function.
 _KERNELS = {
     "norm_contraction": {"reference": ref.norm_contraction, "cpp": _norm_contraction_ext,
-                         "cuda": _norm_contraction_ext},
-    "pairwise_cosine": {"reference": ref.pairwise_cosine, "cpp": _pairwise_cosine_ext, "cuda": _pairwise_cosine_ext},
-    "class_density": {"reference": ref.class_density, "cpp": _class_density_ext, "cuda": _class_density_ext},
-    "cm_margin_loss": {"reference": ref.cm_margin_loss, "cpp": _cm_margin_loss_ext, "cuda": _cm_margin_loss_ext},
-    "idid_loss": {"reference": ref.idid_loss, "cpp": _idid_loss_ext, "cuda": _idid_loss_ext},
+                         "cuda": _norm_contraction_ext, "triton": _norm_contraction_triton},
+    "pairwise_cosine": {"reference": ref.pairwise_cosine, "cpp": _pairwise_cosine_ext, "cuda": _pairwise_cosine_ext,
+                        "triton": _pairwise_cosine_triton},
+    "class_density": {"reference": ref.class_density, "cpp": _class_density_ext, "cuda": _class_density_ext,
+                      "triton": _class_density_triton},
+    "cm_margin_loss": {"reference": ref.cm_margin_loss, "cpp": _cm_margin_loss_ext, "cuda": _cm_margin_loss_ext,
+                       "triton": _cm_margin_loss_triton},
+    "idid_loss": {"reference": ref.idid_loss, "cpp": _idid_loss_ext, "cuda": _idid_loss_ext,
+                  "triton": _idid_loss_triton},
 }
 
 

@@ -12,6 +12,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "contraction.h"
 #include "fast_exp.h"
@@ -30,7 +31,10 @@ struct CmConfig {
 
 // What a chunk's row epilogue does: forward statistics only, gradient from saved statistics and
 // an upstream gradient per row, or both at once with per-row weights known up front.
-enum CmMode : int { kCmForward = 0, kCmBackward = 1, kCmFused = 2 };
+// The shard modes serve class-parallel training: the chunk holds the classes
+// [class_offset, class_offset + C) of a larger head, a row's target may lie in another shard, and
+// the epilogue leaves per-row partial statistics that sum (or logsumexp) across shards.
+enum CmMode : int { kCmForward = 0, kCmBackward = 1, kCmFused = 2, kCmShardForward = 3, kCmShardBackward = 4 };
 
 // One chunk's work description, plain pointers only (host memory on the CPU, device memory on
 // the GPU). Rows [0, rows) of `s` are global rows n0 + i.
@@ -46,7 +50,10 @@ struct CmRowJob {
   A* loss;     // per-row loss (forward, fused)
   A* lse;      // written in forward/fused, read in backward
   A* radial;   // (rows,) radial coefficient of dx (gradient modes)
+  A* sum_exp;  // shard forward: (N,) sum_j exp(z_j - max), the max going to lse
+  A* target;   // shard forward: (N,) z_y where y is in the shard, else 0
   int64_t n0, num_classes, ignore_index;
+  int64_t class_offset;  // shard modes: global class of local column 0
   int mode;
 };
 
@@ -194,6 +201,55 @@ IDK_FORCE_INLINE CmRowOut<A> cm_row_fused(const CmConfig<A>& cfg, A* row, const 
   row[y] = -ag * p_off * dphi * inv_wn[y];
   const A radial = cm_scale_grad(cfg, r) * g * (sum_ec * inv_sum - p_off * psi_y);
   return {lse - zy, lse, radial};
+}
+
+// ---- class shards ------------------------------------------------------------------------------
+// A row's local target is y in [0, C) when its class lies in the shard, else -1.
+
+template <typename A>
+struct CmShardOut {
+  A max, sum_exp, target;
+};
+
+// Partial statistics of one row of cosines over the shard's classes (row left unchanged): the max
+// of z, sum_j exp(z_j - max), and z_y (0 without a local target). Across shards,
+// lse = M + log sum_k sum_exp_k exp(max_k - M) with M = max_k max_k, and loss = lse - sum_k target_k.
+template <typename A>
+IDK_FORCE_INLINE CmShardOut<A> cm_row_shard_forward(const CmConfig<A>& cfg, const A* row, int64_t num_classes,
+                                                    int64_t y, A r) {
+  using std::exp;
+  const A a = cm_scale(cfg, r);
+  if (y < 0) {
+    const A m = cm_max(row, 0, num_classes, a, -std::numeric_limits<A>::infinity());
+    return {m, cm_sum_exp(row, 0, num_classes, a, m, A(0)), A(0)};
+  }
+  const A zy = a * margin_phi(row[y], cfg.margin, static_cast<A*>(nullptr));
+  const A m = cm_max(row, y + 1, num_classes, a, cm_max(row, 0, y, a, zy));
+  A sum = cm_sum_exp(row, y + 1, num_classes, a, m, cm_sum_exp(row, 0, y, a, m, A(0)));
+  return {m, sum + exp(zy - m), zy};
+}
+
+// Gradient of one row of the shard given the row's global lse and upstream weight g: the row
+// becomes G' and the return value is the shard's part of the radial coefficient s g'(r) R.
+// p_y - 1 = expm1(z_y - lse): the other shards' mass is not visible here.
+template <typename A>
+IDK_FORCE_INLINE A cm_row_shard_grad(const CmConfig<A>& cfg, A* row, const A* inv_wn, int64_t num_classes, int64_t y,
+                                     A r, A lse, A g) {
+  using std::expm1;
+  const A a = cm_scale(cfg, r);
+  const A ag = a * g;
+  A sum_p = A(0), sum_pc = A(0);
+  if (y < 0) {
+    cm_prob_grad(row, inv_wn, 0, num_classes, a, lse, ag, sum_p, sum_pc);
+    return cm_scale_grad(cfg, r) * g * sum_pc;
+  }
+  A dphi;
+  const A psi_y = margin_phi(row[y], cfg.margin, &dphi);
+  cm_prob_grad(row, inv_wn, 0, y, a, lse, ag, sum_p, sum_pc);
+  cm_prob_grad(row, inv_wn, y + 1, num_classes, a, lse, ag, sum_p, sum_pc);
+  const A py_minus_1 = expm1(a * psi_y - lse);
+  row[y] = ag * py_minus_1 * dphi * inv_wn[y];
+  return cm_scale_grad(cfg, r) * g * (sum_pc + py_minus_1 * psi_y);
 }
 
 }  // namespace idid_kernels

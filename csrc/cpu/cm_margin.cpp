@@ -11,8 +11,47 @@
 namespace idid_kernels {
 namespace {
 
+// Shard modes: partial statistics (forward) or the shard's G' rows and radial parts (backward).
+template <typename A>
+IDK_FORCE_INLINE void shard_rows(const CmRowJob<A>& job, int64_t begin, int64_t end) {
+  const int64_t c = job.num_classes;
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t row_id = job.n0 + i;
+    A* row = job.s + i * c;
+    const int64_t y = job.labels[row_id];
+    const bool valid = y != job.ignore_index;
+    const int64_t local = y - job.class_offset;
+    const int64_t y_local = valid && local >= 0 && local < c ? local : -1;
+    if (job.mode == kCmShardForward) {
+      if (!valid) {
+        job.lse[row_id] = job.sum_exp[row_id] = job.target[row_id] = A(0);
+        continue;
+      }
+      cm_to_cosines(row, job.inv_wn, c, job.inv_xn[row_id]);
+      const CmShardOut<A> out = cm_row_shard_forward(job.cfg, row, c, y_local, job.x_norm[row_id]);
+      job.lse[row_id] = out.max;
+      job.sum_exp[row_id] = out.sum_exp;
+      job.target[row_id] = out.target;
+      continue;
+    }
+    const A gi = job.g[row_id];
+    if (!valid || gi == A(0)) {
+      std::fill(row, row + c, A(0));
+      job.radial[i] = A(0);
+      continue;
+    }
+    cm_to_cosines(row, job.inv_wn, c, job.inv_xn[row_id]);
+    job.radial[i] =
+        cm_row_shard_grad(job.cfg, row, job.inv_wn, c, y_local, job.x_norm[row_id], job.lse[row_id], gi);
+  }
+}
+
 template <typename A>
 IDK_FORCE_INLINE void epilogue_rows_impl(const CmRowJob<A>& job, int64_t begin, int64_t end) {
+  if (job.mode == kCmShardForward || job.mode == kCmShardBackward) {
+    shard_rows(job, begin, end);
+    return;
+  }
   const int64_t c = job.num_classes;
   const bool want_grad = job.mode != kCmForward;
   for (int64_t i = begin; i < end; ++i) {
@@ -78,6 +117,8 @@ TORCH_LIBRARY_IMPL(idid_kernels, CPU, m) {
   m.impl("cm_margin_forward", &CpuOps::forward);
   m.impl("cm_margin_backward", &CpuOps::backward);
   m.impl("cm_margin_fused", &CpuOps::fused);
+  m.impl("cm_margin_shard_forward", &CpuOps::shard_forward);
+  m.impl("cm_margin_shard_backward", &CpuOps::shard_backward);
 }
 
 }  // namespace idid_kernels

@@ -120,12 +120,98 @@ __global__ void __launch_bounds__(kThreads) cm_epilogue_kernel(CmRowJob<A> job) 
   }
 }
 
+// Shard modes (classes [class_offset, class_offset + C) of a larger head; see cm_row.h): forward
+// leaves the row's partial max (in lse), sum-exp and target logit; backward the G' row and the
+// shard's radial part, from the global lse. A row whose class is in another shard has no target.
+template <typename A>
+__global__ void __launch_bounds__(kThreads) cm_shard_kernel(CmRowJob<A> job) {
+  using Reduce = cub::BlockReduce<A, kThreads>;
+  __shared__ typename Reduce::TempStorage temp;
+  __shared__ A shared_max;
+
+  const int tid = threadIdx.x;
+  const int64_t i = blockIdx.x;
+  const int64_t c = job.num_classes;
+  const int64_t row_id = job.n0 + i;
+  A* row = job.s + i * c;
+  const int64_t y = job.labels[row_id];
+  const bool valid = y != job.ignore_index;
+  const int64_t local = y - job.class_offset;
+  const int64_t y_local = valid && local >= 0 && local < c ? local : -1;
+  const bool forward = job.mode == kCmShardForward;
+  const A gi = forward ? A(0) : job.g[row_id];
+  if (!valid || (!forward && gi == A(0))) {
+    if (forward) {
+      if (tid == 0) job.lse[row_id] = job.sum_exp[row_id] = job.target[row_id] = A(0);
+    } else {
+      for (int64_t j = tid; j < c; j += kThreads) row[j] = A(0);
+      if (tid == 0) job.radial[i] = A(0);
+    }
+    return;
+  }
+  const A inv_xn = job.inv_xn[row_id];
+  for (int64_t j = tid; j < c; j += kThreads) row[j] = row[j] * inv_xn * job.inv_wn[j];
+  __syncthreads();
+  const A r = job.x_norm[row_id];
+  const A a = cm_scale(job.cfg, r);
+  A dphi = A(1);
+  const A psi_y = y_local >= 0 ? margin_phi(row[y_local], job.cfg.margin, &dphi) : A(0);
+  const A zy = a * psi_y;
+  if (forward) {
+    A m = y_local >= 0 ? zy : -INFINITY;
+    for (int64_t j = tid; j < c; j += kThreads) {
+      if (j != y_local) m = MaxOp()(m, a * row[j]);
+    }
+    m = Reduce(temp).Reduce(m, MaxOp());
+    if (tid == 0) shared_max = m;
+    __syncthreads();
+    m = shared_max;
+    A sum = A(0);
+    for (int64_t j = tid; j < c; j += kThreads) {
+      if (j != y_local) sum += exp(a * row[j] - m);
+    }
+    __syncthreads();
+    sum = Reduce(temp).Sum(sum);
+    if (tid == 0) {
+      job.lse[row_id] = m;
+      job.sum_exp[row_id] = y_local >= 0 ? sum + exp(zy - m) : sum;
+      job.target[row_id] = y_local >= 0 ? zy : A(0);
+    }
+    return;
+  }
+  const A lse = job.lse[row_id];
+  const A ag = a * gi;
+  A sum_pc = A(0);
+  for (int64_t j = tid; j < c; j += kThreads) {
+    if (j == y_local) continue;
+    const A cj = row[j];
+    const A p = exp(a * cj - lse);
+    sum_pc += p * cj;
+    row[j] = ag * p * job.inv_wn[j];
+  }
+  __syncthreads();
+  sum_pc = Reduce(temp).Sum(sum_pc);
+  if (tid == 0) {
+    A coef = sum_pc;
+    if (y_local >= 0) {
+      const A py_minus_1 = expm1(zy - lse);  // the other shards' mass is not visible here
+      row[y_local] = ag * py_minus_1 * dphi * job.inv_wn[y_local];
+      coef += py_minus_1 * psi_y;
+    }
+    job.radial[i] = cm_scale_grad(job.cfg, r) * gi * coef;
+  }
+}
+
 }  // namespace
 
 template <typename A>
 cudaError_t cm_epilogue(const CmRowJob<A>& job, int64_t rows, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  cm_epilogue_kernel<A><<<static_cast<unsigned int>(rows), kThreads, 0, stream>>>(job);
+  if (job.mode == kCmShardForward || job.mode == kCmShardBackward) {
+    cm_shard_kernel<A><<<static_cast<unsigned int>(rows), kThreads, 0, stream>>>(job);
+  } else {
+    cm_epilogue_kernel<A><<<static_cast<unsigned int>(rows), kThreads, 0, stream>>>(job);
+  }
   return cudaGetLastError();
 }
 

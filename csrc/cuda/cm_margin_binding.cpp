@@ -51,6 +51,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_cuda(const at::Tensor& x, c
   return Ops::fused(x, weight, labels, row_weight, IDK_CM_FORWARD_ARGS);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shard_forward_cuda(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels, int64_t class_offset, IDK_CM_PARAMS) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return Ops::shard_forward(x, weight, labels, class_offset, IDK_CM_FORWARD_ARGS);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> shard_backward_cuda(
+    const at::Tensor& grad_rows, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels,
+    int64_t class_offset, const at::Tensor& lse, const at::Tensor& x_norm, const at::Tensor& w_norm, IDK_CM_PARAMS) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return Ops::shard_backward(grad_rows, x, weight, labels, class_offset, lse, x_norm, w_norm, IDK_CM_FORWARD_ARGS);
+}
+
 #undef IDK_CM_PARAMS
 #undef IDK_CM_FORWARD_ARGS
 
@@ -60,6 +73,8 @@ TORCH_LIBRARY_IMPL(idid_kernels, CUDA, m) {
   m.impl("cm_margin_forward", &forward_cuda);
   m.impl("cm_margin_backward", &backward_cuda);
   m.impl("cm_margin_fused", &fused_cuda);
+  m.impl("cm_margin_shard_forward", &shard_forward_cuda);
+  m.impl("cm_margin_shard_backward", &shard_backward_cuda);
 }
 
 }  // namespace idid_kernels

@@ -47,8 +47,9 @@ CmConfig<A> make_cm_config(const CmArgs& a) {
                      static_cast<A>(1.0 / a.temperature), a.detach_norm};
 }
 
+// shard: w holds some of the classes; a label is then any class >= 0 (its shard may be another).
 inline void cm_check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
-                            int64_t ignore_index) {
+                            int64_t ignore_index, bool shard) {
   check_2d_float("x", x);
   check_2d_float("weight", w);
   TORCH_CHECK(x.size(1) == w.size(1), "cm_margin: x and weight feature dims differ: ", x.size(1), " vs ", w.size(1));
@@ -60,14 +61,16 @@ inline void cm_check_inputs(const at::Tensor& x, const at::Tensor& w, const at::
     const int64_t c = w.size(0);
     const int64_t* lp = labels.const_data_ptr<int64_t>();
     for (int64_t i = 0; i < labels.numel(); ++i) {
-      TORCH_CHECK(lp[i] == ignore_index || (lp[i] >= 0 && lp[i] < c), "cm_margin: labels[", i, "] = ", lp[i],
-                  " out of range [0, ", c, ")");
+      TORCH_CHECK(lp[i] == ignore_index || (lp[i] >= 0 && (shard || lp[i] < c)), "cm_margin: labels[", i,
+                  "] = ", lp[i], " out of range [0, ", c, ")");
     }
   }
 }
 
 struct CmOutputs {
   at::Tensor loss_rows, lse, x_norm, w_norm, dx, dw;
+  at::Tensor sum_exp, target;  // shard forward (lse holds the partial max)
+  at::Tensor du, radial;       // shard backward: sum_j G_nj w^_j before projection, s g'(r) R partial
 };
 
 // u = x / max(||x||, eps) row-wise given the inverse norms.
@@ -80,10 +83,11 @@ inline at::Tensor cm_radial_dot(const at::Tensor& grad, const at::Tensor& unit, 
 
 template <typename A, typename Epilogue>
 void cm_drive(CmMode mode, const at::Tensor& xa, const at::Tensor& wa, const at::Tensor& labels,
-              const CmConfig<A>& cfg, int64_t ignore_index, int64_t chunk, const at::Tensor& g, CmOutputs& o,
-              const Epilogue& epilogue) {
+              const CmConfig<A>& cfg, int64_t ignore_index, int64_t class_offset, int64_t chunk, const at::Tensor& g,
+              CmOutputs& o, const Epilogue& epilogue) {
   const int64_t n = xa.size(0), d = xa.size(1), c = wa.size(0);
-  const bool want_grad = mode != kCmForward;
+  const bool want_grad = mode != kCmForward && mode != kCmShardForward;
+  const bool shard_grad = mode == kCmShardBackward;
   const at::Tensor inv_xn = o.x_norm.clamp_min(kNormEps).reciprocal();
   const at::Tensor inv_wn = o.w_norm.clamp_min(kNormEps).reciprocal();
   at::Tensor buffer = at::empty({chunk, c}, xa.options());
@@ -97,12 +101,15 @@ void cm_drive(CmMode mode, const at::Tensor& xa, const at::Tensor& wa, const at:
                   o.x_norm.const_data_ptr<A>(),
                   labels.const_data_ptr<int64_t>(),
                   want_grad ? g.const_data_ptr<A>() : nullptr,
-                  mode == kCmBackward ? nullptr : o.loss_rows.mutable_data_ptr<A>(),
+                  o.loss_rows.defined() ? o.loss_rows.mutable_data_ptr<A>() : nullptr,
                   o.lse.mutable_data_ptr<A>(),
                   want_grad ? radial.mutable_data_ptr<A>() : nullptr,
+                  o.sum_exp.defined() ? o.sum_exp.mutable_data_ptr<A>() : nullptr,
+                  o.target.defined() ? o.target.mutable_data_ptr<A>() : nullptr,
                   0,
                   c,
                   ignore_index,
+                  class_offset,
                   static_cast<int>(mode)};
   for (int64_t n0 = 0; n0 < n; n0 += chunk) {
     const int64_t rows = std::min(chunk, n - n0);
@@ -118,6 +125,11 @@ void cm_drive(CmMode mode, const at::Tensor& xa, const at::Tensor& wa, const at:
     const at::Tensor u = cm_unit_rows(x_chunk, inv_c);
     const at::Tensor du = at::mm(s, wa);  // sum_j G_nj w^_j
     dw_acc.addmm_(s.t(), u);              // sum_n G'_nj u_n
+    if (shard_grad) {  // the caller adds the shards' parts, then projects
+      o.du.narrow(0, n0, rows).copy_(du);
+      o.radial.narrow(0, n0, rows).copy_(radial.narrow(0, 0, rows));
+      continue;
+    }
     // dx_n = s g'(r) R_n u_n + (dU_n - <dU_n, u_n> u_n) / max(r_n, eps)
     const at::Tensor dot = cm_radial_dot(du, u, norm_c);
     o.dx.narrow(0, n0, rows)
@@ -131,9 +143,11 @@ void cm_drive(CmMode mode, const at::Tensor& xa, const at::Tensor& wa, const at:
 template <typename Epilogue>
 CmOutputs cm_run(CmMode mode, const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& labels_in,
                  const CmArgs& args, const at::Tensor& g_in, const at::Tensor& lse_in, const at::Tensor& x_norm_in,
-                 const at::Tensor& w_norm_in, const Epilogue& epilogue) {
+                 const at::Tensor& w_norm_in, const Epilogue& epilogue, int64_t class_offset = 0) {
   const at::Tensor labels = labels_in.contiguous();
-  cm_check_inputs(x_in, w_in, labels, args.ignore_index);
+  const bool shard = mode == kCmShardForward || mode == kCmShardBackward;
+  TORCH_CHECK(class_offset >= 0, "cm_margin: class_offset must be >= 0, got ", class_offset);
+  cm_check_inputs(x_in, w_in, labels, args.ignore_index, shard);
   const auto acc = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor xa = x_in.to(acc).contiguous();
   const at::Tensor wa = w_in.to(acc).contiguous();
@@ -142,17 +156,26 @@ CmOutputs cm_run(CmMode mode, const at::Tensor& x_in, const at::Tensor& w_in, co
   o.x_norm = x_norm_in.defined() ? x_norm_in.to(acc).contiguous() : at::linalg_vector_norm(xa, 2, {1});
   o.w_norm = w_norm_in.defined() ? w_norm_in.to(acc).contiguous() : at::linalg_vector_norm(wa, 2, {1});
   o.lse = lse_in.defined() ? lse_in.to(acc).contiguous() : at::empty({n}, xa.options());
-  if (mode != kCmBackward) o.loss_rows = at::empty({n}, xa.options());
+  if (mode == kCmForward || mode == kCmFused) o.loss_rows = at::empty({n}, xa.options());
+  if (mode == kCmShardForward) {
+    o.sum_exp = at::empty({n}, xa.options());
+    o.target = at::empty({n}, xa.options());
+  }
   at::Tensor g;
-  if (mode != kCmForward) {
+  if (mode == kCmBackward || mode == kCmFused || mode == kCmShardBackward) {
     g = g_in.to(acc).contiguous();
     TORCH_CHECK(g.dim() == 1 && g.size(0) == n, "cm_margin: per-row gradient must be (", n, ",)");
-    o.dx = at::empty_like(xa);
+    if (mode == kCmShardBackward) {
+      o.du = at::empty_like(xa);
+      o.radial = at::empty({n}, xa.options());
+    } else {
+      o.dx = at::empty_like(xa);
+    }
   }
   const int64_t chunk = args.chunk_rows > 0 ? std::min(args.chunk_rows, n) : std::min<int64_t>(n, 256);
   AT_DISPATCH_FLOATING_TYPES(acc, "cm_margin", [&] {
-    cm_drive<scalar_t>(mode, xa, wa, labels, make_cm_config<scalar_t>(args), args.ignore_index, chunk, g, o,
-                       epilogue);
+    cm_drive<scalar_t>(mode, xa, wa, labels, make_cm_config<scalar_t>(args), args.ignore_index, class_offset, chunk,
+                       g, o, epilogue);
   });
   if (o.dx.defined()) o.dx = o.dx.to(x_in.scalar_type());
   if (o.dw.defined()) o.dw = o.dw.to(w_in.scalar_type());
@@ -193,6 +216,27 @@ struct CmOps {
     // loss = sum_n w_n loss_n (ATen's sum: a fixed order, deterministic)
     at::Tensor loss = (o.loss_rows * row_weight.to(o.loss_rows.scalar_type())).sum();
     return {loss, o.dx, o.dw};
+  }
+  // Class shards (the classes [class_offset, class_offset + C) of a larger head): per-row partial
+  // max, sum-exp and target logit; the x and weight norms as in forward.
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shard_forward(
+      const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels, int64_t class_offset,
+      IDK_CM_ARGS_PARAMS) {
+    CmOutputs o = cm_run(kCmShardForward, x, weight, labels, IDK_CM_ARGS, {}, {}, {}, {}, Epilogue{}, class_offset);
+    return {o.lse, o.sum_exp, o.target, o.x_norm, o.w_norm};
+  }
+  // Given the global lse and per-row upstream gradient: the shard's du = sum_j G_nj w^_j (N, d),
+  // its radial part s g'(r) R (N,), Q = <du, u> (N,), and the shard's complete dweight.
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> shard_backward(
+      const at::Tensor& grad_rows, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels,
+      int64_t class_offset, const at::Tensor& lse, const at::Tensor& x_norm, const at::Tensor& w_norm,
+      IDK_CM_ARGS_PARAMS) {
+    CmOutputs o = cm_run(kCmShardBackward, x, weight, labels, IDK_CM_ARGS, grad_rows, lse, x_norm, w_norm, Epilogue{},
+                         class_offset);
+    const at::Tensor xa = x.to(o.du.scalar_type());
+    const at::Tensor u = cm_unit_rows(xa, o.x_norm.clamp_min(kNormEps).reciprocal());
+    at::Tensor q = cm_radial_dot(o.du, u, o.x_norm);
+    return {o.du, o.radial, q, o.dw};
   }
 };
 

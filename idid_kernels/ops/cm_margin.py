@@ -72,6 +72,21 @@ def _fused_fake(x, weight, labels, row_weight, *cfg):
             torch.empty_like(weight, memory_format=torch.contiguous_format))
 
 
+@torch.library.register_fake("idid_kernels::cm_margin_shard_forward")
+def _shard_forward_fake(x, weight, labels, class_offset, *cfg):
+    acc = _acc(x.dtype)
+    n, c = x.shape[0], weight.shape[0]
+    return tuple(x.new_empty(n, dtype=acc) for _ in range(4)) + (x.new_empty(c, dtype=acc),)
+
+
+@torch.library.register_fake("idid_kernels::cm_margin_shard_backward")
+def _shard_backward_fake(grad_rows, x, weight, labels, class_offset, lse, x_norm, w_norm, *cfg):
+    acc = _acc(x.dtype)
+    n = x.shape[0]
+    return (x.new_empty(x.shape, dtype=acc), x.new_empty(n, dtype=acc), x.new_empty(n, dtype=acc),
+            torch.empty_like(weight, memory_format=torch.contiguous_format))
+
+
 def _forward_setup(ctx, inputs, output):
     x, weight, labels, *cfg = inputs
     _, lse, x_norm, w_norm = output

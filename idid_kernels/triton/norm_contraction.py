@@ -1,0 +1,133 @@
+"""norm_contraction on Triton: out_n = sigmoid((||x_n|| - offset) / T), shape (N,).
+
+Ops (``torch.library`` custom ops, so autograd and ``torch.compile(fullgraph=True)`` see them):
+
+- ``idid_triton::norm_contraction_forward(x, offset, T) -> (out, norm)``: one pass over each row
+  block; ``out`` in x's dtype, ``norm`` = ||x_n|| in float32 (float64 for float64 x), saved for
+  backward and not differentiable.
+- ``idid_triton::norm_contraction_backward(grad_out, x, norm, offset, T) -> dx``:
+  dx_n = grad_n g'(r_n) x_n / r_n (0 for a zero row), with g'(r) = sig(z) sig(-z) / T evaluated as
+  e / (1 + e)^2 / T, e = exp(-|z|): both factors keep full precision where sig(z) rounds to 1.
+
+The scalars offset and 1/T reach the kernels in a small tensor of the accumulation dtype
+(:func:`~idid_kernels.triton._rows.scalars`), not as float arguments.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _rows
+from ._rows import no_double_backward
+
+_NS = "idid_triton"
+
+
+@triton.jit
+def _forward_kernel(x_ptr, out_ptr, norm_ptr, param_ptr, N, D, stride_n, stride_d,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    base = x_ptr + rows.to(tl.int64)[:, None] * stride_n
+    sq = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        v = tl.load(base + cols[None, :] * stride_d, mask=rmask[:, None] & (cols[None, :] < D), other=0.0).to(ACC)
+        sq += v * v
+    r = tl.sqrt(tl.sum(sq, 1))
+    offset = tl.load(param_ptr)
+    inv_t = tl.load(param_ptr + 1)
+    z = (r - offset) * inv_t
+    # overflow-free logistic: exp of a non-positive argument only
+    e = tl.exp(-tl.abs(z))
+    sig = tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    tl.store(norm_ptr + rows, r, mask=rmask)
+    tl.store(out_ptr + rows, sig.to(out_ptr.dtype.element_ty), mask=rmask)
+
+
+@triton.jit
+def _backward_kernel(grad_ptr, x_ptr, norm_ptr, param_ptr, dx_ptr, N, D, stride_n, stride_d,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    r64 = rows.to(tl.int64)
+    r = tl.load(norm_ptr + rows, mask=rmask, other=1.0)
+    g = tl.load(grad_ptr + rows, mask=rmask, other=0.0).to(ACC)
+    offset = tl.load(param_ptr)
+    inv_t = tl.load(param_ptr + 1)
+    e = tl.exp(-tl.abs((r - offset) * inv_t))
+    one_e = 1.0 + e
+    coef = g * (e / (one_e * one_e) * inv_t)
+    coef = tl.where(r > 0, coef / tl.where(r > 0, r, 1.0), 0.0)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        m = rmask[:, None] & (cols[None, :] < D)
+        x = tl.load(x_ptr + r64[:, None] * stride_n + cols[None, :] * stride_d, mask=m, other=0.0).to(ACC)
+        tl.store(dx_ptr + r64[:, None] * D + cols[None, :], (coef[:, None] * x).to(dx_ptr.dtype.element_ty), mask=m)
+
+
+def _params(x: torch.Tensor, offset: float, temperature: float) -> torch.Tensor:
+    # [offset, 1/T], 1/T computed in double on the host and rounded once to the accumulation dtype
+    return _rows.scalars(x, offset, 1.0 / temperature)
+
+
+@torch.library.custom_op(f"{_NS}::norm_contraction_forward", mutates_args=())
+def norm_contraction_forward(x: torch.Tensor, offset: float, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    n, d = x.shape
+    out = torch.empty(n, dtype=x.dtype, device=x.device)
+    norm = torch.empty(n, dtype=_rows.acc_dtype(x.dtype), device=x.device)
+    block_n, block_d = _rows.row_block(d)
+    with _rows.on_device(x):
+        _forward_kernel[(triton.cdiv(n, block_n),)](x, out, norm, _params(x, offset, temperature), n, d, x.stride(0),
+                                                    x.stride(1), BLOCK_N=block_n, BLOCK_D=block_d,
+                                                    ACC=_rows.tl_acc(x.dtype))
+    return out, norm
+
+
+@norm_contraction_forward.register_fake
+def _(x, offset, temperature):
+    n = x.shape[0]
+    return x.new_empty((n,)), x.new_empty((n,), dtype=_rows.acc_dtype(x.dtype))
+
+
+@torch.library.custom_op(f"{_NS}::norm_contraction_backward", mutates_args=())
+def norm_contraction_backward(grad_out: torch.Tensor, x: torch.Tensor, norm: torch.Tensor, offset: float,
+                              temperature: float) -> torch.Tensor:
+    n, d = x.shape
+    dx = torch.empty((n, d), dtype=x.dtype, device=x.device)
+    block_n, block_d = _rows.row_block(d)
+    with _rows.on_device(x):
+        _backward_kernel[(triton.cdiv(n, block_n),)](grad_out.contiguous(), x, norm, _params(x, offset, temperature),
+                                                     dx, n, d, x.stride(0), x.stride(1), BLOCK_N=block_n,
+                                                     BLOCK_D=block_d, ACC=_rows.tl_acc(x.dtype))
+    return dx
+
+
+@norm_contraction_backward.register_fake
+def _(grad_out, x, norm, offset, temperature):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    x, offset, temperature = inputs
+    _, norm = output
+    ctx.mark_non_differentiable(norm)
+    ctx.save_for_backward(x, norm)
+    ctx.offset, ctx.temperature = offset, temperature
+
+
+def _backward(ctx, grad_out, _grad_norm):
+    no_double_backward("norm_contraction")
+    x, norm = ctx.saved_tensors
+    return torch.ops.idid_triton.norm_contraction_backward(grad_out, x, norm, ctx.offset, ctx.temperature), None, None
+
+
+norm_contraction_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def norm_contraction(x: torch.Tensor, offset: float, temperature: float) -> torch.Tensor:
+    """The public output only; arguments already validated by ``functional``."""
+    _rows.check_dtype("norm_contraction", x=x)
+    out, _ = torch.ops.idid_triton.norm_contraction_forward(x, float(offset), float(temperature))
+    return out
