@@ -110,6 +110,25 @@ def test_wrong_kernel_is_flagged(monkeypatch, make_wrong):
     assert "MISMATCH" in format_table(run_bench([case], BenchConfig(compile=False, externals=False, **FAST)))
 
 
+def test_big_cases_are_checked_on_fewer_rows(monkeypatch):
+    case = suite_cases("cm", "tiny", "cpu")[2]  # N=48 d=8 C=32
+    assert runner_mod.check_rows(case, CPU) is None
+    monkeypatch.setitem(runner_mod.CHECK_BUDGET_BYTES, "cpu", 6 * 8 * 48 * 32 // 2)
+    k = runner_mod.check_rows(case, CPU)
+    assert k == 24
+    cfg = BenchConfig(compile=False, **FAST)
+    rows, _ = run_case(case, cfg)
+    assert [r.check for r in rows] == ["ok"] * len(rows)
+    assert all(f"checked at N={k}" in r.note and r.N == 48 and r.median_ms > 0 for r in rows)
+    backend = (_timed_backends("cm_margin_loss") or [None])[0]
+    if backend is None:
+        return
+    table = functional._KERNELS["cm_margin_loss"]
+    monkeypatch.setitem(table, backend, _scaled_loss(table[backend], 1.001))
+    rows, _ = run_case(case, cfg)
+    assert {r.impl: r.check for r in rows}[backend] == "MISMATCH"
+
+
 def test_cli_exits_nonzero_on_a_wrong_kernel(monkeypatch, tmp_path, capsys):
     args = ["bench", "--quick", "--suite", "primitives", "--no-compile", "--quiet", "--json", str(tmp_path / "b.json")]
     assert cli.main(args) == 0

@@ -54,6 +54,8 @@ class Case:
     floor: Callable[[list[torch.Tensor]], Callable[[], object]] | None = None  # closure running them
     floor_note: str = ""
     externals: list[External] = field(default_factory=list)
+    work_elems: int = 0         # elements of the largest (rows x something) intermediate of the reference
+    with_rows: Callable[[int], "Case"] | None = None  # the same case with fewer rows (for big-size checks)
 
     @property
     def label(self) -> str:
@@ -181,55 +183,63 @@ def _sizes(table, preset, device_type):
     return table[(preset, "cuda" if device_type == "cuda" else "cpu")]
 
 
+def _cm_case(margin: str, m: float, n: int, d: int, c: int, s: float = 30.0) -> Case:
+    return Case(
+        suite="cm", op="cm_margin_loss", config=f"{margin}+sigmoid", sizes=dict(N=n, d=d, C=c),
+        make=_cm_make(n, d, c), kwargs=dict(s=s, margin=margin, m=m, contraction="sigmoid"),
+        floor_flops=6.0 * n * d * c, floor=_linear_gemms, floor_note="X W^T, G W, G^T X (6 N d C flops)",
+        externals=[_pml_external(margin, s, m)], work_elems=n * c,
+        with_rows=lambda k: _cm_case(margin, m, k, d, c, s))
+
+
 def cm_cases(preset: str = "default", device_type: str = "cpu") -> list[Case]:
     """cm_margin_loss, CosFace and ArcFace with the sigmoid contraction (s=30; m=0.4 / 0.5 rad)."""
-    out = []
-    s = 30.0
-    for margin, m in (("cosface", 0.4), ("arcface", 0.5)):
-        for n, d, c in _sizes(_CM_SIZES, preset, device_type):
-            out.append(Case(
-                suite="cm", op="cm_margin_loss", config=f"{margin}+sigmoid", sizes=dict(N=n, d=d, C=c),
-                make=_cm_make(n, d, c), kwargs=dict(s=s, margin=margin, m=m, contraction="sigmoid"),
-                floor_flops=6.0 * n * d * c, floor=_linear_gemms,
-                floor_note="X W^T, G W, G^T X (6 N d C flops)",
-                externals=[_pml_external(margin, s, m)]))
-    return out
+    return [_cm_case(margin, m, n, d, c) for margin, m in (("cosface", 0.4), ("arcface", 0.5))
+            for n, d, c in _sizes(_CM_SIZES, preset, device_type)]
+
+
+def _idid_case(b: int, d: int, c: int) -> Case:
+    return Case(
+        suite="idid", op="idid_loss", config="all terms", sizes=dict(N=b, d=d, C=c),
+        make=_idid_make(b, d, c), kwargs=dict(alpha=16.0),
+        floor_flops=6.0 * b * d * c, floor=_linear_gemms,
+        floor_note="the proxy logits' X P^T, G P, G^T X (6 B d C flops); the B x B density GEMMs not counted",
+        work_elems=b * c + b * b + c * c, with_rows=lambda k: _idid_case(k, d, c))
 
 
 def idid_cases(preset: str = "default", device_type: str = "cpu") -> list[Case]:
     """idid_loss with every part on (distillation, diversity, adaptive weight; alpha=16)."""
-    out = []
-    for b, d, c in _sizes(_IDID_SIZES, preset, device_type):
-        out.append(Case(
-            suite="idid", op="idid_loss", config="all terms", sizes=dict(N=b, d=d, C=c),
-            make=_idid_make(b, d, c), kwargs=dict(alpha=16.0),
-            floor_flops=6.0 * b * d * c, floor=_linear_gemms,
-            floor_note="the proxy logits' X P^T, G P, G^T X (6 B d C flops); the B x B density GEMMs not counted"))
-    return out
+    return [_idid_case(b, d, c) for b, d, c in _sizes(_IDID_SIZES, preset, device_type)]
+
+
+def _pairwise_case(n: int, m: int, d: int) -> Case:
+    def make(g):
+        return [_randn(g, n, d), _randn(g, m, d)], []
+    return Case(suite="primitives", op="pairwise_cosine", config="x vs y", sizes=dict(N=n, M=m, d=d), make=make,
+                floor_flops=6.0 * n * m * d, floor=_linear_gemms, floor_note="X Y^T, G Y, G^T X (6 N M d flops)",
+                work_elems=n * m, with_rows=lambda k: _pairwise_case(k, m, d))
+
+
+def _density_case(b: int, d: int, c: int) -> Case:
+    def make(g):
+        return [_randn(g, b, d)], [torch.randint(0, c, (b,), generator=g), c]
+    return Case(suite="primitives", op="class_density", config="t=2", sizes=dict(N=b, d=d, C=c), make=make,
+                kwargs=dict(t=2.0), work_elems=b * b, with_rows=lambda k: _density_case(k, d, c))
+
+
+def _norm_case(n: int, d: int) -> Case:
+    def make(g):
+        return [_randn(g, n, d)], []
+    return Case(suite="primitives", op="norm_contraction", config="offset=0.5 T=2", sizes=dict(N=n, d=d),
+                make=make, kwargs=dict(offset=0.5, temperature=2.0), work_elems=n * d,
+                with_rows=lambda k: _norm_case(k, d))
 
 
 def primitive_cases(preset: str = "default", device_type: str = "cpu") -> list[Case]:
     """pairwise_cosine, class_density and norm_contraction, forward + backward under a random
     upstream gradient."""
     (n, m, d), (b, d2, c), (n3, d3) = _sizes(_PRIM_SIZES, preset, device_type)
-
-    def pc_make(g):
-        return [_randn(g, n, d), _randn(g, m, d)], []
-
-    def cd_make(g):
-        return [_randn(g, b, d2)], [torch.randint(0, c, (b,), generator=g), c]
-
-    def nc_make(g):
-        return [_randn(g, n3, d3)], []
-
-    return [
-        Case(suite="primitives", op="pairwise_cosine", config="x vs y", sizes=dict(N=n, M=m, d=d), make=pc_make,
-             floor_flops=6.0 * n * m * d, floor=_linear_gemms, floor_note="X Y^T, G Y, G^T X (6 N M d flops)"),
-        Case(suite="primitives", op="class_density", config="t=2", sizes=dict(N=b, d=d2, C=c), make=cd_make,
-             kwargs=dict(t=2.0)),
-        Case(suite="primitives", op="norm_contraction", config="offset=0.5 T=2", sizes=dict(N=n3, d=d3),
-             make=nc_make, kwargs=dict(offset=0.5, temperature=2.0)),
-    ]
+    return [_pairwise_case(n, m, d), _density_case(b, d2, c), _norm_case(n3, d3)]
 
 
 def suite_cases(suite: str = "all", preset: str = "default", device_type: str = "cpu") -> list[Case]:

@@ -202,8 +202,7 @@ def _impls(case: Case, cfg: BenchConfig, device: torch.device, diff: list[torch.
 
     impls = [_Impl("eager", eager, diff, same)]
     if cfg.compile:
-        # A fresh compilation per case at static shapes: the best code inductor makes for that size.
-        torch._dynamo.reset()
+        # Compiled at the case's static shapes: the best code inductor makes for that size.
         compiled = torch.compile(lambda *t: ref(*t, *const, **kw), dynamic=False)
         impls.append(_Impl("compile", compiled, diff, same))
     backends, why = _backend_names(case.op, device, cfg.backends)
@@ -233,7 +232,11 @@ class CaseRun:
     implementations (:attr:`impls`). :meth:`check` then :meth:`measure` fill in one :class:`Row`;
     the pytest-benchmark suites use :meth:`check` and :meth:`step` with their own timer."""
 
-    def __init__(self, case: Case, cfg: BenchConfig):
+    def __init__(self, case: Case, cfg: BenchConfig, *, with_truth: bool = True, reset_compiler: bool = True):
+        if reset_compiler and cfg.compile:
+            # Every case compiles afresh. Without this, dynamo's recompile limit (8 per code object)
+            # would, after a few cases, silently run the "compiled" column in eager mode.
+            torch.compiler.reset()
         self.case, self.cfg = case, cfg
         self.device = device = torch.device(cfg.device)
         self.dtype = cfg.dtype
@@ -245,11 +248,11 @@ class CaseRun:
             shape = getattr(reference, case.op)(*diff64, *const64, **case.kwargs).shape
         upstream64 = None if len(shape) == 0 else torch.randn(shape, generator=g, dtype=torch.float64)
         self.upstream = None if upstream64 is None else upstream64.to(device=device, dtype=self.dtype)
-        self.truths = {"reference": _truth(case, case.kwargs, diff64, const, device, upstream64)}
+        self.truths = {"reference": _truth(case, case.kwargs, diff64, const, device, upstream64)} if with_truth else {}
         self.notes: list[str] = []
         self.inputs = [t.detach().to(device=device, dtype=self.dtype, copy=True).requires_grad_(True) for t in diff64]
         self.impls = _impls(case, cfg, device, self.inputs, const, self.notes)
-        for ext in case.externals:
+        for ext in case.externals if with_truth else ():
             if any(i.truth == ext.name for i in self.impls):
                 self.truths[ext.name] = _truth(case, {**case.kwargs, **ext.truth_kwargs}, diff64, const, device,
                                                upstream64)
@@ -262,12 +265,32 @@ class CaseRun:
         """One forward + backward of ``impl`` (its gradients cleared first)."""
         return _make_step(impl, self.upstream)
 
+    def _row(self, impl: _Impl) -> Row:
+        case, sizes = self.case, self.case.sizes
+        return Row(case.suite, case.op, case.config, case.label, sizes.get("N"), sizes.get("M"), sizes.get("d"),
+                   sizes.get("C"), impl.name, str(self.dtype).replace("torch.", ""), str(self.device), note=impl.note)
+
+    def first_call(self, impl: _Impl) -> Row:
+        """A new row for ``impl`` after one unchecked forward + backward (warm-up, compilation)."""
+        row = self._row(impl)
+        try:
+            t0 = time.perf_counter()
+            self.step(impl)()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            row.first_call_s = time.perf_counter() - t0
+        except torch.OutOfMemoryError as exc:
+            row.check, row.note = OOM, _describe_error(exc)
+        except Exception as exc:  # noqa: BLE001 - reported in the row
+            row.check, row.note = ERROR, _describe_error(exc)
+        _clear_grads(impl)
+        return row
+
     def check(self, impl: _Impl) -> Row:
         """A new row for ``impl`` with its correctness verdict; the first call (warm-up, and
         torch.compile's compilation) is timed separately as ``first_call_s``."""
-        case, sizes, dtype, device = self.case, self.case.sizes, self.dtype, self.device
-        row = Row(case.suite, case.op, case.config, case.label, sizes.get("N"), sizes.get("M"), sizes.get("d"),
-                  sizes.get("C"), impl.name, str(dtype).replace("torch.", ""), str(device), note=impl.note)
+        dtype, device = self.dtype, self.device
+        row = self._row(impl)
         try:
             t0 = time.perf_counter()
             out, grads = _evaluate(impl.fn, impl.leaves, self.upstream)
@@ -322,14 +345,45 @@ class CaseRun:
             return math.nan
 
 
+# Bytes of float64 reference intermediates the full-size check may take; above, it runs on fewer rows.
+CHECK_BUDGET_BYTES = {"cpu": 2 * 2**30, "cuda": 8 * 2**30}
+
+
+def check_rows(case: Case, device: torch.device) -> int | None:
+    """Rows at which to check ``case``: None for all of them, else a smaller count whose float64
+    reference (about six live tensors of ``work_elems`` elements) fits the budget."""
+    n = case.sizes["N"]
+    need = 6 * 8 * case.work_elems
+    budget = CHECK_BUDGET_BYTES["cuda" if device.type == "cuda" else "cpu"]
+    if need <= budget or case.with_rows is None:
+        return None
+    return max(16, min(n - 1, int(n * budget / need)))
+
+
 def run_case(case: Case, cfg: BenchConfig, progress: Progress | None = None) -> tuple[list[Row], list[str]]:
-    """Rows (one per implementation, with ratios) and notes for one case."""
-    run = CaseRun(case, cfg)
+    """Rows (one per implementation, with ratios) and notes for one case.
+
+    Where the float64 reference of the whole case would not fit (``check_rows``), each
+    implementation is checked on the same case with fewer rows (same d and C, hence the same
+    class-dimension chunking) and the row says so."""
+    k = check_rows(case, torch.device(cfg.device))
+    run = CaseRun(case, cfg, with_truth=k is None)
+    checker = None if k is None else CaseRun(case.with_rows(k), cfg, reset_compiler=False)
     rows: list[Row] = []
     for impl in run.impls:
         if progress:
             progress.step(f"{case.label} {impl.name}")
-        row = run.check(impl)
+        if checker is None:
+            row = run.check(impl)
+        else:
+            row = run.first_call(impl)
+            twin = checker.impl(impl.name)
+            if row.check not in (ERROR, OOM) and twin is not None:
+                verdict = checker.check(twin)
+                for name in ("out_err", "grad_err", "tol_out", "tol_grad", "check"):
+                    setattr(row, name, getattr(verdict, name))
+                row.note = verdict.note or f"checked at N={k} (same d and C): the float64 reference of all rows is too big"
+                _clear_grads(twin)
         run.measure(impl, row)
         rows.append(row)
     floor_ms = math.nan
