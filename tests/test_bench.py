@@ -53,7 +53,7 @@ def test_every_column_is_present_and_measured(cm_result):
         assert r.floor_ms > 0 and math.isfinite(r.floor_fraction)
         assert r.tflops == pytest.approx(6 * 16 * 8 * 32 / (r.median_ms * 1e-3) / 1e12)
     text = format_table(cm_result)
-    for column in ("median ms", "IQR ms", "vs eager", "vs compile", "peak MB", "mem/eager", "floor", "TFLOP/s"):
+    for column in ("median ms", "IQR ms", "vs eager", "vs compile", "peak MB", "mem/eager", "floor", "GFLOP/s"):
         assert column in text
     for impl in expected:
         assert f"| {impl} |" in format_markdown(cm_result)

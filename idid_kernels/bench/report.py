@@ -37,14 +37,21 @@ def _check(r: Row) -> str:
     return f"{r.check}: {r.note}" if r.note else r.check
 
 
-def _cells(r: Row) -> list[str]:
+def _flops_unit(result: BenchResult) -> tuple[str, float]:
+    """TFLOP/s on a GPU; GFLOP/s on a CPU, where TFLOP/s would read 0.00x."""
+    return ("TFLOP/s", 1.0) if result.meta.get("device", "").startswith("cuda") else ("GFLOP/s", 1e3)
+
+
+def _cells(r: Row, flops_scale: float = 1.0) -> list[str]:
     iqr = r.q3_ms - r.q1_ms
+    mem = "-" if math.isnan(r.memory_vs_eager) else f"{r.memory_vs_eager:.2f}"
     return [r.impl, _num(r.median_ms), _num(iqr, 2), _ratio(r.speedup_vs_eager), _ratio(r.speedup_vs_compile),
-            _num(r.peak_mb), "-" if math.isnan(r.memory_vs_eager) else f"{r.memory_vs_eager:.2f}", _pct(r.floor_fraction), _num(r.tflops, 2), _check(r)]
+            _num(r.peak_mb), mem, _pct(r.floor_fraction), _num(r.tflops * flops_scale, 3), _check(r)]
 
 
-HEADER = ["impl", "median ms", "IQR ms", "vs eager", "vs compile", "peak MB", "mem/eager", "floor", "TFLOP/s",
-          "check (out/grad rel err)"]
+def _header(result: BenchResult) -> list[str]:
+    return ["impl", "median ms", "IQR ms", "vs eager", "vs compile", "peak MB", "mem/eager", "floor",
+            _flops_unit(result)[0], "check (out/grad rel err)"]
 
 
 def _groups(rows: list[Row]) -> list[list[Row]]:
@@ -59,8 +66,9 @@ def _groups(rows: list[Row]) -> list[list[Row]]:
 
 def format_table(result: BenchResult) -> str:
     """The table as aligned text, one block per case."""
-    body = [_cells(r) for r in result.rows]
-    widths = [max(len(c[i]) for c in body + [HEADER]) for i in range(len(HEADER))]
+    header, scale = _header(result), _flops_unit(result)[1]
+    body = [_cells(r, scale) for r in result.rows]
+    widths = [max(len(c[i]) for c in body + [header]) for i in range(len(header))]
     right = {1, 2, 3, 4, 5, 6, 7, 8}
 
     def line(cells):
@@ -71,20 +79,20 @@ def format_table(result: BenchResult) -> str:
     for group in _groups(result.rows):
         first = group[0]
         floor = "" if math.isnan(first.floor_ms) else f"   (GEMM floor {_num(first.floor_ms)} ms)"
-        lines += ["", f"{first.case}{floor}", line(HEADER)]
-        lines += [line(_cells(r)) for r in group]
+        lines += ["", f"{first.case}{floor}", line(header)]
+        lines += [line(_cells(r, scale)) for r in group]
     return "\n".join(lines[1:])
 
 
 def format_markdown(result: BenchResult) -> str:
     """The table as one Markdown table (the case named on its first row)."""
-    head = ["case"] + HEADER
+    head, scale = ["case"] + _header(result), _flops_unit(result)[1]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for group in _groups(result.rows):
         for i, r in enumerate(group):
             case = f"`{r.op}` {r.config} " + " ".join(f"{k}={v}" for k, v in
                                                       (("N", r.N), ("M", r.M), ("d", r.d), ("C", r.C)) if v)
-            cells = [case if i == 0 else ""] + _cells(r)
+            cells = [case if i == 0 else ""] + _cells(r, scale)
             out.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(out)
 
@@ -106,8 +114,8 @@ def format_header(result: BenchResult) -> str:
             f"torch {m['version_torch']}  idid_kernels {m['version_idid_kernels']}  dtype {m['dtype']}  "
             f"backends available: {', '.join(m['available_backends'])}\n"
             f"forward+backward per step; median and interquartile range; ratios are the eager (or compile) "
-            f"time over this row's; 'floor' = time of the bare GEMMs / this time, TFLOP/s = GEMM-floor "
-            f"flops / this time;\nchecks: relative error of the output / worst input gradient against the "
+            f"time over this row's; 'floor' = time of the bare GEMMs / this time, FLOP/s = the "
+            f"GEMM floor's flops / this time;\nchecks: relative error of the output / worst input gradient against the "
             f"float64 reference.\ntiming: {m['timing']}\nmemory: {m['memory']}\ncompile: {m['compile_mode']}{busy}")
 
 
