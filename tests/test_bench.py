@@ -147,13 +147,18 @@ def test_cli_exits_nonzero_on_a_wrong_kernel(monkeypatch, tmp_path, capsys):
 
 def test_interpreted_triton_is_left_out_on_the_cpu_unless_named(monkeypatch):
     monkeypatch.setattr(runner_mod, "available_backends", lambda: ["reference", "cpp", "triton"])
-    monkeypatch.setattr(runner_mod, "triton_interpreted", lambda: True)
     monkeypatch.setitem(IMPLEMENTED, "pairwise_cosine", IMPLEMENTED["pairwise_cosine"] | {"cpp", "triton"})
     run, notes = runner_mod._backend_names("pairwise_cosine", CPU, None)
     assert "triton" not in run and "cpp" in run
     assert any(n.startswith("triton: not timed on the CPU") for n in notes)
     run, notes = runner_mod._backend_names("pairwise_cosine", CPU, ["triton"])
     assert run == ["triton"] and notes == []
+    monkeypatch.setattr(runner_mod, "available_backends", lambda: ["reference", "cpp"])
+    run, notes = runner_mod._backend_names("pairwise_cosine", CPU, None)
+    assert run == ["cpp"] and any(n.startswith("triton: not timed on the CPU") for n in notes)
+    monkeypatch.setattr(runner_mod, "missing", lambda b: "triton is not importable" if b == "triton" else None)
+    run, notes = runner_mod._backend_names("pairwise_cosine", CPU, ["cpp", "triton"])
+    assert run == ["cpp"] and "triton: not run, unavailable here (triton is not importable)" in notes
 
 
 def test_plots_are_written(tmp_path):

@@ -121,6 +121,10 @@ def format_header(result: BenchResult) -> str:
 
 def format_notes(result: BenchResult) -> str:
     lines = [f"- {n}" for n in result.notes]
+    compiled = [r.first_call_s for r in result.rows if r.impl == "compile" and not math.isnan(r.first_call_s)]
+    if compiled:
+        lines.append(f"- compile: the first call (compilation, not timed) took {sum(compiled):.0f} s over "
+                     f"{len(compiled)} cases ({min(compiled):.1f} to {max(compiled):.1f} s each)")
     bad = result.failures
     if bad:
         lines.append("")

@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 from .. import functional, reference
-from .._backends import BACKENDS, IMPLEMENTED, available_backends, missing, runs_on, triton_interpreted
+from .._backends import BACKENDS, IMPLEMENTED, available_backends, missing, runs_on
 from ..check import TOLERANCES, _rel
 from .cases import Case
 from .measure import ContentionMonitor, Timing, memory_method, peak_memory_mb, time_step
@@ -143,29 +143,24 @@ def _describe_error(exc: BaseException) -> str:
 
 
 def _backend_names(op: str, device: torch.device, requested: list[str] | None) -> tuple[list[str], list[str]]:
-    """(backends to run for ``op`` besides the reference, notes on the ones left out)."""
+    """(backends to run for ``op`` besides the reference, a note on each one left out)."""
     here = available_backends()
     run, notes = [], []
     for b in BACKENDS:
-        if b == "reference":
+        if b == "reference" or (requested is not None and b not in requested):
             continue
-        if requested is not None and b not in requested:
-            continue
-        if b not in here:
-            if requested is not None:
-                notes.append(f"{b}: unavailable ({missing(b)})")
-            continue
-        if b not in IMPLEMENTED[op]:
-            notes.append(f"{b}: no {op} kernel yet")
-            continue
-        if not runs_on(b, device):
-            continue
-        if b == "triton" and device.type == "cpu" and triton_interpreted() and requested is None:
-            notes.append("triton: not timed on the CPU, where it runs only in Triton's interpreter "
-                         "(TRITON_INTERPRET=1), orders of magnitude slower than native code; "
+        if b == "triton" and device.type == "cpu" and requested is None:
+            notes.append("triton: not timed on the CPU: its kernels are GPU code, which a CPU runs only in "
+                         "Triton's interpreter (TRITON_INTERPRET=1), orders of magnitude slower than native code; "
                          "pass --backends triton to time it anyway")
-            continue
-        run.append(b)
+        elif b not in here:
+            notes.append(f"{b}: not run, unavailable here ({missing(b)})")
+        elif b not in IMPLEMENTED[op]:
+            notes.append(f"{b}: not run for {op}, which has no {b} kernel yet")
+        elif not runs_on(b, device):
+            notes.append(f"{b}: not run, it takes no {device.type} tensors")
+        else:
+            run.append(b)
     return run, notes
 
 
