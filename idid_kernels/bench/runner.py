@@ -52,7 +52,7 @@ class BenchConfig:
     seed: int = 0
     min_repeats: int = 5
     max_repeats: int = 30
-    budget_s: float = 1.0
+    budget_s: float = 0.5
     progress: bool = True
 
 
