@@ -129,6 +129,16 @@ def test_big_cases_are_checked_on_fewer_rows(monkeypatch):
     assert {r.impl: r.check for r in rows}[backend] == "MISMATCH"
 
 
+def test_a_reference_that_does_not_fit_leaves_rows_marked_unchecked(monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("float64 reference too big")
+    monkeypatch.setattr(runner_mod, "_truth", no_memory)
+    result = run_bench(suite_cases("primitives", "tiny", "cpu")[:1], BenchConfig(compile=False, **FAST))
+    assert {r.check for r in result.rows} == {"UNCHECKED"} and not result.failures
+    assert all(r.median_ms > 0 and "out of memory" in r.note for r in result.rows)
+    assert "UNCHECKED" in format_table(result)
+
+
 def test_cli_exits_nonzero_on_a_wrong_kernel(monkeypatch, tmp_path, capsys):
     args = ["bench", "--quick", "--suite", "primitives", "--no-compile", "--quiet", "--json", str(tmp_path / "b.json")]
     assert cli.main(args) == 0

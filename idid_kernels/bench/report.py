@@ -132,6 +132,8 @@ def format_notes(result: BenchResult) -> str:
         for r in bad:
             lines.append(f"!!! {r.impl} on {r.case}: {r.check} -- {_check(r)}; its timings mean nothing")
         lines.append("!" * 100)
+    for r in result.unchecked:
+        lines.append(f"!!! {r.impl} on {r.case}: UNCHECKED ({r.note}): its timing is not vouched for")
     lines.append(f"\n{len(result.rows) - len(bad)} rows ok or skipped, {len(bad)} failed; "
                  f"wall time {result.meta['wall_s']:.0f} s")
     return "\n".join(lines)

@@ -36,7 +36,7 @@ from .cases import Case
 from .measure import ContentionMonitor, Timing, memory_method, peak_memory_mb, time_step
 from .progress import Progress
 
-OK, MISMATCH, ERROR, OOM, SKIPPED = "ok", "MISMATCH", "ERROR", "oom", "skipped"
+OK, MISMATCH, ERROR, OOM, SKIPPED, UNCHECKED = "ok", "MISMATCH", "ERROR", "oom", "skipped", "UNCHECKED"
 
 
 @dataclass
@@ -104,6 +104,10 @@ class BenchResult:
     @property
     def failures(self) -> list[Row]:
         return [r for r in self.rows if r.failed]
+
+    @property
+    def unchecked(self) -> list[Row]:
+        return [r for r in self.rows if r.check == UNCHECKED]
 
     def as_dict(self) -> dict:
         return {"meta": self.meta, "notes": self.notes, "rows": [asdict(r) for r in self.rows]}
@@ -345,14 +349,21 @@ CHECK_BUDGET_BYTES = {"cpu": 2 * 2**30, "cuda": 8 * 2**30}
 
 
 def check_rows(case: Case, device: torch.device) -> int | None:
-    """Rows at which to check ``case``: None for all of them, else a smaller count whose float64
-    reference (about six live tensors of ``work_elems`` elements) fits the budget."""
-    n = case.sizes["N"]
-    need = 6 * 8 * case.work_elems
-    budget = CHECK_BUDGET_BYTES["cuda" if device.type == "cuda" else "cpu"]
-    if need <= budget or case.with_rows is None:
+    """Rows at which to check ``case``: None for all of them, else the most rows (at least 16) whose
+    float64 reference (about six live tensors of ``work_elems`` elements) fits the budget."""
+    budget = CHECK_BUDGET_BYTES["cpu"]
+    if device.type == "cuda":  # a quarter of the GPU, at least the fixed budget
+        budget = max(CHECK_BUDGET_BYTES["cuda"], torch.cuda.get_device_properties(device).total_memory // 4)
+    if 6 * 8 * case.work_elems <= budget or case.with_rows is None:
         return None
-    return max(16, min(n - 1, int(n * budget / need)))
+    lo, hi = 16, case.sizes["N"] - 1
+    while lo < hi:  # largest k in [16, N) that fits (16 if none does)
+        mid = (lo + hi + 1) // 2
+        if 6 * 8 * case.with_rows(mid).work_elems <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def run_case(case: Case, cfg: BenchConfig, progress: Progress | None = None) -> tuple[list[Row], list[str]]:
@@ -362,13 +373,22 @@ def run_case(case: Case, cfg: BenchConfig, progress: Progress | None = None) -> 
     implementation is checked on the same case with fewer rows (same d and C, hence the same
     class-dimension chunking) and the row says so."""
     k = check_rows(case, torch.device(cfg.device))
-    run = CaseRun(case, cfg, with_truth=k is None)
-    checker = None if k is None else CaseRun(case.with_rows(k), cfg, reset_compiler=False)
+    unchecked = None
+    try:
+        run = CaseRun(case, cfg, with_truth=k is None)
+        checker = None if k is None else CaseRun(case.with_rows(k), cfg, reset_compiler=False)
+    except torch.OutOfMemoryError as exc:  # the float64 reference does not fit: time, but say so
+        unchecked = f"not checked: the float64 reference ran out of memory ({_describe_error(exc)})"
+        run, checker = CaseRun(case, cfg, with_truth=False), None
     rows: list[Row] = []
     for impl in run.impls:
         if progress:
             progress.step(f"{case.label} {impl.name}")
-        if checker is None:
+        if unchecked is not None:
+            row = run.first_call(impl)
+            if row.check not in (ERROR, OOM):
+                row.check, row.note = UNCHECKED, unchecked
+        elif checker is None:
             row = run.check(impl)
         else:
             row = run.first_call(impl)
