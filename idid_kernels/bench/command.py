@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="PATH", help="write the rows, metadata and notes as JSON")
     p.add_argument("--plot", metavar="DIR", help="write PNGs of time and memory against C and N (matplotlib)")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads for the run (default: torch's own choice, one per core)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -54,6 +56,11 @@ def run(args: argparse.Namespace) -> int:
         if unknown:
             print(f"error: unknown backend(s) {unknown}; choose from {BACKENDS[1:]}", file=sys.stderr)
             return 2
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
     preset = "full" if args.full else "tiny" if args.quick else "default"
     cases = suite_cases(args.suite, preset, args.device)
     cfg = BenchConfig(device=args.device, dtype=DTYPES[args.dtype], compile=not args.no_compile,
