@@ -139,6 +139,28 @@ def test_a_reference_that_does_not_fit_leaves_rows_marked_unchecked(monkeypatch)
     assert "UNCHECKED" in format_table(result)
 
 
+def test_a_crash_fails_the_run_only_in_this_packages_code(monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("inductor failed")
+        return run
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    case = suite_cases("primitives", "tiny", "cpu")[0]
+    result = run_bench([case], BenchConfig(**FAST))
+    comp = next(r for r in result.rows if r.impl == "compile")
+    assert comp.check == "ERROR" and "inductor failed" in comp.note and not result.failures
+    assert all(r.check == "ok" for r in result.rows if r.impl != "compile")
+    backend = (_timed_backends("pairwise_cosine") or [None])[0]
+    if backend is None:
+        return
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("kernel crashed")
+    monkeypatch.setitem(functional._KERNELS["pairwise_cosine"], backend, crash)
+    result = run_bench([case], BenchConfig(**FAST))
+    assert [r.impl for r in result.failures] == [backend] and result.failures[0].check == "ERROR"
+
+
 def test_cli_exits_nonzero_on_a_wrong_kernel(monkeypatch, tmp_path, capsys):
     args = ["bench", "--quick", "--suite", "primitives", "--no-compile", "--quiet", "--json", str(tmp_path / "b.json")]
     assert cli.main(args) == 0

@@ -132,6 +132,9 @@ def format_notes(result: BenchResult) -> str:
         for r in bad:
             lines.append(f"!!! {r.impl} on {r.case}: {r.check} -- {_check(r)}; its timings mean nothing")
         lines.append("!" * 100)
+    for r in result.rows:
+        if r.check == "ERROR" and not r.failed:
+            lines.append(f"!!! {r.impl} on {r.case} crashed ({r.note}); not this package's code, so not a failure")
     for r in result.unchecked:
         lines.append(f"!!! {r.impl} on {r.case}: UNCHECKED ({r.note}): its timing is not vouched for")
     lines.append(f"\n{len(result.rows) - len(bad)} rows ok or skipped, {len(bad)} failed; "

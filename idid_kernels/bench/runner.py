@@ -71,6 +71,7 @@ class Row:
     impl: str
     dtype: str
     device: str
+    kind: str = "backend"        # "reference" (eager), "compiled", "backend" or "external"
     median_ms: float = math.nan
     q1_ms: float = math.nan
     q3_ms: float = math.nan
@@ -92,7 +93,9 @@ class Row:
 
     @property
     def failed(self) -> bool:
-        return self.check in (MISMATCH, ERROR)
+        """A wrong result anywhere, or a crash of this package's own code (the reference or a
+        backend); a torch.compile or third-party crash is reported but is not this package's."""
+        return self.check == MISMATCH or (self.check == ERROR and self.kind in ("reference", "backend"))
 
 
 @dataclass
@@ -120,6 +123,7 @@ class _Impl:
     leaves: list[torch.Tensor]               # what it differentiates
     to_case_grads: Callable[[list], list]    # its gradients in the case's input layout
     truth: str = "reference"                 # which float64 truth it is checked against
+    kind: str = "backend"                    # Row.kind
     note: str = ""
 
 
@@ -199,11 +203,11 @@ def _impls(case: Case, cfg: BenchConfig, device: torch.device, diff: list[torch.
     def eager(*t):
         return ref(*t, *const, **kw)
 
-    impls = [_Impl("eager", eager, diff, same)]
+    impls = [_Impl("eager", eager, diff, same, kind="reference")]
     if cfg.compile:
         # Compiled at the case's static shapes: the best code inductor makes for that size.
         compiled = torch.compile(lambda *t: ref(*t, *const, **kw), dynamic=False)
-        impls.append(_Impl("compile", compiled, diff, same))
+        impls.append(_Impl("compile", compiled, diff, same, kind="compiled"))
     backends, why = _backend_names(case.op, device, cfg.backends)
     notes.extend(why)
     for b in backends:
@@ -215,7 +219,7 @@ def _impls(case: Case, cfg: BenchConfig, device: torch.device, diff: list[torch.
                 continue
             notes.append(f"{ext.name}: {ext.description}")
             leaves, fn, to_case = ext.build(diff, const)
-            impls.append(_Impl(ext.name, fn, leaves, to_case, truth=ext.name))
+            impls.append(_Impl(ext.name, fn, leaves, to_case, truth=ext.name, kind="external"))
     return impls
 
 
@@ -267,7 +271,8 @@ class CaseRun:
     def _row(self, impl: _Impl) -> Row:
         case, sizes = self.case, self.case.sizes
         return Row(case.suite, case.op, case.config, case.label, sizes.get("N"), sizes.get("M"), sizes.get("d"),
-                   sizes.get("C"), impl.name, str(self.dtype).replace("torch.", ""), str(self.device), note=impl.note)
+                   sizes.get("C"), impl.name, str(self.dtype).replace("torch.", ""), str(self.device), kind=impl.kind,
+                   note=impl.note)
 
     def first_call(self, impl: _Impl) -> Row:
         """A new row for ``impl`` after one unchecked forward + backward (warm-up, compilation)."""
