@@ -54,6 +54,7 @@ class Case:
     floor: Callable[[list[torch.Tensor]], Callable[[], object]] | None = None  # closure running them
     floor_note: str = ""
     externals: list[External] = field(default_factory=list)
+    out_shape: tuple[int, ...] = ()  # the op's output: () for the losses
     work_elems: int = 0         # elements of the largest (rows x something) intermediate of the reference
     with_rows: Callable[[int], "Case"] | None = None  # the same case with fewer rows (for big-size checks)
 
@@ -224,21 +225,21 @@ def _pairwise_case(n: int, m: int, d: int) -> Case:
         return [_randn(g, n, d), _randn(g, m, d)], []
     return Case(suite="primitives", op="pairwise_cosine", config="x vs y", sizes=dict(N=n, M=m, d=d), make=make,
                 floor_flops=6.0 * n * m * d, floor=_linear_gemms, floor_note="X Y^T, G Y, G^T X (6 N M d flops)",
-                work_elems=n * m, with_rows=lambda k: _pairwise_case(k, m, d))
+                out_shape=(n, m), work_elems=n * m, with_rows=lambda k: _pairwise_case(k, m, d))
 
 
 def _density_case(b: int, d: int, c: int) -> Case:
     def make(g):
         return [_randn(g, b, d)], [torch.randint(0, c, (b,), generator=g), c]
     return Case(suite="primitives", op="class_density", config="t=2", sizes=dict(N=b, d=d, C=c), make=make,
-                kwargs=dict(t=2.0), work_elems=b * b, with_rows=lambda k: _density_case(k, d, c))
+                kwargs=dict(t=2.0), out_shape=(c,), work_elems=b * b, with_rows=lambda k: _density_case(k, d, c))
 
 
 def _norm_case(n: int, d: int) -> Case:
     def make(g):
         return [_randn(g, n, d)], []
     return Case(suite="primitives", op="norm_contraction", config="offset=0.5 T=2", sizes=dict(N=n, d=d),
-                make=make, kwargs=dict(offset=0.5, temperature=2.0), work_elems=n * d,
+                make=make, kwargs=dict(offset=0.5, temperature=2.0), out_shape=(n,), work_elems=n * d,
                 with_rows=lambda k: _norm_case(k, d))
 
 

@@ -50,7 +50,7 @@ class BenchConfig:
     floor: bool = True
     backends: list[str] | None = None
     seed: int = 0
-    min_repeats: int = 5
+    min_repeats: int = 3
     max_repeats: int = 30
     budget_s: float = 0.5
     progress: bool = True
@@ -247,8 +247,7 @@ class CaseRun:
         diff64, const64 = case.make(g)
         const = [c.to(device) if isinstance(c, torch.Tensor) else c for c in const64]
         # The upstream gradient: the scalar losses take 1, the primitives a fixed random tensor.
-        with torch.no_grad():
-            shape = getattr(reference, case.op)(*diff64, *const64, **case.kwargs).shape
+        shape = case.out_shape
         upstream64 = None if len(shape) == 0 else torch.randn(shape, generator=g, dtype=torch.float64)
         self.upstream = None if upstream64 is None else upstream64.to(device=device, dtype=self.dtype)
         self.truths = {"reference": _truth(case, case.kwargs, diff64, const, device, upstream64)} if with_truth else {}
@@ -327,8 +326,10 @@ class CaseRun:
             return
         cfg, step = self.cfg, self.step(impl)
         try:
+            # The check (or first_call) has already run a step: no separate warm-up on a CPU.
+            warm = {"warmup": 0} if self.device.type == "cpu" else {}
             timing: Timing = time_step(step, self.device, min_repeats=cfg.min_repeats, max_repeats=cfg.max_repeats,
-                                       budget_s=cfg.budget_s)
+                                       budget_s=cfg.budget_s, **warm)
             row.median_ms, row.q1_ms, row.q3_ms, row.repeats = (timing.median_ms, timing.q1_ms, timing.q3_ms,
                                                                 timing.repeats)
             _clear_grads(impl)
@@ -470,7 +471,7 @@ def run_bench(cases: list[Case], cfg: BenchConfig, *, command: str | None = None
         "compile_mode": "torch.compile(reference, dynamic=False), compiled per case before timing" if cfg.compile
         else "not run",
         "timing": ("triton.testing.do_bench, else CUDA events" if device.type == "cuda"
-                   else f"time.perf_counter, 1 warm-up, {cfg.min_repeats}..{cfg.max_repeats} repeats "
+                   else f"time.perf_counter after the checked first call, {cfg.min_repeats}..{cfg.max_repeats} repeats "
                         f"within ~{cfg.budget_s:g} s"),
         "memory": memory_method(device),
         "load_avg_start": load_start,
