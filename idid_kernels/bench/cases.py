@@ -114,6 +114,8 @@ def _pml_external(margin: str, s: float, m: float) -> External:
     transposed back for the check.
     """
     name = {"cosface": "CosFaceLoss", "arcface": "ArcFaceLoss"}[margin]
+    shown = f"{math.degrees(m):.4g} degrees = {m} rad" if margin == "arcface" else f"{m}"
+    logit = "s * (cos - m)" if margin == "cosface" else "s * cos(theta + m)"
 
     def build(diff, const):
         from pytorch_metric_learning import losses
@@ -135,9 +137,9 @@ def _pml_external(margin: str, s: float, m: float) -> External:
 
     return External(
         name="pml",
-        description=(f"pytorch-metric-learning {name}(margin={'%.4g deg' % math.degrees(m) if margin == 'arcface' else m}, "
-                     f"scale={s:g}): the same margin softmax without the norm contraction, W stored (d, C); "
-                     f"checked against the reference with contraction='none'"),
+        description=(f"pytorch-metric-learning {name}(margin={shown}, scale={s:g}) on the same N, d, C: target "
+                     f"logit {logit} with no norm contraction (a_n = s for every row), W stored as (d, C); "
+                     f"checked against this package's reference with contraction='none'"),
         missing=_pml_missing(),
         build=build,
         truth_kwargs=dict(contraction="none"),
