@@ -1,4 +1,4 @@
-"""Command line: ``python -m idid_kernels {check,info,train}``."""
+"""Command line: ``python -m idid_kernels {bench,check,info,train}``."""
 from __future__ import annotations
 
 import argparse
@@ -42,10 +42,20 @@ def _cmd_train(args) -> int:
     return run_train(args)
 
 
+def _cmd_bench(args) -> int:
+    from .bench.command import run
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .bench.command import add_arguments as add_bench_arguments
     parser = argparse.ArgumentParser(prog="python -m idid_kernels",
                                      description="Fused kernels for IDID-R1 and contraction-mapped margin losses.")
     sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help="time and measure every backend against eager and torch.compile "
+                                         "(checking each against the reference)")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=_cmd_bench)
     check = sub.add_parser("check", help="compare every available backend with the float64 reference")
     check.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     check.add_argument("--dtype", choices=tuple(DTYPES), default="float32")

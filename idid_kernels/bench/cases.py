@@ -1,0 +1,262 @@
+"""What ``python -m idid_kernels bench`` measures: one :class:`Case` per (op, configuration, sizes).
+
+A case builds float64 inputs from a seeded generator (the runner casts them to the dtype under
+test), names the op's keywords, and optionally says which bare GEMMs bound it from below (the GEMM
+floor) and which third-party implementation runs beside it (:class:`External`). The implementations
+timed for a case are not listed here: the runner takes the eager reference, ``torch.compile`` of it,
+every backend in ``_backends.IMPLEMENTED[op]`` that is available here, and the case's externals, so
+new backends appear without touching this file.
+
+Sizes come in presets: ``tiny`` (tests, seconds), ``default`` (the plain ``bench`` command: a few
+minutes at most on a 2-core CPU, compile time included) and ``full`` (``--full``: the sizes the
+kernels are for), per device type.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+SUITES = ("cm", "idid", "primitives")
+PRESETS = ("tiny", "default", "full")
+
+
+@dataclass
+class External:
+    """A third-party implementation timed beside a case (e.g. pytorch-metric-learning).
+
+    ``build(diff, const)`` takes the case's inputs, already cast and on the device, and returns
+    ``(leaves, fn, to_case_grads)``: the tensors it differentiates, ``fn(*leaves)`` giving the loss,
+    and a map from the gradients of ``leaves`` to the case's own input layout, so that the
+    correctness check can compare them with the reference. ``truth_kwargs`` are the reference
+    keywords under which the external computes the same function (it is checked against that).
+    """
+
+    name: str
+    description: str
+    missing: str | None
+    build: Callable
+    truth_kwargs: dict
+
+
+@dataclass
+class Case:
+    suite: str
+    op: str
+    config: str                 # short name of the keyword configuration, e.g. "cosface+sigmoid"
+    sizes: dict[str, int]       # N (rows), M (pairwise_cosine's second set), d, C
+    make: Callable[[torch.Generator], tuple[list[torch.Tensor], list]]  # float64 (diff, const)
+    kwargs: dict = field(default_factory=dict)
+    floor_flops: float | None = None   # flops of the bare GEMMs of forward + backward
+    floor: Callable[[list[torch.Tensor]], Callable[[], object]] | None = None  # closure running them
+    floor_note: str = ""
+    externals: list[External] = field(default_factory=list)
+    out_shape: tuple[int, ...] = ()  # the op's output: () for the losses
+    work_elems: int = 0         # elements of the largest (rows x something) intermediate of the reference
+    with_rows: Callable[[int], "Case"] | None = None  # the same case with fewer rows (for big-size checks)
+
+    @property
+    def label(self) -> str:
+        dims = " ".join(f"{k}={v}" for k, v in self.sizes.items())
+        return f"{self.op} {self.config} {dims}".replace("  ", " ")
+
+
+# --------------------------------------------------------------------------------------- inputs
+
+def _randn(g, *shape, scale=1.0):
+    return scale * torch.randn(*shape, generator=g, dtype=torch.float64)
+
+
+def _cm_make(n, d, c):
+    def make(g):
+        # Class weights small, as at initialisation; features of unit-scale entries.
+        return [_randn(g, n, d), _randn(g, c, d, scale=0.05)], [torch.randint(0, c, (n,), generator=g)]
+    return make
+
+
+def _idid_make(b, d, c):
+    def make(g):
+        labels = torch.randint(0, c, (b,), generator=g)
+        return [_randn(g, b, d), _randn(g, c, d), _randn(g, c, c, scale=0.5)], [labels]
+    return make
+
+
+def _linear_gemms(inputs):
+    """X W^T, G W, G^T X: the three GEMMs of a linear layer's forward + backward (6 N d C flops)."""
+    x, w = (t.detach() for t in inputs[:2])
+    s = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+
+    def run():
+        torch.mm(x, w.t(), out=s)
+        torch.mm(s, w)
+        torch.mm(s.t(), x)
+    return run
+
+
+# ------------------------------------------------------------------------- pytorch-metric-learning
+
+def _pml_missing() -> str | None:
+    if importlib.util.find_spec("pytorch_metric_learning") is None:
+        return "pytorch-metric-learning is not installed (pip install 'idid_kernels[bench]')"
+    return None
+
+
+def _pml_external(margin: str, s: float, m: float) -> External:
+    """PML's CosFaceLoss / ArcFaceLoss on the same (N, d, C), scale and margin.
+
+    PML's losses have no norm contraction: they compute s * (cos - m) (CosFace) or s * cos(theta + m)
+    with the fallback c - m sin m past theta = pi - m (ArcFace) on every row, then the mean
+    cross-entropy. That is exactly our reference with ``contraction="none"``, which is what the
+    column is checked against. PML keeps its class matrix as W of shape (d, C); its gradient is
+    transposed back for the check.
+    """
+    name = {"cosface": "CosFaceLoss", "arcface": "ArcFaceLoss"}[margin]
+    shown = f"{math.degrees(m):.4g} degrees = {m} rad" if margin == "arcface" else f"{m}"
+    logit = "s * (cos - m)" if margin == "cosface" else "s * cos(theta + m)"
+
+    def build(diff, const):
+        from pytorch_metric_learning import losses
+
+        x, w = diff
+        (labels,) = const
+        n_classes, d = w.shape
+        # PML takes ArcFace's margin in degrees and CosFace's as a cosine offset.
+        pml_m = math.degrees(m) if margin == "arcface" else m
+        loss = getattr(losses, name)(num_classes=n_classes, embedding_size=d, margin=pml_m, scale=s)
+        loss = loss.to(device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            loss.W.copy_(w.detach().t())
+        x = x.detach().clone().requires_grad_(True)
+
+        def fn(xx, ww):
+            return loss(xx, labels)
+        return [x, loss.W], fn, lambda grads: [grads[0], grads[1].t()]
+
+    return External(
+        name="pml",
+        description=(f"pytorch-metric-learning {name}(margin={shown}, scale={s:g}) on the same N, d, C: target "
+                     f"logit {logit} with no norm contraction (a_n = s for every row), W stored as (d, C); "
+                     f"checked against this package's reference with contraction='none'"),
+        missing=_pml_missing(),
+        build=build,
+        truth_kwargs=dict(contraction="none"),
+    )
+
+
+# -------------------------------------------------------------------------------------- sizes
+# (N, d, C) per preset and device type. Each list is a sweep of C at one N plus a sweep of N at one
+# C; the default CPU sizes keep the whole run (torch.compile's compilations included) in about
+# three minutes on two cores.
+_CM_SIZES = {
+    ("tiny", "cpu"): [(16, 8, 32), (16, 8, 64), (48, 8, 32)],
+    ("default", "cpu"): [(256, 128, 2048), (256, 128, 8192), (1024, 128, 2048)],
+    ("full", "cpu"): [(1024, 256, 8192), (1024, 256, 32768), (1024, 256, 131072), (256, 256, 32768),
+                      (4096, 256, 32768)],
+    ("tiny", "cuda"): [(64, 32, 256), (64, 32, 1024), (256, 32, 256)],
+    ("default", "cuda"): [(4096, 512, 16384), (4096, 512, 65536), (16384, 512, 16384)],
+    ("full", "cuda"): [(8192, 512, 65536), (8192, 512, 262144), (8192, 512, 1048576), (2048, 512, 262144),
+                       (32768, 512, 262144)],
+}
+# (B, d, C)
+_IDID_SIZES = {
+    ("tiny", "cpu"): [(24, 8, 5), (48, 8, 5), (24, 8, 11)],
+    ("default", "cpu"): [(256, 128, 512), (1024, 128, 512), (256, 128, 2048)],
+    # C stays moderate: the (C, C) similarity and its float64 reference do not shrink with the rows
+    ("full", "cpu"): [(1024, 128, 1000), (1024, 128, 4000), (1024, 128, 8000), (256, 128, 4000), (4096, 128, 4000)],
+    ("tiny", "cuda"): [(128, 32, 16), (512, 32, 16), (128, 32, 64)],
+    ("default", "cuda"): [(4096, 256, 4096), (16384, 256, 4096), (4096, 256, 16384)],
+    ("full", "cuda"): [(8192, 512, 4096), (8192, 512, 16384), (2048, 512, 16384), (32768, 512, 16384)],
+}
+# pairwise_cosine (N, M, d); class_density (B, d, C); norm_contraction (N, d)
+_PRIM_SIZES = {
+    ("tiny", "cpu"): ((16, 12, 8), (32, 8, 4), (64, 8)),
+    ("default", "cpu"): ((1024, 1024, 128), (2048, 128, 64), (16384, 256)),
+    ("full", "cpu"): ((4096, 4096, 256), (8192, 256, 256), (262144, 512)),
+    ("tiny", "cuda"): ((256, 128, 32), (256, 32, 8), (1024, 32)),
+    ("default", "cuda"): ((8192, 8192, 512), (16384, 256, 256), (1048576, 512)),
+    ("full", "cuda"): ((32768, 32768, 512), (32768, 512, 1024), (4194304, 512)),
+}
+
+
+def _sizes(table, preset, device_type):
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+    return table[(preset, "cuda" if device_type == "cuda" else "cpu")]
+
+
+def _cm_case(margin: str, m: float, n: int, d: int, c: int, s: float = 30.0) -> Case:
+    return Case(
+        suite="cm", op="cm_margin_loss", config=f"{margin}+sigmoid", sizes=dict(N=n, d=d, C=c),
+        make=_cm_make(n, d, c), kwargs=dict(s=s, margin=margin, m=m, contraction="sigmoid"),
+        floor_flops=6.0 * n * d * c, floor=_linear_gemms, floor_note="X W^T, G W, G^T X (6 N d C flops)",
+        externals=[_pml_external(margin, s, m)], work_elems=n * c,
+        with_rows=lambda k: _cm_case(margin, m, k, d, c, s))
+
+
+def cm_cases(preset: str = "default", device_type: str = "cpu") -> list[Case]:
+    """cm_margin_loss, CosFace and ArcFace with the sigmoid contraction (s=30; m=0.4 / 0.5 rad).
+
+    CosFace runs the whole sweep. In the default preset ArcFace runs only at the sweep's largest C
+    (the many-class regime the kernels are for): every case costs a torch.compile, about ten seconds
+    on two cores, and the default run has to stay within three minutes."""
+    shapes = _sizes(_CM_SIZES, preset, device_type)
+    arcface = [max(shapes, key=lambda nd_c: nd_c[2])] if preset == "default" else shapes
+    return ([_cm_case("cosface", 0.4, n, d, c) for n, d, c in shapes]
+            + [_cm_case("arcface", 0.5, n, d, c) for n, d, c in arcface])
+
+
+def _idid_case(b: int, d: int, c: int) -> Case:
+    return Case(
+        suite="idid", op="idid_loss", config="all terms", sizes=dict(N=b, d=d, C=c),
+        make=_idid_make(b, d, c), kwargs=dict(alpha=16.0),
+        floor_flops=6.0 * b * d * c, floor=_linear_gemms,
+        floor_note="the proxy logits' X P^T, G P, G^T X (6 B d C flops); the B x B density GEMMs not counted",
+        work_elems=b * c + b * b + c * c, with_rows=lambda k: _idid_case(k, d, c))
+
+
+def idid_cases(preset: str = "default", device_type: str = "cpu") -> list[Case]:
+    """idid_loss with every part on (distillation, diversity, adaptive weight; alpha=16)."""
+    return [_idid_case(b, d, c) for b, d, c in _sizes(_IDID_SIZES, preset, device_type)]
+
+
+def _pairwise_case(n: int, m: int, d: int) -> Case:
+    def make(g):
+        return [_randn(g, n, d), _randn(g, m, d)], []
+    return Case(suite="primitives", op="pairwise_cosine", config="x vs y", sizes=dict(N=n, M=m, d=d), make=make,
+                floor_flops=6.0 * n * m * d, floor=_linear_gemms, floor_note="X Y^T, G Y, G^T X (6 N M d flops)",
+                out_shape=(n, m), work_elems=n * m, with_rows=lambda k: _pairwise_case(k, m, d))
+
+
+def _density_case(b: int, d: int, c: int) -> Case:
+    def make(g):
+        return [_randn(g, b, d)], [torch.randint(0, c, (b,), generator=g), c]
+    return Case(suite="primitives", op="class_density", config="t=2", sizes=dict(N=b, d=d, C=c), make=make,
+                kwargs=dict(t=2.0), out_shape=(c,), work_elems=b * b, with_rows=lambda k: _density_case(k, d, c))
+
+
+def _norm_case(n: int, d: int) -> Case:
+    def make(g):
+        return [_randn(g, n, d)], []
+    return Case(suite="primitives", op="norm_contraction", config="offset=0.5 T=2", sizes=dict(N=n, d=d),
+                make=make, kwargs=dict(offset=0.5, temperature=2.0), out_shape=(n,), work_elems=n * d,
+                with_rows=lambda k: _norm_case(k, d))
+
+
+def primitive_cases(preset: str = "default", device_type: str = "cpu") -> list[Case]:
+    """pairwise_cosine, class_density and norm_contraction, forward + backward under a random
+    upstream gradient."""
+    (n, m, d), (b, d2, c), (n3, d3) = _sizes(_PRIM_SIZES, preset, device_type)
+    return [_pairwise_case(n, m, d), _density_case(b, d2, c), _norm_case(n3, d3)]
+
+
+def suite_cases(suite: str = "all", preset: str = "default", device_type: str = "cpu") -> list[Case]:
+    """The cases of ``suite`` ("cm" | "idid" | "primitives" | "all") at ``preset`` sizes."""
+    makers = {"cm": cm_cases, "idid": idid_cases, "primitives": primitive_cases}
+    if suite == "all":
+        return [case for name in SUITES for case in makers[name](preset, device_type)]
+    if suite not in makers:
+        raise ValueError(f"suite must be one of {SUITES + ('all',)}, got {suite!r}")
+    return makers[suite](preset, device_type)
