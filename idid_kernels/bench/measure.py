@@ -148,11 +148,23 @@ def memory_method(device: torch.device) -> str:
     if _rss_probe.why_not:
         return f"not measured: {_rss_probe.why_not}"
     return ("growth of the peak RSS (VmHWM) over one step, after malloc_trim(0) and a VmHWM reset "
-            "(/proc/self/clear_refs)")
+            "(/proc/self/clear_refs); median of 3 steps")
 
 
-def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
-    """Extra memory (MiB) that one call of ``fn`` needs at its peak; NaN where not measurable."""
+def peak_memory_mb(fn: Callable[[], object], device: torch.device, *, repeats: int = 1,
+                   before: Callable[[], object] | None = None) -> float:
+    """Extra memory (MiB) that one call of ``fn`` needs at its peak; NaN where not measurable.
+
+    With ``repeats`` > 1 the median over that many calls (``before()`` runs ahead of each, outside
+    the measurement): on a CPU the peak RSS moves by some 10% from call to call with the order in
+    which the allocator reuses freed blocks."""
+    if repeats > 1 or before is not None:
+        values = []
+        for _ in range(repeats):
+            if before is not None:
+                before()
+            values.append(peak_memory_mb(fn, device))
+        return statistics.median(values)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         gc.collect()

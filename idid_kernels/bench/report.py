@@ -177,6 +177,9 @@ def write_plots(result: BenchResult, directory: str | Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -199,13 +202,25 @@ def write_plots(result: BenchResult, directory: str | Path) -> list[Path]:
                 fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
                 for impl in dict.fromkeys(r.impl for r in grows):
                     pts = sorted((getattr(r, axis), r.median_ms, r.peak_mb) for r in grows if r.impl == impl)
-                    xs = [p[0] for p in pts]
-                    ax_t.plot(xs, [p[1] for p in pts], marker="o", label=impl)
-                    ax_m.plot(xs, [p[2] for p in pts], marker="o", label=impl)
+                    for ax, col in ((ax_t, 1), (ax_m, 2)):  # leave out what was not measured (OOM, no /proc)
+                        xy = [(p[0], p[col]) for p in pts if math.isfinite(p[col]) and p[col] > 0]
+                        if xy:
+                            ax.plot([p[0] for p in xy], [p[1] for p in xy], marker="o", label=impl)
                 fixed_s = " ".join(f"{k}={v}" for k, v in fixed)
                 for ax, ylabel in ((ax_t, "forward+backward median (ms)"), (ax_m, "peak extra memory (MB)")):
+                    if not ax.lines:
+                        ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
+                        continue
                     ax.set_xscale("log", base=2)
                     ax.set_yscale("log")
+                    ax.set_xticks(sorted({getattr(r, axis) for r in grows}))
+                    ax.xaxis.set_major_formatter(plain)
+                    ax.xaxis.set_minor_formatter(NullFormatter())
+                    ax.yaxis.set_major_formatter(plain)
+                    ys = [y for line in ax.lines for y in line.get_ydata()]
+                    ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
+                    # label 2x and 5x between the powers of ten unless the data spans many decades
+                    ax.yaxis.set_minor_formatter(plain if max(ys) < 1000 * min(ys) else NullFormatter())
                     ax.set_xlabel(axis)
                     ax.set_ylabel(ylabel)
                     ax.grid(True, which="both", alpha=0.3)

@@ -332,8 +332,9 @@ class CaseRun:
                                        budget_s=cfg.budget_s, **warm)
             row.median_ms, row.q1_ms, row.q3_ms, row.repeats = (timing.median_ms, timing.q1_ms, timing.q3_ms,
                                                                 timing.repeats)
-            _clear_grads(impl)
-            row.peak_mb = peak_memory_mb(step, self.device)
+            # GPU allocator statistics are exact; the CPU's peak RSS takes the median of 3 steps.
+            row.peak_mb = peak_memory_mb(step, self.device, repeats=1 if self.device.type == "cuda" else 3,
+                                         before=lambda: _clear_grads(impl))
         except torch.OutOfMemoryError as exc:
             row.check, row.note = OOM, _describe_error(exc)
         _clear_grads(impl)
