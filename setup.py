@@ -1,15 +1,18 @@
 """Build script for idid_kernels and its C++/CUDA extension ``idid_kernels._C``.
 
+Metadata and build requirements are in ``pyproject.toml``; this file only describes the extension.
 Install (torch must already be installed; the build imports it):
 
-    pip install --no-build-isolation -e .
+    pip install --no-build-isolation -e ".[test]"
 
-There is deliberately no ``pyproject.toml`` build requirement on torch: an isolated build
-environment would download the newest CUDA build of torch instead of using the installed one.
+torch is deliberately not a build requirement: an isolated build environment would download the
+newest CUDA build of torch instead of compiling against the installed one. A build that cannot
+import torch (``pip install .`` with build isolation, or no torch installed) stops with a message
+saying what to do, instead of silently installing a package without its kernels.
 
 Environment switches (read at build time):
 
-    IDID_KERNELS_NO_EXT=1     build no extension (the package runs on the reference backend)
+    IDID_KERNELS_NO_EXT=1     build no extension: a pure-Python install on the reference backend
     IDID_KERNELS_NO_CUDA=1    build the CPU extension even when torch has CUDA and nvcc is found
     IDID_KERNELS_CUDA_ARCH    nvcc architectures, e.g. "80;90" (default: TORCH_CUDA_ARCH_LIST or "80;90")
     IDID_KERNELS_DEBUG=1      -O0 -g builds
@@ -21,7 +24,7 @@ import os
 import sys
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = Path(__file__).parent.resolve()
 CSRC = ROOT / "csrc"
@@ -35,6 +38,21 @@ def _rel(paths):
     return sorted(str(p.relative_to(ROOT)) for p in paths)
 
 
+_NO_TORCH = """
+idid_kernels: cannot build the C++ extension: torch is not importable in the build environment
+({error}; build interpreter {python}).
+
+The extension is compiled against the torch you run with, so torch must be installed first and
+the build must see it:
+
+    pip install torch==2.13.0            # or your CUDA build of torch
+    pip install --no-build-isolation -e ".[test]"
+
+`pip install .` without --no-build-isolation builds in a fresh environment that has no torch.
+For a pure-Python install (reference backend only, no fused kernels) set IDID_KERNELS_NO_EXT=1.
+"""
+
+
 def _extensions():
     if _flag("IDID_KERNELS_NO_EXT"):
         print("idid_kernels: IDID_KERNELS_NO_EXT set, building no extension", file=sys.stderr)
@@ -42,10 +60,8 @@ def _extensions():
     try:
         import torch
         from torch.utils import cpp_extension
-    except ImportError:
-        print("idid_kernels: torch is not importable, building no extension "
-              "(install torch first, then pip install --no-build-isolation -e .)", file=sys.stderr)
-        return [], {}
+    except ImportError as exc:
+        raise SystemExit(_NO_TORCH.format(error=f"{type(exc).__name__}: {exc}", python=sys.executable)) from None
 
     debug = _flag("IDID_KERNELS_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
@@ -86,25 +102,5 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 
-setup(
-    name="idid_kernels",
-    version="0.1.0",
-    description="Fused kernels for imbalance-aware losses: IDID-R1 and contraction-mapped margin softmax",
-    long_description=(ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").exists() else "",
-    long_description_content_type="text/markdown",
-    packages=find_packages(include=["idid_kernels", "idid_kernels.*"]),
-    python_requires=">=3.10",
-    # torch is not pinned here: pip would resolve it to the newest (CUDA) wheel. Install it first.
-    install_requires=["numpy"],
-    extras_require={
-        "test": ["pytest>=7", "expecttest"],
-        "triton": ["triton"],
-        "bench": ["pytest-benchmark", "matplotlib", "pytorch-metric-learning"],
-        # `python -m idid_kernels train`: the bundled digits data set, and --plot.
-        "train": ["scikit-learn", "matplotlib"],
-    },
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    entry_points={"console_scripts": ["idid-kernels=idid_kernels.cli:main"]},
-    zip_safe=False,
-)
+# Everything else (name, version, packages, dependencies, extras, entry points) is in pyproject.toml.
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
