@@ -13,7 +13,12 @@ Math, per row n and class j:
     c_nj = <u_n, w^_j>
     a_n = s * sigmoid((r_n - offset) / T)        (contraction="sigmoid"; a_n = s for "none")
     z_nj = a_n * c_nj  (j != y_n),   z_n,y_n = a_n * phi(c_n,y_n)
-    loss_n = logsumexp_j z_nj - z_n,y_n,  reduced exactly like F.cross_entropy (weight, ignore_index)
+    loss_n = logsumexp_j z_nj - z_n,y_n = softplus(logsumexp_{j != y_n} z_nj - z_n,y_n),
+             reduced exactly like F.cross_entropy (weight, ignore_index)
+
+The second form of loss_n is the one computed: the first cancels in float32 once the loss falls
+below ~1e-6 (lse and z_y agree to all their digits), the softplus of the off-target logsumexp does
+not.
 
 This module materialises the (N, C) logits: it is the oracle and the fallback, not the fast path.
 """
@@ -23,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .margins import MarginParams, phi, phi_straight_through, resolve_margin
-from .primitives import normalize
+from .primitives import normalize, row_norm
 
 CONTRACTIONS = ("sigmoid", "none")
 REDUCTIONS = ("mean", "sum", "none")
@@ -34,7 +39,7 @@ def contraction_scale(x: torch.Tensor, s: float, contraction: str = "sigmoid", n
     """a_n = s * g(||x_n||), shape (N,); constant s when ``contraction="none"``."""
     if contraction == "none":
         return torch.full((x.shape[0],), float(s), dtype=x.dtype, device=x.device)
-    r = torch.linalg.vector_norm(x, dim=1)
+    r = row_norm(x)
     if detach_norm:
         r = r.detach()
     return s * torch.sigmoid((r - norm_offset) / norm_temperature)
@@ -74,6 +79,27 @@ def cm_margin_loss(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, 
     z = cm_logits(x, weight, labels, params, s=s, contraction=contraction, norm_offset=norm_offset,
                   norm_temperature=norm_temperature, detach_norm=detach_norm, margin_grad=margin_grad,
                   ignore_index=ignore_index)
-    if class_weight is not None:
-        class_weight = class_weight.to(z.dtype)
-    return F.cross_entropy(z, labels, weight=class_weight, ignore_index=ignore_index, reduction=reduction)
+    return softmax_cross_entropy(z, labels, class_weight, ignore_index, reduction)
+
+
+def softmax_cross_entropy(z: torch.Tensor, labels: torch.Tensor, class_weight: torch.Tensor | None,
+                          ignore_index: int, reduction: str) -> torch.Tensor:
+    """``F.cross_entropy(z, labels, weight=class_weight, ignore_index=..., reduction=...)`` with each
+    row's loss computed as softplus(logsumexp_{j != y} z_j - z_y), exact where the loss is tiny.
+
+    Same semantics: row weights w_n = class_weight[y_n] (1 without), 0 on ignored rows; "none" gives
+    w_n loss_n, "sum" their sum, "mean" the sum over sum_n w_n (NaN for a batch with no weight)."""
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    target = F.one_hot(safe, z.shape[1]).to(torch.bool)
+    z_y = z.gather(1, safe[:, None]).squeeze(1)
+    lse_off = torch.logsumexp(z.masked_fill(target, float("-inf")), dim=1)
+    rows = torch.logaddexp(torch.zeros_like(z_y), lse_off - z_y)  # softplus, exact for tiny losses
+    weight = torch.ones_like(z_y) if class_weight is None else class_weight.to(z.dtype)[safe]
+    weight = torch.where(valid, weight, torch.zeros_like(weight))
+    rows = torch.where(valid, rows, torch.zeros_like(rows)) * weight
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / weight.sum()

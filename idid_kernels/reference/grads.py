@@ -12,7 +12,7 @@ import torch
 from .cm_margin import contraction_scale
 from .idid import sample_weights, student_log_probs, teacher_log_probs
 from .margins import MarginParams, phi, phi_grad
-from .primitives import NORM_EPS, class_density_terms, diversity_kernel, normalize
+from .primitives import NORM_EPS, class_density_terms, diversity_kernel, normalize, row_norm
 
 
 def normalize_backward(grad_u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -21,7 +21,7 @@ def normalize_backward(grad_u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     Below the floor the denominator is a constant, so the radial projection is dropped there,
     exactly as autograd of ``F.normalize`` does.
     """
-    r = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    r = row_norm(x).unsqueeze(1)
     u = x / r.clamp_min(NORM_EPS)
     radial = torch.where(r > NORM_EPS, (grad_u * u).sum(dim=1, keepdim=True), torch.zeros_like(r))
     return (grad_u - radial * u) / r.clamp_min(NORM_EPS)
@@ -29,9 +29,9 @@ def normalize_backward(grad_u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def norm_backward(grad_r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """dL/dx for r = ||x|| given dL/dr, shape (N,): grad_r x / r, and 0 on a zero row."""
-    r = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-    inv = torch.where(r > 0, 1.0 / r.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(r))
-    return grad_r[:, None] * x * inv
+    r = row_norm(x).unsqueeze(1)
+    unit = torch.where(r > 0, x / torch.where(r > 0, r, torch.ones_like(r)), torch.zeros_like(x))
+    return grad_r[:, None] * unit
 
 
 def sigmoid_contraction_grad(r: torch.Tensor, offset: float, temperature: float) -> torch.Tensor:
@@ -46,7 +46,7 @@ def sigmoid_contraction_grad(r: torch.Tensor, offset: float, temperature: float)
 def norm_contraction_backward(grad_out: torch.Tensor, x: torch.Tensor, offset: float = 0.0,
                               temperature: float = 1.0) -> torch.Tensor:
     """dx for out_n = sigmoid((||x_n|| - offset) / T): grad_n g'(r_n) x_n / r_n."""
-    r = torch.linalg.vector_norm(x, dim=1)
+    r = row_norm(x)
     return norm_backward(grad_out * sigmoid_contraction_grad(r, offset, temperature), x)
 
 
@@ -131,7 +131,7 @@ def cm_margin_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Te
     dx = normalize_backward(g @ w_hat, x)
     dw = normalize_backward(g.transpose(0, 1) @ u, weight)
     if contraction == "sigmoid" and not detach_norm:
-        r = torch.linalg.vector_norm(x, dim=1)
+        r = row_norm(x)
         radial = s * sigmoid_contraction_grad(r, norm_offset, norm_temperature) * r_sum
         dx = dx + norm_backward(radial, x)
     return dx, dw

@@ -12,9 +12,24 @@ import torch.nn.functional as F
 NORM_EPS = 1e-12
 
 
+def row_norm(x: torch.Tensor) -> torch.Tensor:
+    """||x_n||, shape (N,), without overflow or underflow of the squares (BLAS nrm2's guarantee).
+
+    Each row is divided by its largest magnitude before squaring: in float32 the plain sum of
+    squares overflows for norms above ~1.8e19 and underflows to 0 below ~1e-19. The divisor is
+    detached; r = m ||x / m|| is homogeneous in x, so the gradient is still x / r. A zero row
+    gives 0 (gradient 0, as autograd's norm), an inf entry inf and a NaN entry NaN.
+    """
+    m = x.detach().abs().amax(dim=1, keepdim=True)
+    m = torch.where((m > 0) & (m < float("inf")), m, torch.ones_like(m))
+    return torch.linalg.vector_norm(x / m, dim=1) * m.squeeze(1)
+
+
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    """Row-wise L2 normalisation with ``F.normalize`` semantics (a zero row stays zero)."""
-    return F.normalize(x, p=2.0, dim=1, eps=NORM_EPS)
+    """Row-wise L2 normalisation with ``F.normalize`` semantics: u = x / max(||x||, 1e-12) (a zero row
+    stays zero), with the norm of :func:`row_norm` (F.normalize's own norm overflows in float32
+    for rows above ~1.8e19)."""
+    return x / row_norm(x).clamp_min(NORM_EPS).unsqueeze(1)
 
 
 def pairwise_cosine(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -34,8 +49,7 @@ def norm_contraction(x: torch.Tensor, offset: float = 0.0, temperature: float = 
     The contraction mapping of feature norms (Liu et al. 2024): every row's norm is squeezed into
     (0, 1). Gradient: dx_n = grad_n * sig (1 - sig) / T * x_n / ||x_n|| (0 for a zero row).
     """
-    r = torch.linalg.vector_norm(x, dim=1)
-    return torch.sigmoid((r - offset) / temperature)
+    return torch.sigmoid((row_norm(x) - offset) / temperature)
 
 
 def diversity_kernel(u: torch.Tensor, t: float) -> torch.Tensor:
