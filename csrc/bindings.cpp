@@ -33,12 +33,13 @@ TORCH_LIBRARY(idid_kernels, m) {
   "float s, int margin_kind, float m1, float m2, float m3, float sphere_lambda, bool easy_margin, "          \
   "bool exact_grad, bool contraction, float offset, float temperature, bool detach_norm, int ignore_index, " \
   "int chunk_rows"
-  // Per-row losses (0 on ignored rows) and the statistics backward needs.
+  // Per-row losses (0 on ignored rows) and the statistics backward needs: row_stats (2, N) holds
+  // each row's shift (its max in cosine units) and log-sum-exp relative to it (common/cm_row.h).
   m.def("cm_margin_forward(Tensor x, Tensor weight, Tensor labels, " IDK_CM_CFG
-        ") -> (Tensor loss_rows, Tensor lse, Tensor x_norm, Tensor w_norm)");
+        ") -> (Tensor loss_rows, Tensor row_stats, Tensor x_norm, Tensor w_norm)");
   // Gradients for any per-row upstream gradient; recomputes the cosines chunk by chunk.
-  m.def("cm_margin_backward(Tensor grad_rows, Tensor x, Tensor weight, Tensor labels, Tensor lse, Tensor x_norm, "
-        "Tensor w_norm, " IDK_CM_CFG ") -> (Tensor dx, Tensor dweight)");
+  m.def("cm_margin_backward(Tensor grad_rows, Tensor x, Tensor weight, Tensor labels, Tensor row_stats, "
+        "Tensor x_norm, Tensor w_norm, " IDK_CM_CFG ") -> (Tensor dx, Tensor dweight)");
   // loss = sum_n row_weight_n loss_n with its gradients formed in the same pass (scalar reductions).
   m.def("cm_margin_fused(Tensor x, Tensor weight, Tensor labels, Tensor row_weight, " IDK_CM_CFG
         ") -> (Tensor loss, Tensor dx, Tensor dweight)");

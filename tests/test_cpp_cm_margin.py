@@ -247,10 +247,10 @@ def test_opcheck(dtype):
                       num_classes=6)
     ops = torch.ops.idid_kernels
     torch.library.opcheck(ops.cm_margin_forward.default, (x, w, y, *cfg))
-    loss_rows, lse, xn, wn = ops.cm_margin_forward(x.detach(), w.detach(), y, *cfg)
-    torch.library.opcheck(ops.cm_margin_backward.default, (torch.rand_like(lse), x.detach(), w.detach(), y, lse, xn,
+    loss_rows, stats, xn, wn = ops.cm_margin_forward(x.detach(), w.detach(), y, *cfg)
+    torch.library.opcheck(ops.cm_margin_backward.default, (torch.rand_like(xn), x.detach(), w.detach(), y, stats, xn,
                                                            wn, *cfg))
-    torch.library.opcheck(ops.cm_margin_fused.default, (x, w, y, torch.rand(7, dtype=lse.dtype), *cfg))
+    torch.library.opcheck(ops.cm_margin_fused.default, (x, w, y, torch.rand(7, dtype=xn.dtype), *cfg))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])

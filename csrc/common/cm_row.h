@@ -1,10 +1,22 @@
 // Row epilogues of the contraction-mapped margin softmax (spec/cm_margin.md), shared by the CPU
 // driver (csrc/cpu/cm_margin.cpp) and written so a CUDA row kernel can reuse the scalar pieces.
 //
-// A row n arrives as its C cosines c_j = <u_n, w^_j> (the GEMM output scaled by the inverse norms).
-// With a = s g(r_n), psi_j = c_j off target and phi(c_y) on target, z_j = a psi_j:
-//   forward   lse = logsumexp_j z_j,            loss = lse - z_y
-//   gradient  G_j = a g_n (p_j - [j = y]) psi'_j,  R = g_n (sum_j p_j psi_j - psi_y)
+// A row n arrives as its C cosines c_j = <u_n, w_j> / ||w_j|| (the GEMM of the unit row u_n with
+// the raw class rows, scaled by the inverse class norms). With a = s g(r_n) > 0, psi_j = c_j off
+// target and phi(c_y) on target, z_j = a psi_j:
+//   shift   m = max_j psi_j (in cosine units: max_j z_j = a m, as a > 0)
+//   forward t = a (m - psi_y) >= 0,  P = sum_{j != y} exp(a (c_j - m)),
+//           log_sum = log sum_j exp(z_j - a m) = log(P + exp(-t)),  loss = t + log_sum
+//   gradient p_j = exp(a (c_j - m) - log_sum),  G_j = a g_n (p_j - [j = y]) psi'_j,
+//           R = g_n (sum_j p_j psi_j - psi_y)
+// Two choices keep this exact where the textbook lse - z_y is not:
+// - The exponents are a (c_j - m), a product after a subtraction. a c_j - a m loses all digits
+//   once s is large (at s = 1e12 the rounding of a c_j alone is ~3e4), and a compiler may fuse it
+//   into an FMA that subtracts a rounded max from an exact product: exp(+-3e4).
+// - loss = log1p(P) when the target is the row's max (t = 0): lse - z_y cancels to 0 in float32
+//   for losses below ~6e-8 and loses most digits below ~1e-5. Otherwise P >= 1 (it holds the
+//   max's exp(0)) and t + log(P + exp(-t)) has no cancellation.
+// The forward saves (m, log_sum) per row for the backward.
 // The gradient epilogues overwrite the row with G'_j = G_j / ||w_j||, the left operand of both
 // backward GEMMs (dU = G' W, dW += G'^T U). The target column is handled outside the loops, which
 // split at y so each loop is a plain vectorisable sweep.
@@ -41,14 +53,15 @@ enum CmMode : int { kCmForward = 0, kCmBackward = 1, kCmFused = 2, kCmShardForwa
 template <typename A>
 struct CmRowJob {
   CmConfig<A> cfg;
-  A* s;  // (rows x C): raw dots in; G' out in the gradient modes
+  A* s;  // (rows x C): dots <u_n, w_j> of unit rows in; G' out in the gradient modes
   const A* inv_wn;
-  const A* inv_xn;
   const A* x_norm;
   const int64_t* labels;
   const A* g;  // per-row weight (fused) or upstream gradient (backward); null in forward
   A* loss;     // per-row loss (forward, fused)
-  A* lse;      // written in forward/fused, read in backward
+  A* shift;    // (N,) the row's max m in cosine units: written in forward/fused, read in backward
+  A* log_sum;  // (N,) log sum_j exp(z_j - a m): likewise
+  A* lse;      // shard modes: the partial max of z (forward), the global lse (backward)
   A* radial;   // (rows,) radial coefficient of dx (gradient modes)
   A* sum_exp;  // shard forward: (N,) sum_j exp(z_j - max), the max going to lse
   A* target;   // shard forward: (N,) z_y where y is in the shard, else 0
@@ -72,42 +85,52 @@ IDK_HOST_DEVICE IDK_FORCE_INLINE A cm_scale_grad(const CmConfig<A>& cfg, A r) {
 template <typename A>
 struct CmRowOut {
   A loss;
-  A lse;
+  A shift;
+  A log_sum;
   A radial;
 };
 
-// Raw dots S_nj = <x_n, w_j> to cosines, in place.
+// log_sum = log(P + exp(-t)) for t = a (m - psi_y) >= 0 and the off-target sum P (see the top):
+// log1p(P) when the target is the max, where P may be far below the unit roundoff.
 template <typename A>
-IDK_FORCE_INLINE void cm_to_cosines(A* row, const A* inv_wn, int64_t num_classes, A inv_xn) {
-#pragma omp simd
-  for (int64_t j = 0; j < num_classes; ++j) row[j] = row[j] * inv_xn * inv_wn[j];
+IDK_HOST_DEVICE IDK_FORCE_INLINE A cm_log_sum(A t, A off) {
+  using std::exp;
+  using std::log;
+  using std::log1p;
+  return t > A(0) ? log(off + exp(-t)) : log1p(off);
 }
 
+// Dots <u_n, w_j> to cosines, in place.
 template <typename A>
-IDK_FORCE_INLINE A cm_max(const A* row, int64_t lo, int64_t hi, A a, A m) {
+IDK_FORCE_INLINE void cm_to_cosines(A* row, const A* inv_wn, int64_t num_classes) {
+#pragma omp simd
+  for (int64_t j = 0; j < num_classes; ++j) row[j] = row[j] * inv_wn[j];
+}
+
+// max(m, max_{lo <= j < hi} c_j); a NaN start stays NaN.
+template <typename A>
+IDK_FORCE_INLINE A cm_max(const A* row, int64_t lo, int64_t hi, A m) {
 #pragma omp simd reduction(max : m)
-  for (int64_t j = lo; j < hi; ++j) {
-    const A z = a * row[j];
-    m = z > m ? z : m;
-  }
+  for (int64_t j = lo; j < hi; ++j) m = row[j] > m ? row[j] : m;
   return m;
 }
 
+// sum + sum_j exp(a (c_j - shift)).
 template <typename A>
 IDK_FORCE_INLINE A cm_sum_exp(const A* row, int64_t lo, int64_t hi, A a, A shift, A sum) {
 #pragma omp simd reduction(+ : sum)
-  for (int64_t j = lo; j < hi; ++j) sum += exp_approx(a * row[j] - shift);
+  for (int64_t j = lo; j < hi; ++j) sum += exp_approx(a * (row[j] - shift));
   return sum;
 }
 
-// e_j = exp(a c_j - shift) stored over the cosines; accumulates sum e_j and sum e_j c_j.
+// e_j = exp(a (c_j - shift)) stored over the cosines; accumulates sum e_j and sum e_j c_j.
 template <typename A>
 IDK_FORCE_INLINE void cm_store_exp(A* row, int64_t lo, int64_t hi, A a, A shift, A& sum_e, A& sum_ec) {
   A se = sum_e, sec = sum_ec;
 #pragma omp simd reduction(+ : se, sec)
   for (int64_t j = lo; j < hi; ++j) {
     const A c = row[j];
-    const A e = exp_approx(a * c - shift);
+    const A e = exp_approx(a * (c - shift));
     se += e;
     sec += e * c;
     row[j] = e;
@@ -123,16 +146,17 @@ IDK_FORCE_INLINE void cm_scale_by_inv_wn(A* row, const A* inv_wn, int64_t lo, in
   for (int64_t j = lo; j < hi; ++j) row[j] = factor * row[j] * inv_wn[j];
 }
 
-// Off-target gradient sweep over cosines with the row's lse known: row[j] <- a g p_j / ||w_j||;
-// accumulates sum_j p_j and sum_j p_j c_j over the sweep.
+// Off-target gradient sweep over cosines with the row's shift and log_sum known:
+// row[j] <- a g p_j / ||w_j||, p_j = exp(a (c_j - shift) - log_sum); accumulates sum_j p_j and
+// sum_j p_j c_j over the sweep.
 template <typename A>
-IDK_FORCE_INLINE void cm_prob_grad(A* row, const A* inv_wn, int64_t lo, int64_t hi, A a, A lse, A ag, A& sum_p,
-                                   A& sum_pc) {
+IDK_FORCE_INLINE void cm_prob_grad(A* row, const A* inv_wn, int64_t lo, int64_t hi, A a, A shift, A log_sum, A ag,
+                                   A& sum_p, A& sum_pc) {
   A sp = sum_p, spc = sum_pc;
 #pragma omp simd reduction(+ : sp, spc)
   for (int64_t j = lo; j < hi; ++j) {
     const A c = row[j];
-    const A p = exp_approx(a * c - lse);
+    const A p = exp_approx(a * (c - shift) - log_sum);
     sp += p;
     spc += p * c;
     row[j] = ag * p * inv_wn[j];
@@ -145,62 +169,58 @@ IDK_FORCE_INLINE void cm_prob_grad(A* row, const A* inv_wn, int64_t lo, int64_t 
 template <typename A>
 IDK_FORCE_INLINE CmRowOut<A> cm_row_forward(const CmConfig<A>& cfg, const A* row, int64_t num_classes, int64_t y,
                                             A r) {
-  using std::exp;
-  using std::log;
   const A a = cm_scale(cfg, r);
-  const A zy = a * margin_phi(row[y], cfg.margin, static_cast<A*>(nullptr));
+  const A psi_y = margin_phi(row[y], cfg.margin, static_cast<A*>(nullptr));
   // The shift is the exact max of the margined row: the target's plain cosine must not enter it
   // (SphereFace's psi can sit far below c, and a too-large shift underflows every term).
-  const A m = cm_max(row, y + 1, num_classes, a, cm_max(row, 0, y, a, zy));
-  A sum = cm_sum_exp(row, y + 1, num_classes, a, m, cm_sum_exp(row, 0, y, a, m, A(0)));
-  sum += exp(zy - m);
-  const A lse = m + log(sum);
-  return {lse - zy, lse, A(0)};
+  const A m = cm_max(row, y + 1, num_classes, cm_max(row, 0, y, psi_y));
+  const A off = cm_sum_exp(row, y + 1, num_classes, a, m, cm_sum_exp(row, 0, y, a, m, A(0)));
+  const A t = a * (m - psi_y);
+  const A log_sum = cm_log_sum(t, off);
+  return {t + log_sum, m, log_sum, A(0)};
 }
 
-// Gradient of one row of cosines given its lse and upstream weight g: the row becomes G'.
-// Returns the radial coefficient s g'(r) R of dx_n.
+// Gradient of one row of cosines given its saved shift and log_sum and upstream weight g: the row
+// becomes G'. Returns the radial coefficient s g'(r) R of dx_n.
 template <typename A>
 IDK_FORCE_INLINE A cm_row_grad(const CmConfig<A>& cfg, A* row, const A* inv_wn, int64_t num_classes, int64_t y, A r,
-                               A lse, A g) {
+                               A shift, A log_sum, A g) {
   const A a = cm_scale(cfg, r);
   A dphi;
   const A psi_y = margin_phi(row[y], cfg.margin, &dphi);
   const A ag = a * g;
   A sum_p = A(0), sum_pc = A(0);
-  cm_prob_grad(row, inv_wn, 0, y, a, lse, ag, sum_p, sum_pc);
-  cm_prob_grad(row, inv_wn, y + 1, num_classes, a, lse, ag, sum_p, sum_pc);
+  cm_prob_grad(row, inv_wn, 0, y, a, shift, log_sum, ag, sum_p, sum_pc);
+  cm_prob_grad(row, inv_wn, y + 1, num_classes, a, shift, log_sum, ag, sum_p, sum_pc);
   // p_y - 1 = -sum_{j != y} p_j: the off-target mass is accurate where p_y rounds to 1.
   row[y] = -ag * sum_p * dphi * inv_wn[y];
   return cm_scale_grad(cfg, r) * g * (sum_pc - sum_p * psi_y);
 }
 
 // Forward and gradient of one row of cosines in a single visit, for a row weight g known in
-// advance: one exponential per class (the forward's e_j = exp(z_j - m) become p_j = e_j / sum).
-// The row becomes G'; returns loss, lse and the radial coefficient.
+// advance: one exponential per class (the forward's e_j = exp(a (c_j - m)) become p_j = e_j / sum).
+// The row becomes G'; returns loss, shift, log_sum and the radial coefficient.
 template <typename A>
 IDK_FORCE_INLINE CmRowOut<A> cm_row_fused(const CmConfig<A>& cfg, A* row, const A* inv_wn, int64_t num_classes,
                                           int64_t y, A r, A g) {
   using std::exp;
-  using std::log;
   const A a = cm_scale(cfg, r);
   A dphi;
   const A psi_y = margin_phi(row[y], cfg.margin, &dphi);
-  const A zy = a * psi_y;
-  const A m = cm_max(row, y + 1, num_classes, a, cm_max(row, 0, y, a, zy));
+  const A m = cm_max(row, y + 1, num_classes, cm_max(row, 0, y, psi_y));
   A sum_off = A(0), sum_ec = A(0);
   cm_store_exp(row, 0, y, a, m, sum_off, sum_ec);
   cm_store_exp(row, y + 1, num_classes, a, m, sum_off, sum_ec);
-  const A sum = sum_off + exp(zy - m);
-  const A lse = m + log(sum);
-  const A inv_sum = A(1) / sum;
+  const A t = a * (m - psi_y);
+  const A log_sum = cm_log_sum(t, sum_off);
+  const A inv_sum = A(1) / (sum_off + exp(-t));
   const A ag = a * g;
   cm_scale_by_inv_wn(row, inv_wn, 0, y, ag * inv_sum);
   cm_scale_by_inv_wn(row, inv_wn, y + 1, num_classes, ag * inv_sum);
   const A p_off = sum_off * inv_sum;  // 1 - p_y, accurate where p_y rounds to 1
   row[y] = -ag * p_off * dphi * inv_wn[y];
   const A radial = cm_scale_grad(cfg, r) * g * (sum_ec * inv_sum - p_off * psi_y);
-  return {lse - zy, lse, radial};
+  return {t + log_sum, m, log_sum, radial};
 }
 
 // ---- class shards ------------------------------------------------------------------------------
@@ -214,19 +234,38 @@ struct CmShardOut {
 // Partial statistics of one row of cosines over the shard's classes (row left unchanged): the max
 // of z, sum_j exp(z_j - max), and z_y (0 without a local target). Across shards,
 // lse = M + log sum_k sum_exp_k exp(max_k - M) with M = max_k max_k, and loss = lse - sum_k target_k.
+// The max is taken in cosine units (max z = a max psi) and the exponents as a (psi_j - max psi),
+// as in the single-device forward.
 template <typename A>
 IDK_FORCE_INLINE CmShardOut<A> cm_row_shard_forward(const CmConfig<A>& cfg, const A* row, int64_t num_classes,
                                                     int64_t y, A r) {
   using std::exp;
   const A a = cm_scale(cfg, r);
   if (y < 0) {
-    const A m = cm_max(row, 0, num_classes, a, -std::numeric_limits<A>::infinity());
-    return {m, cm_sum_exp(row, 0, num_classes, a, m, A(0)), A(0)};
+    const A m = cm_max(row, 0, num_classes, -std::numeric_limits<A>::infinity());
+    return {a * m, cm_sum_exp(row, 0, num_classes, a, m, A(0)), A(0)};
   }
-  const A zy = a * margin_phi(row[y], cfg.margin, static_cast<A*>(nullptr));
-  const A m = cm_max(row, y + 1, num_classes, a, cm_max(row, 0, y, a, zy));
-  A sum = cm_sum_exp(row, y + 1, num_classes, a, m, cm_sum_exp(row, 0, y, a, m, A(0)));
-  return {m, sum + exp(zy - m), zy};
+  const A psi_y = margin_phi(row[y], cfg.margin, static_cast<A*>(nullptr));
+  const A m = cm_max(row, y + 1, num_classes, cm_max(row, 0, y, psi_y));
+  const A sum = cm_sum_exp(row, y + 1, num_classes, a, m, cm_sum_exp(row, 0, y, a, m, A(0)));
+  return {a * m, sum + exp(a * (psi_y - m)), a * psi_y};
+}
+
+// Off-target sweep given the global lse in logit units (shards): p_j = exp(a c_j - lse).
+template <typename A>
+IDK_FORCE_INLINE void cm_prob_grad_lse(A* row, const A* inv_wn, int64_t lo, int64_t hi, A a, A lse, A ag, A& sum_p,
+                                       A& sum_pc) {
+  A sp = sum_p, spc = sum_pc;
+#pragma omp simd reduction(+ : sp, spc)
+  for (int64_t j = lo; j < hi; ++j) {
+    const A c = row[j];
+    const A p = exp_approx(a * c - lse);
+    sp += p;
+    spc += p * c;
+    row[j] = ag * p * inv_wn[j];
+  }
+  sum_p = sp;
+  sum_pc = spc;
 }
 
 // Gradient of one row of the shard given the row's global lse and upstream weight g: the row
@@ -240,13 +279,13 @@ IDK_FORCE_INLINE A cm_row_shard_grad(const CmConfig<A>& cfg, A* row, const A* in
   const A ag = a * g;
   A sum_p = A(0), sum_pc = A(0);
   if (y < 0) {
-    cm_prob_grad(row, inv_wn, 0, num_classes, a, lse, ag, sum_p, sum_pc);
+    cm_prob_grad_lse(row, inv_wn, 0, num_classes, a, lse, ag, sum_p, sum_pc);
     return cm_scale_grad(cfg, r) * g * sum_pc;
   }
   A dphi;
   const A psi_y = margin_phi(row[y], cfg.margin, &dphi);
-  cm_prob_grad(row, inv_wn, 0, y, a, lse, ag, sum_p, sum_pc);
-  cm_prob_grad(row, inv_wn, y + 1, num_classes, a, lse, ag, sum_p, sum_pc);
+  cm_prob_grad_lse(row, inv_wn, 0, y, a, lse, ag, sum_p, sum_pc);
+  cm_prob_grad_lse(row, inv_wn, y + 1, num_classes, a, lse, ag, sum_p, sum_pc);
   const A py_minus_1 = expm1(a * psi_y - lse);
   row[y] = ag * py_minus_1 * dphi * inv_wn[y];
   return cm_scale_grad(cfg, r) * g * (sum_pc + py_minus_1 * psi_y);

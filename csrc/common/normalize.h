@@ -11,17 +11,19 @@
 
 namespace idid_kernels {
 
-// The denominator of F.normalize: max(r, kNormEps).
+// The denominator of F.normalize: max(r, kNormEps). A NaN norm stays NaN (torch.clamp_min's
+// semantics): flooring it would turn a NaN row into finite garbage (x / 1e-12).
 template <typename A>
 IDK_HOST_DEVICE IDK_FORCE_INLINE A norm_floor(A r) {
-  return r > A(kNormEps) ? r : A(kNormEps);
+  return r <= A(kNormEps) ? A(kNormEps) : r;
 }
 
 // Whether the row's norm depends on x, i.e. whether the backward keeps the radial projection.
-// Decided on the saved norm r itself (not on 1 / max(r, eps)) so the test is exact.
+// Decided on the saved norm r itself (not on 1 / max(r, eps)) so the test is exact; true for a NaN
+// norm, so the NaN flows into the gradient.
 template <typename A>
 IDK_HOST_DEVICE IDK_FORCE_INLINE bool norm_above_floor(A r) {
-  return r > A(kNormEps);
+  return !(r <= A(kNormEps));
 }
 
 }  // namespace idid_kernels

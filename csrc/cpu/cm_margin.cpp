@@ -27,7 +27,7 @@ IDK_FORCE_INLINE void shard_rows(const CmRowJob<A>& job, int64_t begin, int64_t 
         job.lse[row_id] = job.sum_exp[row_id] = job.target[row_id] = A(0);
         continue;
       }
-      cm_to_cosines(row, job.inv_wn, c, job.inv_xn[row_id]);
+      cm_to_cosines(row, job.inv_wn, c);
       const CmShardOut<A> out = cm_row_shard_forward(job.cfg, row, c, y_local, job.x_norm[row_id]);
       job.lse[row_id] = out.max;
       job.sum_exp[row_id] = out.sum_exp;
@@ -40,7 +40,7 @@ IDK_FORCE_INLINE void shard_rows(const CmRowJob<A>& job, int64_t begin, int64_t 
       job.radial[i] = A(0);
       continue;
     }
-    cm_to_cosines(row, job.inv_wn, c, job.inv_xn[row_id]);
+    cm_to_cosines(row, job.inv_wn, c);
     job.radial[i] =
         cm_row_shard_grad(job.cfg, row, job.inv_wn, c, y_local, job.x_norm[row_id], job.lse[row_id], gi);
   }
@@ -62,21 +62,23 @@ IDK_FORCE_INLINE void epilogue_rows_impl(const CmRowJob<A>& job, int64_t begin, 
     if (!valid) {
       if (job.mode != kCmBackward) {
         job.loss[row_id] = A(0);
-        job.lse[row_id] = A(0);
+        job.shift[row_id] = job.log_sum[row_id] = A(0);
       }
     } else {
-      cm_to_cosines(row, job.inv_wn, c, job.inv_xn[row_id]);
+      cm_to_cosines(row, job.inv_wn, c);
       if (job.mode == kCmFused && job.g[row_id] != A(0)) {
         const CmRowOut<A> out = cm_row_fused(job.cfg, row, job.inv_wn, c, y, job.x_norm[row_id], job.g[row_id]);
         job.loss[row_id] = out.loss;
-        job.lse[row_id] = out.lse;
+        job.shift[row_id] = out.shift;
+        job.log_sum[row_id] = out.log_sum;
         job.radial[i] = out.radial;
         continue;
       }
       if (job.mode != kCmBackward) {
         const CmRowOut<A> out = cm_row_forward(job.cfg, row, c, y, job.x_norm[row_id]);
         job.loss[row_id] = out.loss;
-        job.lse[row_id] = out.lse;
+        job.shift[row_id] = out.shift;
+        job.log_sum[row_id] = out.log_sum;
       }
     }
     if (!want_grad) continue;
@@ -85,7 +87,8 @@ IDK_FORCE_INLINE void epilogue_rows_impl(const CmRowJob<A>& job, int64_t begin, 
       std::fill(row, row + c, A(0));
       job.radial[i] = A(0);
     } else {
-      job.radial[i] = cm_row_grad(job.cfg, row, job.inv_wn, c, y, job.x_norm[row_id], job.lse[row_id], gi);
+      job.radial[i] = cm_row_grad(job.cfg, row, job.inv_wn, c, y, job.x_norm[row_id], job.shift[row_id],
+                                  job.log_sum[row_id], gi);
     }
   }
 }

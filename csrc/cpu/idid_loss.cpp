@@ -28,7 +28,9 @@
 
 #include "../common/idid_math.h"
 #include "../common/macros.h"
+#include "../common/normalize.h"
 #include "../driver/idid_loss_driver.h"
+#include "normalize.h"
 #include "vec_math.h"
 
 namespace idid_kernels {
@@ -49,7 +51,7 @@ int64_t valid_rows(const idid::Layout& L) { return L.start.const_data_ptr<int64_
 template <typename A>
 void row_norms(const A* x, int64_t n, int64_t d, A* out) {
   at::parallel_for(0, n, grain_rows(d), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) out[i] = std::sqrt(cpu::vdot(x + i * d, x + i * d, d));
+    for (int64_t i = begin; i < end; ++i) out[i] = cpu::row_norm<A, A>(x + i * d, d);
   });
 }
 
@@ -59,7 +61,7 @@ void unit_rows(const A* x, const A* norms, const int64_t* rows, int64_t n, int64
   at::parallel_for(0, n, grain_rows(d), [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       const int64_t src = rows ? rows[j] : j;
-      const A inv = scale / std::max(norms[src], static_cast<A>(kNormEps));
+      const A inv = scale / norm_floor(norms[src]);
       const A* xr = x + src * d;
       A* ur = unit + j * d;
       for (int64_t k = 0; k < d; ++k) ur[k] = xr[k] * inv;
@@ -78,8 +80,8 @@ void normalize_backward(const A* grad_u, const A* unit, const A* norms, const in
       const A r = norms[dst];
       const A* g = grad_u + j * d;
       const A* u = unit + j * d;
-      const A radial = r > static_cast<A>(kNormEps) ? cpu::vdot(g, u, d) : A(0);
-      const A inv = A(1) / std::max(r, static_cast<A>(kNormEps));
+      const A radial = norm_above_floor(r) ? cpu::vdot(g, u, d) : A(0);
+      const A inv = A(1) / norm_floor(r);
       scalar_t* o = out + dst * d;
       for (int64_t k = 0; k < d; ++k) o[k] = static_cast<scalar_t>((g[k] - radial * u[k]) * inv);
     }
@@ -489,14 +491,18 @@ struct CpuPolicy {
     }
   }
 
-  // dTheta = grad_ic (dPhi + dPhi^T) / 2, the upstream coefficient applied here once.
+  // dTheta = grad_ic (dPhi + dPhi^T) / 2, the upstream coefficient applied here once. The diagonal
+  // of the similarity takes no part in the loss: its gradient is exactly 0 (also where dPhi holds
+  // NaN from NaN features, which would otherwise land there as 0 * NaN).
   template <typename A>
   static Tensor symmetrize_grad(const Tensor& dphi, const Tensor& grad_ic, at::ScalarType dtype) {
     const int64_t C = dphi.size(0);
     Tensor out = at::empty({C, C}, dphi.options().dtype(dtype));
     const A scale = static_cast<A>(0.5) * grad_ic.item<A>();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "idid_symmetrize_grad", [&] {
-      symmetrize(dphi.const_data_ptr<A>(), C, scale, nullptr, out.mutable_data_ptr<scalar_t>());
+      scalar_t* o = out.mutable_data_ptr<scalar_t>();
+      symmetrize(dphi.const_data_ptr<A>(), C, scale, nullptr, o);
+      for (int64_t k = 0; k < C; ++k) o[k * C + k] = scalar_t(0);
     });
     return out;
   }

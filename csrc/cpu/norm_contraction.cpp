@@ -7,11 +7,13 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <tuple>
 
 #include "../common/contraction.h"
 #include "checks.h"
+#include "normalize.h"
 
 namespace idid_kernels {
 namespace {
@@ -35,14 +37,7 @@ std::tuple<at::Tensor, at::Tensor> norm_contraction_forward_cpu(const at::Tensor
     const acc off = static_cast<acc>(offset), inv_t = static_cast<acc>(1.0 / temperature);
     at::parallel_for(0, n, row_grain(d), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        const scalar_t* row = xp + i * d;
-        acc ss = 0;
-        _Pragma("omp simd reduction(+ : ss)")
-        for (int64_t k = 0; k < d; ++k) {
-          const acc v = static_cast<acc>(row[k]);
-          ss += v * v;
-        }
-        const acc r = std::sqrt(ss);
+        const acc r = cpu::row_norm<scalar_t, acc>(xp + i * d, d);
         np[i] = r;
         op[i] = static_cast<scalar_t>(contraction(r, off, inv_t));
       }
@@ -85,11 +80,16 @@ at::Tensor norm_contraction_backward_cpu(const at::Tensor& grad_out_in, const st
         const acc r = np[i];
         acc radial = gp[i] * contraction_grad(r, off, inv_t);
         if (gnp != nullptr) radial += gnp[i];
-        const acc coef = radial * inv_norm_or_zero(r);
+        const acc inv = inv_norm_or_zero(r);
         const scalar_t* row = xp + i * d;
         scalar_t* drow = dp + i * d;
-        _Pragma("omp simd")
-        for (int64_t k = 0; k < d; ++k) drow[k] = static_cast<scalar_t>(coef * static_cast<acc>(row[k]));
+        if (inv < std::numeric_limits<acc>::infinity()) {
+          const acc coef = radial * inv;
+          _Pragma("omp simd")
+          for (int64_t k = 0; k < d; ++k) drow[k] = static_cast<scalar_t>(coef * static_cast<acc>(row[k]));
+        } else {  // a subnormal norm: 1 / r overflows, x_k / r does not
+          for (int64_t k = 0; k < d; ++k) drow[k] = static_cast<scalar_t>(radial * (static_cast<acc>(row[k]) / r));
+        }
       }
     });
   });

@@ -10,11 +10,14 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <tuple>
 
 #include "../common/normalize.h"
+#include "../common/row_norm.h"
 
 namespace idid_kernels {
 namespace cpu {
@@ -24,7 +27,24 @@ inline int64_t row_grain(int64_t d) { return std::max<int64_t>(1, 32768 / std::m
 
 inline at::ScalarType acc_dtype_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// r = ||x||; returns r. Summed with an omp-simd reduction (a fixed, vectorised order).
+// The rescaled second pass of row_norm (common/row_norm.h): rows whose squares overflowed or
+// may have underflowed. Divides rather than multiplying by 1 / m, which overflows for m subnormal.
+template <typename scalar_t, typename acc>
+acc row_norm_rescaled(const scalar_t* x, int64_t d) {
+  acc m = 0;
+  for (int64_t k = 0; k < d; ++k) m = std::max(m, std::abs(static_cast<acc>(x[k])));
+  if (m == acc(0) || !(m < std::numeric_limits<acc>::infinity())) return m;
+  acc ss = 0;
+  for (int64_t k = 0; k < d; ++k) {
+    const acc v = static_cast<acc>(x[k]) / m;
+    ss += v * v;
+  }
+  return norm_from_scaled(m, ss);
+}
+
+// r = ||x|| with BLAS nrm2's range (common/row_norm.h): the sum of squares with an omp-simd
+// reduction (a fixed, vectorised order), and a rescaled second pass only where it overflowed or
+// may have underflowed.
 template <typename scalar_t, typename acc>
 inline acc row_norm(const scalar_t* x, int64_t d) {
   acc ss = 0;
@@ -33,7 +53,23 @@ inline acc row_norm(const scalar_t* x, int64_t d) {
     const acc v = static_cast<acc>(x[k]);
     ss += v * v;
   }
-  return std::sqrt(ss);
+  return norm_sq_is_exact(ss) ? std::sqrt(ss) : row_norm_rescaled<scalar_t, acc>(x, d);
+}
+
+// ||x_n|| for every row of a contiguous (n, d) tensor, in the accumulation dtype.
+inline at::Tensor row_norms(const at::Tensor& x_in) {
+  const at::Tensor x = x_in.contiguous();
+  const int64_t n = x.size(0), d = x.size(1);
+  at::Tensor norm = at::empty({n}, x.options().dtype(acc_dtype_of(x.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "row_norms", [&] {
+    using acc = acc_t<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    acc* np = norm.mutable_data_ptr<acc>();
+    at::parallel_for(0, n, row_grain(d), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) np[i] = row_norm<scalar_t, acc>(xp + i * d, d);
+    });
+  });
+  return norm;
 }
 
 // u = x / max(r, eps), written as x * (1 / max(r, eps)) in the accumulation type.

@@ -45,6 +45,7 @@
 #include "../common/density.h"
 #include "../common/normalize.h"
 #include "launchers.h"
+#include "warp_norm.cuh"
 
 namespace idid_kernels {
 namespace cuda {
@@ -128,12 +129,7 @@ __global__ void __launch_bounds__(kThreads)
   if (norm_saved != nullptr) {  // a kernel argument: uniform across the warp
     r = norm_saved[i];
   } else {
-    A ss = A(0);
-    for (int64_t k = lane; k < d; k += kWarp) {
-      const A v = to_acc(xr[k]);
-      ss += v * v;
-    }
-    r = sqrt(warp_sum(ss));
+    r = warp_row_norm<A>([&](int64_t k) { return static_cast<A>(to_acc(xr[k])); }, d, lane);
     if (lane == 0) norm_out[i] = r;
   }
   // x * (1 / max(r, eps)): the CPU kernels' expression (csrc/cpu/normalize.h scale_row).

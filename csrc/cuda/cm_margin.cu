@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(kThreads) cm_epilogue_kernel(CmRowJob<A> job) 
     if (tid == 0) {
       if (job.mode != kCmBackward) {
         job.loss[row_id] = bad_label ? A(NAN) : A(0);
-        job.lse[row_id] = bad_label ? A(NAN) : A(0);
+        job.shift[row_id] = job.log_sum[row_id] = bad_label ? A(NAN) : A(0);
       }
       if (want_grad) job.radial[i] = A(0);
     }
@@ -55,42 +55,46 @@ __global__ void __launch_bounds__(kThreads) cm_epilogue_kernel(CmRowJob<A> job) 
     return;
   }
 
-  const A inv_xn = job.inv_xn[row_id];
-  for (int64_t j = tid; j < c; j += kThreads) row[j] = row[j] * inv_xn * job.inv_wn[j];
+  for (int64_t j = tid; j < c; j += kThreads) row[j] = row[j] * job.inv_wn[j];
   __syncthreads();
 
+  // The math of csrc/common/cm_row.h: shift m in cosine units, exponents a (c_j - m), the loss
+  // t + log_sum without the cancellation of lse - z_y.
   const A r = job.x_norm[row_id];
   const A a = cm_scale(job.cfg, r);
   A dphi;
   const A psi_y = margin_phi(row[y], job.cfg.margin, &dphi);
-  A lse;
+  A shift, log_sum;
   if (job.mode != kCmBackward) {
     // Exact max of the margined row (the target's plain cosine stays out of it).
-    const A zy = a * psi_y;
-    A m = zy;
+    A m = psi_y;
     for (int64_t j = tid; j < c; j += kThreads) {
-      if (j != y) m = MaxOp()(m, a * row[j]);
+      if (j != y) m = MaxOp()(m, row[j]);
     }
     m = Reduce(temp).Reduce(m, MaxOp());
     if (tid == 0) shared_value[0] = m;
     __syncthreads();
     m = shared_value[0];
-    A sum = A(0);
+    A off = A(0);
     for (int64_t j = tid; j < c; j += kThreads) {
-      if (j != y) sum += exp(a * row[j] - m);
+      if (j != y) off += exp(a * (row[j] - m));
     }
     __syncthreads();  // temp storage reuse
-    sum = Reduce(temp).Sum(sum);
+    off = Reduce(temp).Sum(off);
     if (tid == 0) {
-      sum += exp(zy - m);
-      shared_value[1] = m + log(sum);
-      job.loss[row_id] = shared_value[1] - zy;
-      job.lse[row_id] = shared_value[1];
+      const A t = a * (m - psi_y);
+      const A ls = cm_log_sum(t, off);
+      shared_value[1] = ls;
+      job.loss[row_id] = t + ls;
+      job.shift[row_id] = m;
+      job.log_sum[row_id] = ls;
     }
     __syncthreads();
-    lse = shared_value[1];
+    shift = m;
+    log_sum = shared_value[1];
   } else {
-    lse = job.lse[row_id];
+    shift = job.shift[row_id];
+    log_sum = job.log_sum[row_id];
   }
   if (!want_grad) return;
   if (gi == A(0)) {  // fused mode with a zero row weight
@@ -104,7 +108,7 @@ __global__ void __launch_bounds__(kThreads) cm_epilogue_kernel(CmRowJob<A> job) 
   for (int64_t j = tid; j < c; j += kThreads) {
     if (j == y) continue;
     const A cj = row[j];
-    const A p = exp(a * cj - lse);
+    const A p = exp(a * (cj - shift) - log_sum);
     sum_p += p;
     sum_pc += p * cj;
     row[j] = ag * p * job.inv_wn[j];
@@ -149,18 +153,17 @@ __global__ void __launch_bounds__(kThreads) cm_shard_kernel(CmRowJob<A> job) {
     }
     return;
   }
-  const A inv_xn = job.inv_xn[row_id];
-  for (int64_t j = tid; j < c; j += kThreads) row[j] = row[j] * inv_xn * job.inv_wn[j];
+  for (int64_t j = tid; j < c; j += kThreads) row[j] = row[j] * job.inv_wn[j];
   __syncthreads();
   const A r = job.x_norm[row_id];
   const A a = cm_scale(job.cfg, r);
   A dphi = A(1);
   const A psi_y = y_local >= 0 ? margin_phi(row[y_local], job.cfg.margin, &dphi) : A(0);
   const A zy = a * psi_y;
-  if (forward) {
-    A m = y_local >= 0 ? zy : -INFINITY;
+  if (forward) {  // the max in cosine units and exponents a (psi_j - m), as cm_row_shard_forward
+    A m = y_local >= 0 ? psi_y : -INFINITY;
     for (int64_t j = tid; j < c; j += kThreads) {
-      if (j != y_local) m = MaxOp()(m, a * row[j]);
+      if (j != y_local) m = MaxOp()(m, row[j]);
     }
     m = Reduce(temp).Reduce(m, MaxOp());
     if (tid == 0) shared_max = m;
@@ -168,13 +171,13 @@ __global__ void __launch_bounds__(kThreads) cm_shard_kernel(CmRowJob<A> job) {
     m = shared_max;
     A sum = A(0);
     for (int64_t j = tid; j < c; j += kThreads) {
-      if (j != y_local) sum += exp(a * row[j] - m);
+      if (j != y_local) sum += exp(a * (row[j] - m));
     }
     __syncthreads();
     sum = Reduce(temp).Sum(sum);
     if (tid == 0) {
-      job.lse[row_id] = m;
-      job.sum_exp[row_id] = y_local >= 0 ? sum + exp(zy - m) : sum;
+      job.lse[row_id] = a * m;
+      job.sum_exp[row_id] = y_local >= 0 ? sum + exp(a * (psi_y - m)) : sum;
       job.target[row_id] = y_local >= 0 ? zy : A(0);
     }
     return;

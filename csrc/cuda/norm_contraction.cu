@@ -7,6 +7,7 @@
 
 #include "../common/contraction.h"
 #include "launchers.h"
+#include "warp_norm.cuh"
 
 namespace idid_kernels {
 namespace cuda {
@@ -33,12 +34,6 @@ __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { retu
 template <typename T>
 __device__ __forceinline__ T from_acc(double v) { return v; }
 
-template <typename A>
-__device__ __forceinline__ A warp_sum(A v) {
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
 
 template <typename T, typename Acc>
 __global__ void norm_contraction_forward_kernel(const T* __restrict__ x, T* __restrict__ out, Acc* __restrict__ norm,
@@ -47,14 +42,8 @@ __global__ void norm_contraction_forward_kernel(const T* __restrict__ x, T* __re
   const int lane = threadIdx.x % kWarp;
   if (row >= n) return;
   const T* xr = x + row * d;
-  Acc ss = 0;
-  for (int64_t k = lane; k < d; k += kWarp) {
-    const Acc v = to_acc(xr[k], Acc(0));
-    ss += v * v;
-  }
-  ss = warp_sum(ss);
+  const Acc r = warp_row_norm<Acc>([&](int64_t k) { return to_acc(xr[k], Acc(0)); }, d, lane);
   if (lane == 0) {
-    const Acc r = sqrt(ss);
     norm[row] = r;
     out[row] = from_acc<T>(contraction(r, offset, inv_t));
   }
@@ -70,10 +59,15 @@ __global__ void norm_contraction_backward_kernel(const Acc* __restrict__ grad_ou
   const Acc r = norm[row];
   Acc radial = grad_out[row] * contraction_grad(r, offset, inv_t);
   if (grad_norm != nullptr) radial += grad_norm[row];
-  const Acc coef = radial * inv_norm_or_zero(r);
+  const Acc inv = inv_norm_or_zero(r);
   const T* xr = x + row * d;
   T* dr = dx + row * d;
-  for (int64_t k = lane; k < d; k += kWarp) dr[k] = from_acc<T>(coef * to_acc(xr[k], Acc(0)));
+  if (inv < Acc(INFINITY)) {
+    const Acc coef = radial * inv;
+    for (int64_t k = lane; k < d; k += kWarp) dr[k] = from_acc<T>(coef * to_acc(xr[k], Acc(0)));
+  } else {  // a subnormal norm: 1 / r overflows, x_k / r does not
+    for (int64_t k = lane; k < d; k += kWarp) dr[k] = from_acc<T>(radial * (to_acc(xr[k], Acc(0)) / r));
+  }
 }
 
 unsigned int blocks_for(int64_t n) { return static_cast<unsigned int>((n + kWarpsPerBlock - 1) / kWarpsPerBlock); }

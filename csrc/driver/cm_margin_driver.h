@@ -3,10 +3,15 @@
 // epilogue (csrc/cpu/cm_margin.cpp, csrc/cuda/cm_margin.cu), a callable
 // `epilogue(const CmRowJob<A>& job, int64_t rows)`.
 //
-// Per chunk of rows: S = X_c W^T (GEMM), epilogue (S -> statistics, and G' = G / ||w|| in the
-// gradient modes), dU = G' W and dW' += G'^T U (GEMMs). After the last chunk
-// dW = dW' - <dW', w^> w^ per class. Extra memory: the (chunk x C) buffer, the (C x d) dW'
-// accumulator in the accumulation dtype, O(N + C) statistics.
+// Per chunk of rows: U_c = the chunk's unit rows, S = U_c W^T (GEMM), epilogue (S -> cosines ->
+// statistics, and G' = G / ||w|| in the gradient modes), dU = G' W and dW' += G'^T U_c (GEMMs).
+// After the last chunk dW = dW' - <dW', w^> w^ per class. Extra memory: the (chunk x C) buffer,
+// the (C x d) dW' accumulator in the accumulation dtype, O(N + C) statistics.
+//
+// Range: norms are computed without overflow or underflow of the squares (row_norms), and the
+// GEMM takes unit feature rows, so |<u_n, w_j>| <= ||w_j||: rows of any finite norm, features and
+// class weights both far above 1e19 included, give finite cosines. (Raw x_n . w_j overflows float32
+// once ||x_n|| ||w_j|| > 3.4e38.) Class rows below ~1e-30 in norm lose digits to subnormal products.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -17,6 +22,8 @@
 
 #include "../common/cm_row.h"
 #include "../cpu/checks.h"
+#include "../cpu/normalize.h"
+#include "normalize_aten.h"
 
 namespace idid_kernels {
 
@@ -67,8 +74,13 @@ inline void cm_check_inputs(const at::Tensor& x, const at::Tensor& w, const at::
   }
 }
 
+// ||row|| per row in the accumulation dtype: the vectorised CPU loops, or ATen on other devices.
+inline at::Tensor cm_row_norms(const at::Tensor& t) { return t.is_cpu() ? cpu::row_norms(t) : aten::row_norms(t); }
+
 struct CmOutputs {
-  at::Tensor loss_rows, lse, x_norm, w_norm, dx, dw;
+  at::Tensor loss_rows, x_norm, w_norm, dx, dw;
+  at::Tensor stats;            // (2, N): per-row shift m and log_sum (cm_row.h), forward -> backward
+  at::Tensor lse;              // shard modes: partial max (forward) or the global lse (backward)
   at::Tensor sum_exp, target;  // shard forward (lse holds the partial max)
   at::Tensor du, radial;       // shard backward: sum_j G_nj w^_j before projection, s g'(r) R partial
 };
@@ -90,6 +102,7 @@ void cm_drive(CmMode mode, const at::Tensor& xa, const at::Tensor& wa, const at:
   const bool shard_grad = mode == kCmShardBackward;
   const at::Tensor inv_xn = o.x_norm.clamp_min(kNormEps).reciprocal();
   const at::Tensor inv_wn = o.w_norm.clamp_min(kNormEps).reciprocal();
+  const bool shard = mode == kCmShardForward || mode == kCmShardBackward;
   at::Tensor buffer = at::empty({chunk, c}, xa.options());
   at::Tensor radial = want_grad ? at::empty({chunk}, xa.options()) : at::Tensor();
   at::Tensor dw_acc = want_grad ? at::zeros({c, d}, xa.options()) : at::Tensor();
@@ -97,12 +110,13 @@ void cm_drive(CmMode mode, const at::Tensor& xa, const at::Tensor& wa, const at:
   CmRowJob<A> job{cfg,
                   nullptr,
                   inv_wn.const_data_ptr<A>(),
-                  inv_xn.const_data_ptr<A>(),
                   o.x_norm.const_data_ptr<A>(),
                   labels.const_data_ptr<int64_t>(),
                   want_grad ? g.const_data_ptr<A>() : nullptr,
                   o.loss_rows.defined() ? o.loss_rows.mutable_data_ptr<A>() : nullptr,
-                  o.lse.mutable_data_ptr<A>(),
+                  shard ? nullptr : o.stats.mutable_data_ptr<A>(),
+                  shard ? nullptr : o.stats.mutable_data_ptr<A>() + n,
+                  shard ? o.lse.mutable_data_ptr<A>() : nullptr,
                   want_grad ? radial.mutable_data_ptr<A>() : nullptr,
                   o.sum_exp.defined() ? o.sum_exp.mutable_data_ptr<A>() : nullptr,
                   o.target.defined() ? o.target.mutable_data_ptr<A>() : nullptr,
@@ -114,15 +128,14 @@ void cm_drive(CmMode mode, const at::Tensor& xa, const at::Tensor& wa, const at:
   for (int64_t n0 = 0; n0 < n; n0 += chunk) {
     const int64_t rows = std::min(chunk, n - n0);
     at::Tensor s = buffer.narrow(0, 0, rows);
-    const at::Tensor x_chunk = xa.narrow(0, n0, rows);
-    at::mm_out(s, x_chunk, wa.t());
+    const at::Tensor inv_c = inv_xn.narrow(0, n0, rows);
+    const at::Tensor u = cm_unit_rows(xa.narrow(0, n0, rows), inv_c);
+    at::mm_out(s, u, wa.t());
     job.s = s.mutable_data_ptr<A>();
     job.n0 = n0;
     epilogue(job, rows);
     if (!want_grad) continue;
     const at::Tensor norm_c = o.x_norm.narrow(0, n0, rows);
-    const at::Tensor inv_c = inv_xn.narrow(0, n0, rows);
-    const at::Tensor u = cm_unit_rows(x_chunk, inv_c);
     const at::Tensor du = at::mm(s, wa);  // sum_j G_nj w^_j
     dw_acc.addmm_(s.t(), u);              // sum_n G'_nj u_n
     if (shard_grad) {  // the caller adds the shards' parts, then projects
@@ -140,9 +153,10 @@ void cm_drive(CmMode mode, const at::Tensor& xa, const at::Tensor& wa, const at:
   o.dw = dw_acc - cm_radial_dot(dw_acc, w_hat, o.w_norm).unsqueeze(1) * w_hat;
 }
 
+// stats_in: the (2, N) forward statistics (backward), or the global lse (N,) (shard backward).
 template <typename Epilogue>
 CmOutputs cm_run(CmMode mode, const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& labels_in,
-                 const CmArgs& args, const at::Tensor& g_in, const at::Tensor& lse_in, const at::Tensor& x_norm_in,
+                 const CmArgs& args, const at::Tensor& g_in, const at::Tensor& stats_in, const at::Tensor& x_norm_in,
                  const at::Tensor& w_norm_in, const Epilogue& epilogue, int64_t class_offset = 0) {
   const at::Tensor labels = labels_in.contiguous();
   const bool shard = mode == kCmShardForward || mode == kCmShardBackward;
@@ -153,9 +167,15 @@ CmOutputs cm_run(CmMode mode, const at::Tensor& x_in, const at::Tensor& w_in, co
   const at::Tensor wa = w_in.to(acc).contiguous();
   const int64_t n = xa.size(0);
   CmOutputs o;
-  o.x_norm = x_norm_in.defined() ? x_norm_in.to(acc).contiguous() : at::linalg_vector_norm(xa, 2, {1});
-  o.w_norm = w_norm_in.defined() ? w_norm_in.to(acc).contiguous() : at::linalg_vector_norm(wa, 2, {1});
-  o.lse = lse_in.defined() ? lse_in.to(acc).contiguous() : at::empty({n}, xa.options());
+  o.x_norm = x_norm_in.defined() ? x_norm_in.to(acc).contiguous() : cm_row_norms(xa);
+  o.w_norm = w_norm_in.defined() ? w_norm_in.to(acc).contiguous() : cm_row_norms(wa);
+  if (shard) {
+    o.lse = stats_in.defined() ? stats_in.to(acc).contiguous() : at::empty({n}, xa.options());
+  } else {
+    o.stats = stats_in.defined() ? stats_in.to(acc).contiguous() : at::empty({2, n}, xa.options());
+    TORCH_CHECK(o.stats.dim() == 2 && o.stats.size(0) == 2 && o.stats.size(1) == n,
+                "cm_margin: saved row statistics must have shape (2, ", n, "), got ", o.stats.sizes());
+  }
   if (mode == kCmForward || mode == kCmFused) o.loss_rows = at::empty({n}, xa.options());
   if (mode == kCmShardForward) {
     o.sum_exp = at::empty({n}, xa.options());
@@ -200,13 +220,14 @@ struct CmOps {
                                                                             const at::Tensor& labels,
                                                                             IDK_CM_ARGS_PARAMS) {
     CmOutputs o = cm_run(kCmForward, x, weight, labels, IDK_CM_ARGS, {}, {}, {}, {}, Epilogue{});
-    return {o.loss_rows, o.lse, o.x_norm, o.w_norm};
+    return {o.loss_rows, o.stats, o.x_norm, o.w_norm};
   }
   static std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_rows, const at::Tensor& x,
                                                      const at::Tensor& weight, const at::Tensor& labels,
-                                                     const at::Tensor& lse, const at::Tensor& x_norm,
+                                                     const at::Tensor& row_stats, const at::Tensor& x_norm,
                                                      const at::Tensor& w_norm, IDK_CM_ARGS_PARAMS) {
-    CmOutputs o = cm_run(kCmBackward, x, weight, labels, IDK_CM_ARGS, grad_rows, lse, x_norm, w_norm, Epilogue{});
+    CmOutputs o =
+        cm_run(kCmBackward, x, weight, labels, IDK_CM_ARGS, grad_rows, row_stats, x_norm, w_norm, Epilogue{});
     return {o.dx, o.dw};
   }
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> fused(const at::Tensor& x, const at::Tensor& weight,

@@ -44,6 +44,7 @@
 #include "../common/idid_chunk.h"
 #include "../common/macros.h"
 #include "../cpu/checks.h"
+#include "normalize_aten.h"
 
 namespace idid_kernels {
 namespace idid {
@@ -132,7 +133,7 @@ struct AtenPolicy {
 
   template <typename A>
   static Tensor row_norms(const Tensor& x) {
-    return at::linalg_vector_norm(x, 2, {1});
+    return aten::row_norms(x);
   }
 
   template <typename A>
@@ -201,10 +202,13 @@ struct AtenPolicy {
     return {(l_ic + lam * l_id).to(dtype), l_ic.to(dtype), l_id.to(dtype), lam.to(dtype)};
   }
 
-  // dTheta = grad_ic (dPhi + dPhi^T) / 2 (exactly symmetric: the sum commutes), cast to dtype.
+  // dTheta = grad_ic (dPhi + dPhi^T) / 2 (exactly symmetric: the sum commutes), cast to dtype; 0 on
+  // the diagonal, which takes no part in the loss (also where dPhi holds NaN).
   template <typename A>
   static Tensor symmetrize_grad(const Tensor& dphi, const Tensor& grad_ic, at::ScalarType dtype) {
-    return ((dphi + dphi.t()) * (grad_ic * 0.5)).to(dtype).contiguous();
+    Tensor out = ((dphi + dphi.t()) * (grad_ic * 0.5)).to(dtype).contiguous();
+    out.diagonal().zero_();
+    return out;
   }
 
   // A device scalar cannot be read without a synchronisation: run every pass.

@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 
+#include <limits>
 #include <tuple>
 
 #include "../common/macros.h"
@@ -20,9 +21,20 @@ inline at::Tensor unit_rows_from_norm(const at::Tensor& x, const at::Tensor& nor
   return x.to(acc) * norm.to(acc).clamp_min(kNormEps).reciprocal().unsqueeze(1);
 }
 
+// ||x_n|| in the accumulation dtype without overflow or underflow of the squares (BLAS nrm2's
+// range, common/row_norm.h): every row divided by its largest magnitude before the norm (the plain
+// float32 norm overflows above ~1.8e19 and underflows below ~1e-19). A zero row gives 0, an inf
+// entry inf, a NaN entry NaN.
+inline at::Tensor row_norms(const at::Tensor& x_in) {
+  const at::Tensor x = x_in.to(acc_dtype_of(x_in.scalar_type()));
+  at::Tensor m = x.abs().amax({1}, /*keepdim=*/true);
+  m = at::where((m > 0) & (m < std::numeric_limits<double>::infinity()), m, at::ones_like(m));
+  return at::linalg_vector_norm(x / m, 2, {1}) * m.squeeze(1);
+}
+
 // (U, norms) in the accumulation dtype.
 inline std::tuple<at::Tensor, at::Tensor> unit_rows(const at::Tensor& x) {
-  const at::Tensor norm = at::linalg_vector_norm(x.to(acc_dtype_of(x.scalar_type())), 2, {1});
+  const at::Tensor norm = row_norms(x);
   return {unit_rows_from_norm(x, norm), norm};
 }
 

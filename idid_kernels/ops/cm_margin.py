@@ -7,7 +7,8 @@ Two paths over one kernel driver (csrc/cpu/cm_margin.cpp):
   forward pass while each row of cosines is in cache, and backward only scales them by the
   upstream scalar. The cosines are computed once.
 - ``cm_margin_forward`` / ``cm_margin_backward`` otherwise (``reduction="none"``, or no gradient):
-  per-row losses plus saved statistics (lse, norms); backward recomputes each chunk's cosines.
+  per-row losses plus saved statistics (each row's shift and log-sum-exp, norms); backward
+  recomputes each chunk's cosines.
 
 The class weights and the reduction live here, on O(N) vectors; the kernels see one weight per row.
 """
@@ -56,12 +57,13 @@ def _acc(dtype):
 def _forward_fake(x, weight, labels, *cfg):
     acc = _acc(x.dtype)
     n, c = x.shape[0], weight.shape[0]
-    return (x.new_empty(n, dtype=acc), x.new_empty(n, dtype=acc), x.new_empty(n, dtype=acc),
+    # loss_rows, row_stats (2, N: each row's shift and log-sum-exp), x_norm, w_norm
+    return (x.new_empty(n, dtype=acc), x.new_empty((2, n), dtype=acc), x.new_empty(n, dtype=acc),
             x.new_empty(c, dtype=acc))
 
 
 @torch.library.register_fake(_BWD)
-def _backward_fake(grad_rows, x, weight, labels, lse, x_norm, w_norm, *cfg):
+def _backward_fake(grad_rows, x, weight, labels, row_stats, x_norm, w_norm, *cfg):
     return torch.empty_like(x, memory_format=torch.contiguous_format), \
         torch.empty_like(weight, memory_format=torch.contiguous_format)
 
@@ -89,18 +91,19 @@ def _shard_backward_fake(grad_rows, x, weight, labels, class_offset, lse, x_norm
 
 def _forward_setup(ctx, inputs, output):
     x, weight, labels, *cfg = inputs
-    _, lse, x_norm, w_norm = output
-    ctx.save_for_backward(x, weight, labels, lse, x_norm, w_norm)
+    _, row_stats, x_norm, w_norm = output
+    ctx.save_for_backward(x, weight, labels, row_stats, x_norm, w_norm)
     ctx.cfg = cfg
 
 
-def _forward_backward(ctx, grad_rows, grad_lse, grad_x_norm, grad_w_norm):
+def _forward_backward(ctx, grad_rows, grad_stats, grad_x_norm, grad_w_norm):
     # Only loss_rows is meant to be differentiated; the statistics are saved state.
     no_double_backward("cm_margin_loss")
-    x, weight, labels, lse, x_norm, w_norm = ctx.saved_tensors
+    x, weight, labels, row_stats, x_norm, w_norm = ctx.saved_tensors
     if grad_rows is None:
-        grad_rows = torch.zeros_like(lse)
-    dx, dw = torch.ops.idid_kernels.cm_margin_backward(grad_rows, x, weight, labels, lse, x_norm, w_norm, *ctx.cfg)
+        grad_rows = torch.zeros_like(x_norm)
+    dx, dw = torch.ops.idid_kernels.cm_margin_backward(grad_rows, x, weight, labels, row_stats, x_norm, w_norm,
+                                                       *ctx.cfg)
     return (dx, dw, None) + (None,) * len(ctx.cfg)
 
 
