@@ -94,7 +94,8 @@ def missing(backend: str) -> str | None:
         ext = extension()
         if ext is None:
             return (f"the C++ extension idid_kernels._C is not built or failed to load "
-                    f"({_ext_state.get('error')}); build it with `pip install --no-build-isolation -e .`")
+                    f"({_ext_state.get('error')}); build it with torch installed first: "
+                    "`pip install --no-build-isolation -e '.[test]'`")
         if backend == "cuda":
             if not getattr(ext, "with_cuda", 0):
                 return ("idid_kernels._C was built without CUDA (CPU torch, no nvcc, or IDID_KERNELS_NO_CUDA=1); "
@@ -105,6 +106,16 @@ def missing(backend: str) -> str | None:
     if backend == "triton":
         return _triton_missing()
     raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+
+
+def extension_warning() -> str | None:
+    """A warning to print when the C++ extension is missing (None when it loaded): without it only
+    the reference runs, which materialises the (N, C) logits and has none of the fused kernels."""
+    if extension() is not None:
+        return None
+    return ("WARNING: the C++ extension idid_kernels._C is not available "
+            f"({_ext_state.get('error')}): only the pure-PyTorch reference backend runs (no fused "
+            "kernels). Build it with torch installed first: pip install --no-build-isolation -e \".[test]\"")
 
 
 def available_backends() -> list[str]:

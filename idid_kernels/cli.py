@@ -10,6 +10,18 @@ import torch
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def warn_if_no_extension() -> bool:
+    """Print a visible warning (stdout and stderr) when the C++ extension is missing; True if printed."""
+    from ._backends import extension_warning
+    warning = extension_warning()
+    if warning is None:
+        return False
+    banner = "!" * 100
+    for stream in (sys.stdout, sys.stderr):
+        print(f"{banner}\n{warning}\n{banner}", file=stream, flush=True)
+    return True
+
+
 def _cmd_info(args) -> int:
     from . import __version__
     from ._backends import BACKENDS, missing
@@ -19,6 +31,7 @@ def _cmd_info(args) -> int:
     for name in BACKENDS:
         why = missing(name)
         print(f"  {name:<10} {'available' if why is None else 'unavailable: ' + why}")
+    warn_if_no_extension()
     return 0
 
 
@@ -27,6 +40,7 @@ def _cmd_check(args) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is visible to torch", file=sys.stderr)
         return 2
+    warn_if_no_extension()
     rows = run_check(device=args.device, dtype=DTYPES[args.dtype], seed=args.seed)
     print(f"idid_kernels check: device={args.device} dtype={args.dtype} seed={args.seed}; "
           f"errors are ||a - b|| / ||b|| against the float64 reference")
@@ -34,6 +48,7 @@ def _cmd_check(args) -> int:
     bad = [r for r in rows if r.status == "MISMATCH"]
     backends = sorted({r.backend for r in rows})
     print(f"\n{len(rows) - len(bad)} ok, {len(bad)} mismatched; backends checked: {', '.join(backends)}")
+    warn_if_no_extension()  # again below the table, where it is read
     return 1 if bad else 0
 
 

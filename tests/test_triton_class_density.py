@@ -14,6 +14,8 @@ import idid_kernels as ik
 from conftest import make_gen, rel_err
 from idid_kernels import _backends
 
+pytest.importorskip("idid_kernels.triton.class_density", reason="triton is not installed")
+
 GPU = torch.cuda.is_available()
 DEV = torch.device("cuda" if GPU else "cpu")
 F32, F64 = torch.float32, torch.float64

@@ -40,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark; exit status 1 when any implementation disagrees with the reference."""
+    from ..cli import warn_if_no_extension
+    warn_if_no_extension()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is visible to torch", file=sys.stderr)
         return 2
