@@ -1,0 +1,124 @@
+"""Edges of the public API: class weights of the class-parallel loss, meta tensors, margin keywords
+set to None, the chunk budget environment variable, gradients that do not flow (distillation off)
+and torch.func transforms. Per-backend behaviour runs over every backend available here (the cpp
+and triton backends on CPU tensors, triton under its interpreter: tiny shapes)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import idid_kernels as ik
+from idid_kernels import _backends
+
+from conftest import make_gen, rel_err
+
+F64 = torch.float64
+
+
+def _device(backend: str) -> str:
+    if backend == "cuda" or (backend == "triton" and not _backends.triton_interpreted()):
+        return "cuda"
+    return "cpu"
+
+
+BACKENDS = [b for b in ("reference", "cpp", "triton", "cuda") if b in ik.available_backends()]
+FUSED = [b for b in BACKENDS if b != "reference"]
+needs_cpp = pytest.mark.skipif("cpp" not in ik.available_backends(), reason="needs the C++ extension")
+
+
+def _inputs(n, d, c, seed, dtype=F64, device="cpu"):
+    g = make_gen(seed)
+    x = torch.randn(n, d, generator=g, dtype=dtype) * 2
+    w = torch.randn(c, d, generator=g, dtype=dtype)
+    y = torch.randint(0, c, (n,), generator=g)
+    return x.to(device), w.to(device), y.to(device)
+
+
+# ------------------------------------------------------------------ 1. class_weight, class-parallel
+def _class_parallel(x, w, y, **kw):
+    from idid_kernels import class_parallel as cp
+    return cp.cm_margin_loss_class_parallel(x, w, y, class_offset=0, num_classes=w.shape[0], **kw)
+
+
+def _single_device(x, w, y, **kw):
+    return ik.cm_margin_loss(x, w, y, backend="reference", **kw)
+
+
+_BAD_CLASS_WEIGHTS = {
+    # (C, 1) would broadcast to an (N, N) row weight, (C + 3,) would be read in part, (C - 1,) would
+    # index out of range: each is a shape error naming the expected (C,)
+    "column": (lambda c: torch.ones(c, 1, dtype=F64), ValueError, r"class_weight must have shape \(5,\), got \(5, 1\)"),
+    "too_long": (lambda c: torch.ones(c + 3, dtype=F64), ValueError, r"class_weight must have shape \(5,\), got \(8,\)"),
+    "too_short": (lambda c: torch.ones(c - 1, dtype=F64), ValueError, r"class_weight must have shape \(5,\), got \(4,\)"),
+    "requires_grad": (lambda c: torch.ones(c, dtype=F64, requires_grad=True), ValueError,
+                      r"class_weight must not require grad"),
+    "int64": (lambda c: torch.ones(c, dtype=torch.int64), TypeError,
+              r"class_weight must be a floating tensor of shape \(5,\), got a torch.int64 tensor"),
+    "list": (lambda c: [1.0] * c, TypeError, r"class_weight must be a floating tensor of shape \(5,\), got list"),
+    "meta": (lambda c: torch.ones(c, dtype=F64, device="meta"), ValueError, r"class_weight is on meta but x is on cpu"),
+}
+
+
+@needs_cpp
+@pytest.mark.parametrize("case", list(_BAD_CLASS_WEIGHTS))
+@pytest.mark.parametrize("fn", [_class_parallel, _single_device], ids=["class_parallel", "cm_margin_loss"])
+def test_bad_class_weight_is_rejected_the_same_way(fn, case):
+    make, exc, match = _BAD_CLASS_WEIGHTS[case]
+    x, w, y = _inputs(6, 3, 5, seed=0)
+    with pytest.raises(exc, match=match):
+        fn(x, w, y, class_weight=make(5))
+
+
+def _cross_entropy_truth(x, w, y, s, cw, reduction):
+    """F.cross_entropy on the logits s * cos (margin "none", no contraction), with its gradients."""
+    x, w = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    logits = s * F.normalize(x, dim=1) @ F.normalize(w, dim=1).T
+    loss = F.cross_entropy(logits, y, weight=cw, ignore_index=-100, reduction=reduction)
+    return loss, x, w
+
+
+_CLASS_WEIGHT_CASES = {
+    "positive": ([0.5, 2.0, 1.0, 0.25, 3.0], ()),
+    "negative_total": ([-0.5, -2.0, 1.0, -0.25, -3.0], ()),
+    "mixed_signs_some_ignored": ([0.5, -2.0, 1.0, 0.0, 3.0], (1, 4)),
+    "all_ignored": ([0.5, 2.0, 1.0, 0.25, 3.0], tuple(range(7))),
+    "none_all_ignored": (None, tuple(range(7))),
+}
+
+
+@needs_cpp
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("case", list(_CLASS_WEIGHT_CASES))
+def test_class_parallel_weighting_is_cross_entropy(case, reduction):
+    weights, ignored = _CLASS_WEIGHT_CASES[case]
+    x, w, y = _inputs(7, 4, 5, seed=1)
+    y[list(ignored)] = -100
+    cw = None if weights is None else torch.tensor(weights, dtype=F64)
+    if cw is not None and not ignored:
+        total = float(cw[y].sum())
+        assert (total < 0) == (case == "negative_total")  # the case tests what it says
+    truth, tx, tw = _cross_entropy_truth(x, w, y, 3.0, cw, reduction)
+    xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+    out = _class_parallel(xa, wa, y, class_weight=cw, reduction=reduction, s=3.0, margin="none", contraction="none")
+    assert out.shape == truth.shape and out.dtype == truth.dtype
+    up = torch.randn(out.shape, generator=make_gen(2), dtype=F64)
+    (out * up).sum().backward()
+    (truth * up).sum().backward()
+    if case.endswith("all_ignored") and reduction == "mean":
+        assert torch.isnan(out) and torch.isnan(truth)
+    else:
+        assert torch.all((out - truth).abs() <= 1e-10 * (1 + truth.abs())), (out, truth)
+    assert rel_err(xa.grad, tx.grad) <= 1e-10 and rel_err(wa.grad, tw.grad) <= 1e-10
+
+
+@needs_cpp
+def test_class_parallel_zero_weight_total_is_cross_entropys_value():
+    # weights summing to 0 over a batch with rows: F.cross_entropy's mean is sum / 0 (+-inf here)
+    x, w, y = _inputs(4, 3, 3, seed=3)
+    y = torch.tensor([0, 1, 2, 0])
+    cw = torch.tensor([1.0, -2.0, 0.0], dtype=F64)
+    assert float(cw[y].sum()) == 0
+    truth, _, _ = _cross_entropy_truth(x, w, y, 3.0, cw, "mean")
+    out = _class_parallel(x, w, y, class_weight=cw, s=3.0, margin="none", contraction="none")
+    assert torch.isinf(truth) and torch.equal(out, truth.detach())
