@@ -122,3 +122,71 @@ def test_class_parallel_zero_weight_total_is_cross_entropys_value():
     truth, _, _ = _cross_entropy_truth(x, w, y, 3.0, cw, "mean")
     out = _class_parallel(x, w, y, class_weight=cw, s=3.0, margin="none", contraction="none")
     assert torch.isinf(truth) and torch.equal(out, truth.detach())
+
+
+# ------------------------------------------------------------------ 2. meta tensors
+def _meta_cases():
+    """name -> fn(x, w, s, y, cw) over the public functions, on whatever device the inputs are."""
+    return {
+        "cm_margin_loss": lambda x, w, s, y, cw: ik.cm_margin_loss(x, w, y, margin="arcface"),
+        "cm_margin_loss_none_weighted": lambda x, w, s, y, cw: ik.cm_margin_loss(x, w, y, reduction="none",
+                                                                                  class_weight=cw),
+        "idid_loss": lambda x, w, s, y, cw: ik.idid_loss(x, w, s, y),
+        "idid_loss_terms": lambda x, w, s, y, cw: ik.idid_loss(x, w, s, y, return_terms=True),
+        "idid_loss_no_distillation": lambda x, w, s, y, cw: ik.idid_loss(x, w, s, y, distillation=False),
+        "class_density": lambda x, w, s, y, cw: ik.class_density(x, y, 5),
+        "pairwise_cosine": lambda x, w, s, y, cw: ik.pairwise_cosine(x, w),
+        "pairwise_cosine_self": lambda x, w, s, y, cw: ik.pairwise_cosine(x),
+        "norm_contraction": lambda x, w, s, y, cw: ik.norm_contraction(x, offset=1.0),
+    }
+
+
+def _flat(out):
+    return list(out) if isinstance(out, tuple) else [out]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("name", list(_meta_cases()))
+def test_public_functions_on_meta_tensors(name, dtype):
+    fn = _meta_cases()[name]
+    x, w, y = _inputs(6, 3, 5, seed=4, dtype=dtype)
+    y[2] = -100 if name.startswith(("cm", "idid")) else y[2]
+    s, cw = torch.zeros(5, 5, dtype=dtype), torch.rand(5, generator=make_gen(5), dtype=dtype)
+    cpu = _flat(fn(x, w, s, y, cw))
+    xm, wm, sm = (t.to("meta").requires_grad_() for t in (x, w, s))
+    out = _flat(fn(xm, wm, sm, y.to("meta"), cw.to("meta")))
+    assert [(o.shape, o.dtype, o.device.type) for o in out] == [(o.shape, o.dtype, "meta") for o in cpu]
+    out[0].sum().backward()
+    assert xm.grad is not None and xm.grad.shape == x.shape and xm.grad.device.type == "meta"
+
+
+def test_out_of_range_labels_are_still_caught_off_meta():
+    # the meta exemption is for tensors without values, not a way around the check
+    x, w, y = _inputs(6, 3, 5, seed=4)
+    y[1] = 9
+    with pytest.raises(ValueError, match=r"labels\[1\] = 9 is out of range"):
+        ik.cm_margin_loss(x, w, y)
+    ik.cm_margin_loss(x.to("meta"), w.to("meta"), y.to("meta"))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_backends_refuse_meta_tensors_clearly(backend):
+    x, w, y = _inputs(6, 3, 5, seed=4, device="meta")
+    with pytest.raises(ValueError, match=rf"backend '{backend}' runs on .* but the inputs are on meta"):
+        ik.cm_margin_loss(x, w, y, backend=backend)
+
+
+@pytest.mark.parametrize("module", ["CMMarginLoss", "IDIDLoss"])
+def test_modules_on_meta_tensors(module):
+    kw = dict(class_weight=torch.rand(5, generator=make_gen(6))) if module == "CMMarginLoss" else {}
+    head = getattr(ik, module)(3, 5, device="meta", **kw)
+    assert all(p.device.type == "meta" for p in head.parameters())
+    x = torch.randn(6, 3, device="meta", requires_grad=True)
+    y = torch.zeros(6, dtype=torch.int64, device="meta")
+    loss = head(x, y)
+    assert loss.shape == () and loss.device.type == "meta" and loss.dtype == torch.float32
+    loss.backward()
+    assert x.grad.shape == x.shape and x.grad.device.type == "meta"
+    for p in head.parameters():
+        assert p.grad is not None and p.grad.shape == p.shape and p.grad.device.type == "meta"
+    assert head.predict(x).shape == (6,) if module == "IDIDLoss" else head.logits(x).shape == (6, 5)
