@@ -18,7 +18,7 @@ from ._validation import (
     check_positive, check_same,
 )
 from .reference.cm_margin import CONTRACTIONS, REDUCTIONS
-from .reference.margins import MARGIN_GRADS, resolve_margin
+from .reference.margins import MARGIN_GRADS, check_margin_numbers, resolve_margin
 
 
 def _norm_contraction_ext(x, offset, temperature):
@@ -95,6 +95,7 @@ def validate_cm_config(*, s, margin, m, m1, m2, m3, sphere_lambda, easy_margin, 
     """Check the scalar keywords of :func:`cm_margin_loss`; returns the resolved margin."""
     check_positive("s", s)
     check_bool("easy_margin", easy_margin)
+    check_margin_numbers(m=m, m1=m1, m2=m2, m3=m3, sphere_lambda=sphere_lambda)
     for name, value in (("m", m), ("m1", m1), ("m2", m2), ("m3", m3), ("sphere_lambda", sphere_lambda)):
         if value is not None:
             check_finite(name, value)

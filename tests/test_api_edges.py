@@ -190,3 +190,35 @@ def test_modules_on_meta_tensors(module):
     for p in head.parameters():
         assert p.grad is not None and p.grad.shape == p.shape and p.grad.device.type == "meta"
     assert head.predict(x).shape == (6,) if module == "IDIDLoss" else head.logits(x).shape == (6, 5)
+
+
+# ------------------------------------------------------------------ 3. margin keywords set to None
+@pytest.mark.parametrize("name", ["m1", "m2", "m3", "sphere_lambda"])
+@pytest.mark.parametrize("where", ["functional", "module", "reference", "class_parallel"])
+def test_none_for_a_numeric_margin_keyword_names_it(where, name):
+    x, w, y = _inputs(4, 3, 5, seed=7)
+    margin = "sphereface" if name == "sphere_lambda" else "combined"
+    kw = {"margin": margin, name: None}
+    call = {"functional": lambda: ik.cm_margin_loss(x, w, y, **kw),
+            "module": lambda: ik.CMMarginLoss(3, 5, **kw),
+            "reference": lambda: ik.reference.cm_margin_loss(x, w, y, **kw),
+            "class_parallel": lambda: _class_parallel(x, w, y, **kw)}[where]
+    if where == "class_parallel" and "cpp" not in ik.available_backends():
+        pytest.skip("needs the C++ extension")
+    with pytest.raises(TypeError, match=rf"^{name} must be a real number, got None \(None is accepted for m only"):
+        call()
+
+
+@pytest.mark.parametrize("margin, default", [("cosface", 0.4), ("arcface", 0.5), ("sphereface", 4)])
+def test_m_none_is_the_presets_default(margin, default):
+    x, w, y = _inputs(5, 3, 6, seed=8)
+    got = ik.cm_margin_loss(x, w, y, margin=margin, m=None, backend="reference")
+    assert torch.equal(got, ik.cm_margin_loss(x, w, y, margin=margin, m=default, backend="reference"))
+    # and not the plain softmax: the default margin is really applied
+    assert got > ik.cm_margin_loss(x, w, y, margin="none", backend="reference")
+
+
+def test_m_none_is_accepted_by_none_and_combined_margins():
+    x, w, y = _inputs(5, 3, 6, seed=8)
+    plain = ik.cm_margin_loss(x, w, y, margin="none", m=None, backend="reference")
+    assert torch.equal(plain, ik.cm_margin_loss(x, w, y, margin="combined", m=None, backend="reference"))
