@@ -222,3 +222,111 @@ def test_m_none_is_accepted_by_none_and_combined_margins():
     x, w, y = _inputs(5, 3, 6, seed=8)
     plain = ik.cm_margin_loss(x, w, y, margin="none", m=None, backend="reference")
     assert torch.equal(plain, ik.cm_margin_loss(x, w, y, margin="combined", m=None, backend="reference"))
+
+
+# ------------------------------------------------------------------ 4. the chunk budget variable
+def _chunk_budget_users():
+    """Every caller of the budget: the cpp ops of both losses and the class-parallel shards."""
+    from idid_kernels import class_parallel as cp
+    x, w, y = _inputs(7, 3, 4, seed=9)
+    s = torch.zeros(4, 4, dtype=F64)
+    return {"cm_margin_loss": lambda: ik.cm_margin_loss(x, w, y, backend="cpp"),
+            "cm_margin_loss_no_grad_path": lambda: ik.cm_margin_loss(x, w, y, reduction="none", backend="cpp"),
+            "idid_loss": lambda: ik.idid_loss(x, w, s, y, backend="cpp"),
+            "class_parallel": lambda: cp.shard_stats(x, w, y, class_offset=0, num_classes=4)}
+
+
+@needs_cpp
+@pytest.mark.parametrize("raw", ["inf", "-inf", "nan", "0", "-3", "abc", "1e400", "2.5 MB"])
+@pytest.mark.parametrize("user", ["cm_margin_loss", "cm_margin_loss_no_grad_path", "idid_loss", "class_parallel"])
+def test_bad_chunk_budget_is_a_value_error_naming_the_variable(monkeypatch, user, raw):
+    from idid_kernels import _chunks
+    monkeypatch.setenv("IDID_KERNELS_CHUNK_MB", raw)
+    _chunks.reset()
+    message = rf"^IDID_KERNELS_CHUNK_MB must be a finite number of MiB > 0, got '{raw}'$"
+    with pytest.raises(ValueError, match=message):
+        _chunk_budget_users()[user]()
+    with pytest.raises(ValueError, match=message):  # still an error on the next call, not a cached default
+        _chunk_budget_users()[user]()
+    with pytest.raises(ValueError, match=message):
+        _chunks.reload()
+
+
+@needs_cpp
+@pytest.mark.parametrize("user", ["cm_margin_loss", "idid_loss", "class_parallel"])
+def test_the_old_rows_variable_is_refused_with_its_replacement(monkeypatch, user):
+    from idid_kernels import _chunks
+    monkeypatch.setenv("IDID_KERNELS_CHUNK_ROWS", "64")
+    _chunks.reset()
+    with pytest.raises(ValueError, match=r"^IDID_KERNELS_CHUNK_ROWS='64' is no longer read: it was replaced by "
+                                         r"IDID_KERNELS_CHUNK_MB \(MiB of one chunk of logits"):
+        _chunk_budget_users()[user]()
+
+
+def test_chunk_budget_defaults_and_read_once(monkeypatch):
+    from idid_kernels import _chunks
+    monkeypatch.delenv("IDID_KERNELS_CHUNK_MB", raising=False)
+    monkeypatch.delenv("IDID_KERNELS_CHUNK_ROWS", raising=False)
+    _chunks.reload()
+    assert (_chunks.budget_mb("cpu"), _chunks.budget_mb("cuda")) == (32.0, 256.0)
+    monkeypatch.setenv("IDID_KERNELS_CHUNK_MB", "")  # empty: unset
+    _chunks.reload()
+    assert _chunks.budget_mb("cpu") == 32.0
+    monkeypatch.setenv("IDID_KERNELS_CHUNK_MB", "0.5")
+    assert _chunks.budget_mb("cpu") == 32.0  # read once: a later change needs reload()
+    _chunks.reload()
+    assert (_chunks.budget_mb("cpu"), _chunks.budget_mb("cuda")) == (0.5, 0.5)  # one budget for every device
+    monkeypatch.setenv("IDID_KERNELS_CHUNK_MB", "abc")
+    assert _chunks.budget_mb("cpu") == 0.5
+    assert _chunks.rows_for(1000, 4, "cpu") == (2**19) // 4000
+    assert _chunks.rows_for(10**9, 8, "cpu") == 1
+
+
+@needs_cpp
+def test_idid_rows_come_from_the_shared_budget(monkeypatch):
+    from idid_kernels import _chunks
+    from idid_kernels.ops import idid_loss as op
+    monkeypatch.delenv("IDID_KERNELS_CHUNK_MB", raising=False)
+    _chunks.reload()
+    # a row costs max(B, C) accumulators: C logits, or the CPU kernel's class-density block width n_c <= B
+    assert op._rows_per_chunk(40, 7, F64, "cpu") == 32 * 2**20 // (40 * 8)
+    assert op._rows_per_chunk(40, 700, torch.float32, "cpu") == 32 * 2**20 // (700 * 4)
+    assert op._rows_per_chunk(40, 700, torch.bfloat16, "cuda") == 256 * 2**20 // (700 * 4)
+    with op.chunk_rows(3):  # the tests' override still wins
+        assert op._rows_per_chunk(40, 700, F64, "cpu") == 3
+    monkeypatch.setenv("IDID_KERNELS_CHUNK_MB", "0.001")  # 1048 bytes: 3 rows of 40 float64 values
+    _chunks.reload()
+    assert op._rows_per_chunk(40, 7, F64, "cpu") == 3
+
+
+@needs_cpp
+def test_idid_small_budget_equals_one_chunk_and_the_reference(monkeypatch):
+    from idid_kernels import _chunks
+    from idid_kernels.ops import idid_loss as op
+    # one class of 40 rows: above the CPU kernel's 32-row small-class path, so its density Gram
+    # matrix is built in blocks of the same row count
+    x, w, _ = _inputs(48, 5, 7, seed=10)
+    y = torch.cat([torch.zeros(40, dtype=torch.int64), torch.randint(1, 7, (8,), generator=make_gen(11))])
+    s = torch.randn(7, 7, generator=make_gen(12), dtype=F64)
+
+    def run(backend):
+        xs, ws, ss = (t.clone().requires_grad_() for t in (x, w, s))
+        loss = ik.idid_loss(xs, ws, ss, y, backend=backend)
+        loss.backward()
+        return [loss.detach(), xs.grad, ws.grad, ss.grad]
+
+    monkeypatch.delenv("IDID_KERNELS_CHUNK_MB", raising=False)
+    _chunks.reload()
+    one_chunk, truth = run("cpp"), run("reference")
+    monkeypatch.setenv("IDID_KERNELS_CHUNK_MB", "0.001")  # 1048 bytes: 2 rows of 48 float64 values
+    _chunks.reload()
+    assert op._rows_per_chunk(48, 7, F64, "cpu") == 2
+    passed = []
+    real_op = torch.ops.idid_kernels.idid_loss_forward
+    monkeypatch.setattr(op.torch.ops.idid_kernels, "idid_loss_forward",
+                        lambda *args: passed.append(args[-1]) or real_op(*args))
+    small = run("cpp")
+    assert passed == [2]  # the op was handed the budget's rows
+    monkeypatch.undo()
+    for a, b, c in zip(small, one_chunk, truth):
+        assert rel_err(a, b) <= 1e-12 and rel_err(a, c) <= 1e-10

@@ -13,30 +13,20 @@ The class weights and the reduction live here, on O(N) vectors; the kernels see 
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
+from .. import _chunks
 from ..reference.margins import MarginParams
 from ._autograd import no_double_backward
 
 _KIND = {"none": 0, "cosface": 1, "angular": 2, "sphere": 3}
 _FWD, _BWD, _FUSED = ("idid_kernels::cm_margin_forward", "idid_kernels::cm_margin_backward",
                       "idid_kernels::cm_margin_fused")
-# MiB of the (chunk x C) cosine buffer: it stays cache-sized on a CPU and large enough for full-speed
-# GEMMs on a GPU. IDID_KERNELS_CHUNK_MB overrides both (tests use it to force many chunks).
-_DEFAULT_CHUNK_MB = {"cpu": 32, "cuda": 256}
 
 
 def chunk_rows(num_classes: int, itemsize: int = 4, device_type: str = "cpu") -> int:
-    raw = os.environ.get("IDID_KERNELS_CHUNK_MB", _DEFAULT_CHUNK_MB.get(device_type, 32))
-    try:
-        mb = float(raw)
-    except ValueError:
-        raise ValueError(f"IDID_KERNELS_CHUNK_MB must be a number of MiB, got {raw!r}") from None
-    if not mb > 0:
-        raise ValueError(f"IDID_KERNELS_CHUNK_MB must be > 0, got {raw!r}")
-    return max(1, int(mb * 2**20) // max(1, num_classes * itemsize))
+    """Rows per chunk: the (rows x C) accumulation-dtype cosine buffer within ``IDID_KERNELS_CHUNK_MB``."""
+    return _chunks.rows_for(num_classes, itemsize, device_type)
 
 
 def config_args(params: MarginParams, *, s, contraction, norm_offset, norm_temperature, detach_norm, margin_grad,
