@@ -5,8 +5,9 @@ in a buffer of at most ``IDID_KERNELS_CHUNK_MB`` MiB (accumulation-dtype values)
 the buffer cache-sized on a CPU (32 MiB) and large enough for full-speed GEMMs on a GPU (256 MiB).
 
 The variable is read and validated once, on first use; :func:`reload` reads it again now and
-:func:`reset` at the next use (tests that change the variable call one of them). The old ``IDID_KERNELS_CHUNK_ROWS`` (rows of the
-IDID op) was replaced by this budget: setting it is an error rather than silently ignored.
+:func:`reset` at the next use (tests that change the variable call one of them). The old
+``IDID_KERNELS_CHUNK_ROWS`` (rows of the IDID op) was replaced by this budget: setting it is an error
+rather than silently ignored.
 """
 from __future__ import annotations
 

@@ -91,7 +91,8 @@ def check_class_weight(class_weight, num_classes: int, device: torch.device, nam
     if class_weight is None:
         return
     if not isinstance(class_weight, torch.Tensor) or not class_weight.dtype.is_floating_point:
-        what = f"a {class_weight.dtype} tensor" if isinstance(class_weight, torch.Tensor) else type(class_weight).__name__
+        what = (f"a {class_weight.dtype} tensor" if isinstance(class_weight, torch.Tensor)
+                else type(class_weight).__name__)
         raise TypeError(f"{name} must be a floating tensor of shape ({num_classes},), got {what}")
     if class_weight.shape != (num_classes,):
         raise ValueError(f"{name} must have shape ({num_classes},), got {tuple(class_weight.shape)}")

@@ -14,8 +14,8 @@ import torch
 from . import reference as ref
 from ._backends import select_backend
 from ._validation import (
-    check_bool, check_choice, check_class_weight, check_finite, check_int, check_labels, check_matrix, check_nonnegative,
-    check_positive, check_same,
+    check_bool, check_choice, check_class_weight, check_finite, check_int, check_labels, check_matrix,
+    check_nonnegative, check_positive, check_same,
 )
 from .reference.cm_margin import CONTRACTIONS, REDUCTIONS
 from .reference.margins import MARGIN_GRADS, check_margin_numbers, resolve_margin

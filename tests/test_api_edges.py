@@ -48,8 +48,10 @@ def _single_device(x, w, y, **kw):
 _BAD_CLASS_WEIGHTS = {
     # (C, 1) would broadcast to an (N, N) row weight, (C + 3,) would be read in part, (C - 1,) would
     # index out of range: each is a shape error naming the expected (C,)
-    "column": (lambda c: torch.ones(c, 1, dtype=F64), ValueError, r"class_weight must have shape \(5,\), got \(5, 1\)"),
-    "too_long": (lambda c: torch.ones(c + 3, dtype=F64), ValueError, r"class_weight must have shape \(5,\), got \(8,\)"),
+    "column": (lambda c: torch.ones(c, 1, dtype=F64), ValueError,
+               r"class_weight must have shape \(5,\), got \(5, 1\)"),
+    "too_long": (lambda c: torch.ones(c + 3, dtype=F64), ValueError,
+                 r"class_weight must have shape \(5,\), got \(8,\)"),
     "too_short": (lambda c: torch.ones(c - 1, dtype=F64), ValueError, r"class_weight must have shape \(5,\), got \(4,\)"),
     "requires_grad": (lambda c: torch.ones(c, dtype=F64, requires_grad=True), ValueError,
                       r"class_weight must not require grad"),
