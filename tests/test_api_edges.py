@@ -52,7 +52,8 @@ _BAD_CLASS_WEIGHTS = {
                r"class_weight must have shape \(5,\), got \(5, 1\)"),
     "too_long": (lambda c: torch.ones(c + 3, dtype=F64), ValueError,
                  r"class_weight must have shape \(5,\), got \(8,\)"),
-    "too_short": (lambda c: torch.ones(c - 1, dtype=F64), ValueError, r"class_weight must have shape \(5,\), got \(4,\)"),
+    "too_short": (lambda c: torch.ones(c - 1, dtype=F64), ValueError,
+                  r"class_weight must have shape \(5,\), got \(4,\)"),
     "requires_grad": (lambda c: torch.ones(c, dtype=F64, requires_grad=True), ValueError,
                       r"class_weight must not require grad"),
     "int64": (lambda c: torch.ones(c, dtype=torch.int64), TypeError,
@@ -332,3 +333,41 @@ def test_idid_small_budget_equals_one_chunk_and_the_reference(monkeypatch):
     monkeypatch.undo()
     for a, b, c in zip(small, one_chunk, truth):
         assert rel_err(a, b) <= 1e-12 and rel_err(a, c) <= 1e-10
+
+
+# ------------------------------------------------------------------ 5. no gradient where none flows
+def _idid_module_step(backend, distillation, seed=13):
+    torch.manual_seed(seed)
+    device = _device(backend)
+    head = ik.IDIDLoss(4, 5, distillation=distillation, backend=backend, dtype=F64, device=device)
+    with torch.no_grad():
+        head.similarity.copy_(torch.randn(5, 5, generator=make_gen(seed), dtype=F64))
+    x, _, y = _inputs(9, 4, 5, seed=seed, device=device)
+    before = {name: p.detach().clone() for name, p in head.named_parameters()}
+    opt = torch.optim.AdamW(head.parameters(), lr=0.1, weight_decay=0.5)
+    head(x, y).backward()
+    grads = {name: None if p.grad is None else p.grad.detach().clone() for name, p in head.named_parameters()}
+    opt.step()
+    return before, grads, dict(head.named_parameters())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_similarity_gets_no_gradient_without_distillation(backend):
+    before, grads, params = _idid_module_step(backend, distillation=False)
+    assert grads["similarity"] is None
+    assert grads["proxies"] is not None
+    # AdamW's weight decay skips a parameter without a gradient: the similarity stays as it was
+    assert torch.equal(params["similarity"].detach(), before["similarity"])
+    assert not torch.equal(params["proxies"].detach(), before["proxies"])
+
+
+@pytest.mark.parametrize("distillation", [False, True])
+@pytest.mark.parametrize("backend", FUSED)
+def test_module_step_agrees_with_the_reference(backend, distillation):
+    _, ref_grads, ref_params = _idid_module_step("reference", distillation)
+    _, grads, params = _idid_module_step(backend, distillation)
+    assert (grads["similarity"] is None) == (not distillation) == (ref_grads["similarity"] is None)
+    for name, g in ref_grads.items():
+        if g is not None:
+            assert rel_err(grads[name].cpu(), g) <= 1e-10, name
+        assert rel_err(params[name].detach().cpu(), ref_params[name].detach()) <= 1e-10, name

@@ -109,7 +109,10 @@ def _backward(ctx, g_loss, g_ic, g_id, *_):
     grad_id = g_loss * lam.to(acc) + g_id
     dx, dw, ds = torch.ops.idid_kernels.idid_loss_backward(grad_ic, grad_id, x, proxies, labels, row_stats, x_norm,
                                                            w_norm, teacher, *ctx.config)
-    return (dx, dw, ds) + (None,) * 12
+    # Without distillation the similarity is not read: no gradient flows to it (None, as the reference
+    # and the triton backend give), rather than zeros an optimizer's weight decay would act on.
+    distillation = ctx.config[3]
+    return (dx, dw, ds if distillation and ctx.needs_input_grad[2] else None) + (None,) * 12
 
 
 torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
