@@ -371,3 +371,136 @@ def test_module_step_agrees_with_the_reference(backend, distillation):
         if g is not None:
             assert rel_err(grads[name].cpu(), g) <= 1e-10, name
         assert rel_err(params[name].detach().cpu(), ref_params[name].detach()) <= 1e-10, name
+
+
+# ------------------------------------------------------------------ 6. torch.func transforms
+def _weighted_terms(terms):
+    return terms.l_ic - 3.0 * terms.l_id + 0.5 * terms.loss
+
+
+def _func_case(name, backend):
+    """(fn of the differentiable tensors, those tensors) for each public function, tiny float64 inputs."""
+    device = _device(backend)
+    x, w, y = _inputs(5, 4, 3, seed=14, device=device)
+    y[3] = -100
+    s = torch.randn(3, 3, generator=make_gen(15), dtype=F64).to(device)
+    b = dict(backend=backend)
+    return {
+        "cm_margin_loss": (lambda x, w: ik.cm_margin_loss(x, w, y, margin="arcface", **b), (x, w)),
+        "cm_margin_loss_none": (lambda x, w: (ik.cm_margin_loss(x, w, y, reduction="none", **b)
+                                              * torch.arange(1.0, 6.0, dtype=F64, device=device)).sum(), (x, w)),
+        "idid_loss": (lambda x, w, s: ik.idid_loss(x, w, s, y, **b), (x, w, s)),
+        "idid_loss_terms": (lambda x, w, s: _weighted_terms(ik.idid_loss(x, w, s, y, return_terms=True, **b)),
+                            (x, w, s)),
+        "pairwise_cosine": (lambda x, w: (ik.pairwise_cosine(x, w, **b) ** 2).sum(), (x, w)),
+        "pairwise_cosine_self": (lambda x: (ik.pairwise_cosine(x, **b) ** 3).sum(), (x,)),
+        "class_density": (lambda x: (ik.class_density(x, y.clamp_min(0), 3, **b) * torch.tensor(
+            [1.0, -2.0, 3.0], dtype=F64, device=device)).sum(), (x,)),
+        "norm_contraction": (lambda x: (ik.norm_contraction(x, offset=1.0, temperature=2.0, **b) ** 2).sum(), (x,)),
+    }[name]
+
+
+_FUNC_CASES = ["cm_margin_loss", "cm_margin_loss_none", "idid_loss", "idid_loss_terms", "pairwise_cosine",
+               "pairwise_cosine_self", "class_density", "norm_contraction"]
+
+
+def _autograd_grads(fn, tensors):
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    return torch.autograd.grad(fn(*leaves), leaves)
+
+
+@pytest.mark.parametrize("name", _FUNC_CASES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_func_grad_equals_autograd(backend, name):
+    fn, tensors = _func_case(name, backend)
+    argnums = tuple(range(len(tensors)))
+    got = torch.func.grad(fn, argnums=argnums)(*tensors)
+    want = _autograd_grads(fn, tensors)
+    truth = _autograd_grads(_func_case(name, "reference")[0], [t.cpu() for t in tensors])
+    for g, a, r in zip(got, want, truth):
+        assert rel_err(g, a) <= 1e-10 and rel_err(g.cpu(), r) <= 1e-10
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_func_vjp_and_jacrev(backend):
+    _, (x,) = _func_case("norm_contraction", backend)
+    out, vjp_fn = torch.func.vjp(lambda x: ik.norm_contraction(x, backend=backend), x)
+    ct = torch.linspace(-1.0, 2.0, out.shape[0], dtype=F64, device=out.device)
+    (got,) = vjp_fn(ct)  # vjp_fn builds the graph (create_graph follows grad mode): still fine
+    xs = x.clone().requires_grad_()
+    (want,) = torch.autograd.grad(ik.norm_contraction(xs, backend="reference"), xs, ct)
+    assert rel_err(got, want) <= 1e-10
+    jac = torch.func.jacrev(lambda x: ik.pairwise_cosine(x, backend=backend))(x)
+    ref = torch.func.jacrev(lambda x: ik.pairwise_cosine(x, backend="reference"))(x)
+    assert jac.shape == (5, 5, 5, 4) and rel_err(jac, ref) <= 1e-10
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+@pytest.mark.parametrize("name", ["cm_margin_loss", "idid_loss", "norm_contraction"])
+@pytest.mark.parametrize("backend", FUSED)
+def test_vmap_of_grad_gives_per_sample_gradients(backend, name):
+    # vmap runs the fused ops through PyTorch's per-sample fallback (a loop; it warns about speed)
+    fn, tensors = _func_case(name, backend)
+    batch = torch.stack([tensors[0], 2 * tensors[0], -tensors[0].flip(0)])
+    per_sample = torch.func.vmap(torch.func.grad(lambda x: fn(x, *tensors[1:])))(batch)
+    ref_fn = _func_case(name, "reference")[0]
+    rest = [t.cpu() for t in tensors[1:]]
+    for got, xb in zip(per_sample, batch):
+        (want,) = _autograd_grads(lambda x: ref_fn(x, *rest), [xb.cpu()])
+        assert rel_err(got.cpu(), want) <= 1e-10
+    forward = torch.func.vmap(lambda x: fn(x, *tensors[1:]))(batch)
+    assert torch.allclose(forward, torch.stack([fn(xb, *tensors[1:]) for xb in batch]), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("name", _FUNC_CASES)
+@pytest.mark.parametrize("backend", FUSED)
+def test_second_derivatives_are_refused_not_wrong(backend, name):
+    fn, tensors = _func_case(name, backend)
+    rest = tensors[1:]
+    inner = torch.func.grad(lambda x: fn(x, *rest))
+    with pytest.raises(NotImplementedError, match=r"double backward .*not supported by the fused backends; "
+                                                  r"use backend='reference'"):
+        torch.func.grad(lambda x: (inner(x) ** 2).sum())(tensors[0])
+    with pytest.raises(NotImplementedError, match=r"forward-mode AD .*use backend='reference'"):
+        torch.func.jvp(lambda x: fn(x, *rest), (tensors[0],), (torch.ones_like(tensors[0]),))
+    # a tensor from outside the transform that requires grad: the returned gradient depends on it,
+    # and differentiating that dependence is refused too (rather than a silently missing term)
+    leaf = tensors[0].clone().requires_grad_() if len(tensors) == 1 else rest[0].clone().requires_grad_()
+    if len(tensors) == 1:
+        g = torch.func.grad(lambda x: fn(x + leaf))(tensors[0])
+    else:
+        g = torch.func.grad(lambda x: fn(x, leaf, *rest[1:]))(tensors[0])
+    assert g.requires_grad
+    with pytest.raises(NotImplementedError, match=r"double backward"):
+        g.sum().backward()
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_plain_forward_ad_is_refused(backend):
+    import torch.autograd.forward_ad as fwAD
+    _, (x,) = _func_case("norm_contraction", backend)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        with pytest.raises(NotImplementedError, match=r"^norm_contraction: forward-mode AD .*backend='reference'"):
+            ik.norm_contraction(dual, backend=backend)
+
+
+def test_second_derivatives_work_on_the_reference():
+    fn, tensors = _func_case("cm_margin_loss", "reference")
+    hvp = torch.func.grad(lambda x: (torch.func.grad(lambda x: fn(x, tensors[1]))(x) ** 2).sum())(tensors[0])
+    assert torch.isfinite(hvp).all() and hvp.abs().sum() > 0
+
+
+@pytest.mark.parametrize("module", ["CMMarginLoss", "IDIDLoss"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_func_grad_over_module_parameters(backend, module):
+    device = _device(backend)
+    torch.manual_seed(16)
+    head = getattr(ik, module)(4, 3, backend=backend, dtype=F64, device=device)
+    x, _, y = _inputs(5, 4, 3, seed=17, device=device)
+    params = {k: v.detach() for k, v in head.named_parameters()}
+    got = torch.func.grad(lambda p: torch.func.functional_call(head, p, (x, y)))(params)
+    head(x, y).backward()
+    for k, p in head.named_parameters():
+        assert rel_err(got[k], p.grad) <= 1e-10, k

@@ -17,7 +17,7 @@ import torch
 
 from .. import _chunks
 from ..reference.margins import MarginParams
-from ._autograd import no_double_backward
+from .._autograd import functorch_active, no_double_backward, register_autograd, register_no_double_backward
 
 _KIND = {"none": 0, "cosface": 1, "angular": 2, "sphere": 3}
 _FWD, _BWD, _FUSED = ("idid_kernels::cm_margin_forward", "idid_kernels::cm_margin_backward",
@@ -107,8 +107,9 @@ def _fused_backward(ctx, grad_loss, grad_dx, grad_dw):
     return (g.to(dx.dtype) * dx, g.to(dw.dtype) * dw, None, None) + (None,) * ctx.num_cfg
 
 
-torch.library.register_autograd(_FWD, _forward_backward, setup_context=_forward_setup)
-torch.library.register_autograd(_FUSED, _fused_backward, setup_context=_fused_setup)
+register_autograd(_FWD, _forward_backward, setup_context=_forward_setup, public_name="cm_margin_loss")
+register_autograd(_FUSED, _fused_backward, setup_context=_fused_setup, public_name="cm_margin_loss")
+register_no_double_backward(_BWD, "cm_margin_loss")
 
 
 def cm_margin_loss(x, weight, labels, params: MarginParams, *, s, contraction, norm_offset, norm_temperature,
@@ -124,7 +125,11 @@ def cm_margin_loss(x, weight, labels, params: MarginParams, *, s, contraction, n
     w_rows = (torch.ones(labels.shape, dtype=acc, device=x.device) if class_weight is None
               else class_weight.to(acc)[safe])
     w_rows = torch.where(valid, w_rows, torch.zeros_like(w_rows))
-    if reduction != "none" and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    # The fused path's backward scales gradients formed in the forward pass, which nothing could
+    # differentiate again; under torch.func transforms the forward/backward ops are used, whose
+    # backward op refuses a second derivative instead of giving a silently wrong one.
+    if (reduction != "none" and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+            and not functorch_active()):
         # mean: w / sum(w), 0/0 = NaN for a batch with no weight, exactly F.cross_entropy.
         row_weight = w_rows / w_rows.sum() if reduction == "mean" else w_rows
         loss, _, _ = torch.ops.idid_kernels.cm_margin_fused(x, weight, labels, row_weight, *cfg)

@@ -34,7 +34,7 @@ import contextlib
 import torch
 
 from .. import _chunks
-from ._autograd import no_double_backward
+from .._autograd import no_double_backward, register_autograd, register_no_double_backward
 
 from ..reference.idid import IDIDTerms
 
@@ -115,7 +115,8 @@ def _backward(ctx, g_loss, g_ic, g_id, *_):
     return (dx, dw, ds if distillation and ctx.needs_input_grad[2] else None) + (None,) * 12
 
 
-torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
+register_autograd(_FWD, _backward, setup_context=_setup_context, public_name="idid_loss")
+register_no_double_backward(_BWD, "idid_loss")
 
 
 def idid_loss(x, proxies, similarity, labels, *, alpha, tau, t, eps, distillation, diversity, adaptive_weight,
