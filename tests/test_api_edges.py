@@ -179,6 +179,17 @@ def test_fused_backends_refuse_meta_tensors_clearly(backend):
         ik.cm_margin_loss(x, w, y, backend=backend)
 
 
+@needs_cpp
+def test_class_parallel_on_meta_tensors():
+    x, w, y = _inputs(6, 3, 5, seed=4, device="meta")
+    x.requires_grad_()
+    w.requires_grad_()
+    loss = _class_parallel(x, w, y, class_weight=torch.ones(5, dtype=F64, device="meta"))
+    assert loss.shape == () and loss.device.type == "meta" and loss.dtype == F64
+    loss.backward()
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape and w.grad.device.type == "meta"
+
+
 @pytest.mark.parametrize("module", ["CMMarginLoss", "IDIDLoss"])
 def test_modules_on_meta_tensors(module):
     kw = dict(class_weight=torch.rand(5, generator=make_gen(6))) if module == "CMMarginLoss" else {}
