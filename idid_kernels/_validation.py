@@ -5,7 +5,8 @@ message naming the argument and the offending value. Nothing is modified in plac
 
 The label-range check reads the labels, which is a device-to-host sync on a GPU. It is skipped
 while ``torch.compile`` traces and during CUDA graph capture (where a sync is impossible), and can
-be switched off with the environment variable ``IDID_KERNELS_CHECK_LABELS=0``.
+be switched off with the environment variable ``IDID_KERNELS_CHECK_LABELS=0``. Meta tensors have no
+values to read: their labels are checked for dtype, shape and device only.
 """
 from __future__ import annotations
 
@@ -84,7 +85,27 @@ def check_same(ref_name: str, ref: torch.Tensor, **others: torch.Tensor) -> None
             raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; use one dtype")
 
 
+def check_class_weight(class_weight, num_classes: int, device: torch.device, name: str = "class_weight") -> None:
+    """None, or a floating (num_classes,) tensor on ``device`` that does not require grad: a constant
+    per-class re-weighting, as ``F.cross_entropy``'s ``weight`` (which it does not differentiate)."""
+    if class_weight is None:
+        return
+    if not isinstance(class_weight, torch.Tensor) or not class_weight.dtype.is_floating_point:
+        what = (f"a {class_weight.dtype} tensor" if isinstance(class_weight, torch.Tensor)
+                else type(class_weight).__name__)
+        raise TypeError(f"{name} must be a floating tensor of shape ({num_classes},), got {what}")
+    if class_weight.shape != (num_classes,):
+        raise ValueError(f"{name} must have shape ({num_classes},), got {tuple(class_weight.shape)}")
+    if class_weight.device != device:
+        raise ValueError(f"{name} is on {class_weight.device} but x is on {device}")
+    if class_weight.requires_grad:
+        raise ValueError(f"{name} must not require grad: it is a constant re-weighting "
+                         f"(F.cross_entropy does not differentiate it either); pass {name}.detach()")
+
+
 def _label_check_enabled(device: torch.device) -> bool:
+    if device.type == "meta":
+        return False
     if os.environ.get("IDID_KERNELS_CHECK_LABELS", "1").strip().lower() in ("0", "false", "no", "off"):
         return False
     if torch.compiler.is_compiling():

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 
 from . import _backends
-from ._validation import check_bool, check_int, check_labels, check_matrix, check_same
+from ._validation import check_bool, check_class_weight, check_int, check_labels, check_matrix, check_same
 from .functional import validate_cm_config
 
 __all__ = ["ShardStats", "ShardGrads", "shard_stats", "shard_grads", "combine_stats", "combine_grads",
@@ -160,15 +160,16 @@ class _ClassParallelCM(torch.autograd.Function):
             dist.all_reduce(partial, group=group)
         lse = torch.where(valid, big + torch.log(partial[0]), torch.zeros_like(big))
         loss_rows = torch.where(valid, lse - partial[1], torch.zeros_like(lse))
-        ctx.save_for_backward(x, weight_shard, labels, row_weight, lse, x_norm, w_norm)
+        ctx.save_for_backward(x, weight_shard, labels, valid, row_weight, lse, x_norm, w_norm)
         ctx.class_offset, ctx.cfg, ctx.group = class_offset, cfg, group
         return (loss_rows * row_weight).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight_shard, labels, row_weight, lse, x_norm, w_norm = ctx.saved_tensors
+        x, weight_shard, labels, valid, row_weight, lse, x_norm, w_norm = ctx.saved_tensors
         dist, group = _world(ctx.group)
-        g = grad_out.to(lse.dtype) * row_weight
+        # Ignored rows get no gradient whatever the upstream holds (a mean over no rows sends 1 / 0).
+        g = torch.where(valid, grad_out.to(lse.dtype) * row_weight, torch.zeros_like(row_weight))
         du, radial, _, dweight = torch.ops.idid_kernels.cm_margin_shard_backward(
             g, x, weight_shard, labels, ctx.class_offset, lse, x_norm, w_norm, *ctx.cfg)
         if dist is not None:
@@ -208,20 +209,19 @@ def cm_margin_loss_class_parallel(x, weight_shard, labels, *, class_offset, num_
     if dist is None and weight_shard.shape[0] != num_classes:
         raise ValueError(f"without an initialised torch.distributed group the shard must hold all {num_classes} "
                          f"classes, got {weight_shard.shape[0]}")
+    check_class_weight(class_weight, num_classes, x.device)
     cfg = _config(weight_shard, x, **kw)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     valid = labels != kw["ignore_index"]
     safe = torch.where(valid, labels, torch.zeros_like(labels))
     w_rows = torch.ones(labels.shape, dtype=acc, device=x.device) if class_weight is None else \
-        class_weight.to(device=x.device, dtype=acc)[safe]
+        class_weight.to(acc)[safe]
     w_rows = torch.where(valid, w_rows, torch.zeros_like(w_rows))
-    nan_if_empty = None
-    if reduction == "mean":
-        total = w_rows.sum()
-        w_rows = torch.where(valid, w_rows / total, torch.zeros_like(w_rows))
-        # An all-ignored batch: NaN loss with zero gradients, as F.cross_entropy (no host sync).
-        nan_if_empty = torch.where(total > 0, 0.0, float("nan")).to(x.dtype)
     rows = _ClassParallelCM.apply(x, weight_shard, labels, valid, w_rows, class_offset, cfg, group)
     if reduction == "none":
         return rows
-    return rows.sum() if nan_if_empty is None else rows.sum() + nan_if_empty
+    if reduction == "sum":
+        return rows.sum()
+    # F.cross_entropy's mean: sum_n w_n loss_n / sum_n w_n for any nonzero total (negative too); an
+    # all-ignored batch is 0 / 0 = NaN, and its gradients are 0 (ignored rows get none, see backward).
+    return (rows.to(acc).sum() / w_rows.sum()).to(x.dtype)

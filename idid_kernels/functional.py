@@ -14,10 +14,11 @@ import torch
 from . import reference as ref
 from ._backends import select_backend
 from ._validation import (
-    check_bool, check_choice, check_finite, check_int, check_labels, check_matrix, check_nonnegative, check_positive, check_same,
+    check_bool, check_choice, check_class_weight, check_finite, check_int, check_labels, check_matrix,
+    check_nonnegative, check_positive, check_same,
 )
 from .reference.cm_margin import CONTRACTIONS, REDUCTIONS
-from .reference.margins import MARGIN_GRADS, resolve_margin
+from .reference.margins import MARGIN_GRADS, check_margin_numbers, resolve_margin
 
 
 def _norm_contraction_ext(x, offset, temperature):
@@ -94,6 +95,7 @@ def validate_cm_config(*, s, margin, m, m1, m2, m3, sphere_lambda, easy_margin, 
     """Check the scalar keywords of :func:`cm_margin_loss`; returns the resolved margin."""
     check_positive("s", s)
     check_bool("easy_margin", easy_margin)
+    check_margin_numbers(m=m, m1=m1, m2=m2, m3=m3, sphere_lambda=sphere_lambda)
     for name, value in (("m", m), ("m1", m1), ("m2", m2), ("m3", m3), ("sphere_lambda", sphere_lambda)):
         if value is not None:
             check_finite(name, value)
@@ -162,16 +164,7 @@ def cm_margin_loss(x, weight, labels, *, s=30.0, margin="cosface", m=None, m1=1.
                        norm_temperature=norm_temperature, margin_grad=margin_grad, reduction=reduction,
                        ignore_index=ignore_index)
     check_bool("detach_norm", detach_norm)
-    if class_weight is not None:
-        if not isinstance(class_weight, torch.Tensor) or not class_weight.dtype.is_floating_point:
-            raise TypeError(f"class_weight must be a floating tensor of shape ({num_classes},), got {class_weight!r}")
-        if class_weight.shape != (num_classes,):
-            raise ValueError(f"class_weight must have shape ({num_classes},), got {tuple(class_weight.shape)}")
-        if class_weight.device != x.device:
-            raise ValueError(f"class_weight is on {class_weight.device} but x is on {x.device}")
-        if class_weight.requires_grad:
-            raise ValueError("class_weight must not require grad: it is a constant re-weighting "
-                             "(F.cross_entropy does not differentiate it either); pass class_weight.detach()")
+    check_class_weight(class_weight, num_classes, x.device)
     labels = check_labels(labels, n, num_classes, x.device, ignore_index)
     kernel = _kernel("cm_margin_loss", backend, x.device)
     return kernel(x, weight, labels, s=s, margin=margin, m=m, m1=m1, m2=m2, m3=m3, sphere_lambda=sphere_lambda,

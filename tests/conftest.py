@@ -11,6 +11,17 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+@pytest.fixture(autouse=True)
+def _fresh_chunk_budget():
+    """The chunk budget (IDID_KERNELS_CHUNK_MB) is read once and cached: a test that changes the
+    variable reloads it, and after every test (autouse, so after monkeypatch has restored the
+    environment) the next use reads the environment again."""
+    yield
+    from idid_kernels import _chunks
+    _chunks.reset()
+
+
 # ---------------------------------------------------------------------------------------------
 # Numerical comparison helpers (used by test_reference.py, test_grads.py, test_idid_properties.py)
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import idid_kernels as ik
-from idid_kernels import reference
+from idid_kernels import _chunks, reference
 from idid_kernels.reference.margins import resolve_margin
 
 pytestmark = pytest.mark.skipif(
@@ -129,11 +129,14 @@ def test_large_class_count_over_65536():
 @pytest.mark.parametrize("chunk_mb", ["0.0001", "0.002"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_many_chunks_equal_one_chunk(monkeypatch, chunk_mb, reduction):
-    # 0.0001 MB with C=50 classes gives 2-row chunks; 0.002 MB 41-row chunks (N = 83 is prime).
+    # C=50 float64 classes are 400 bytes a row: 0.0001 MiB gives 1-row chunks, 0.002 MiB 5-row chunks
+    # (N = 83 is prime). The budget is read once, so the test reloads it after setting it.
     x, w, y = make(83, 50, 12, seed=2, ignore=5)
     kw = dict(margin="combined", m1=1.1, m2=0.2, m3=0.05, reduction=reduction)
     ref = loss_and_grads("reference", x, w, y, **kw)
     monkeypatch.setenv("IDID_KERNELS_CHUNK_MB", chunk_mb)
+    _chunks.reload()
+    assert _chunks.rows_for(50, 8, "cpu") == {"0.0001": 1, "0.002": 5}[chunk_mb]
     ours = loss_and_grads("cpp", x, w, y, **kw)
     for a, b in zip(ours, ref):
         assert rel(a, b) <= 1e-12

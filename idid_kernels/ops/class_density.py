@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._autograd import no_double_backward
+from .._autograd import no_double_backward, register_autograd, register_no_double_backward
 
 _OP = "idid_kernels::class_density_forward"
 _BWD = "idid_kernels::class_density_backward"
@@ -46,7 +46,8 @@ def _backward(ctx, grad, _grad_norm):
     return dx, None, None, None
 
 
-torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
+register_autograd(_OP, _backward, setup_context=_setup_context, public_name="class_density")
+register_no_double_backward(_BWD, "class_density")
 
 
 def class_density(x: torch.Tensor, labels: torch.Tensor, num_classes: int, t: float) -> torch.Tensor:

@@ -14,30 +14,20 @@ The class weights and the reduction live here, on O(N) vectors; the kernels see 
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
+from .. import _chunks
 from ..reference.margins import MarginParams
-from ._autograd import no_double_backward
+from .._autograd import functorch_active, no_double_backward, register_autograd, register_no_double_backward
 
 _KIND = {"none": 0, "cosface": 1, "angular": 2, "sphere": 3}
 _FWD, _BWD, _FUSED = ("idid_kernels::cm_margin_forward", "idid_kernels::cm_margin_backward",
                       "idid_kernels::cm_margin_fused")
-# MiB of the (chunk x C) cosine buffer: it stays cache-sized on a CPU and large enough for full-speed
-# GEMMs on a GPU. IDID_KERNELS_CHUNK_MB overrides both (tests use it to force many chunks).
-_DEFAULT_CHUNK_MB = {"cpu": 32, "cuda": 256}
 
 
 def chunk_rows(num_classes: int, itemsize: int = 4, device_type: str = "cpu") -> int:
-    raw = os.environ.get("IDID_KERNELS_CHUNK_MB", _DEFAULT_CHUNK_MB.get(device_type, 32))
-    try:
-        mb = float(raw)
-    except ValueError:
-        raise ValueError(f"IDID_KERNELS_CHUNK_MB must be a number of MiB, got {raw!r}") from None
-    if not mb > 0:
-        raise ValueError(f"IDID_KERNELS_CHUNK_MB must be > 0, got {raw!r}")
-    return max(1, int(mb * 2**20) // max(1, num_classes * itemsize))
+    """Rows per chunk: the (rows x C) accumulation-dtype cosine buffer within ``IDID_KERNELS_CHUNK_MB``."""
+    return _chunks.rows_for(num_classes, itemsize, device_type)
 
 
 def config_args(params: MarginParams, *, s, contraction, norm_offset, norm_temperature, detach_norm, margin_grad,
@@ -120,8 +110,9 @@ def _fused_backward(ctx, grad_loss, grad_dx, grad_dw):
     return (g.to(dx.dtype) * dx, g.to(dw.dtype) * dw, None, None) + (None,) * ctx.num_cfg
 
 
-torch.library.register_autograd(_FWD, _forward_backward, setup_context=_forward_setup)
-torch.library.register_autograd(_FUSED, _fused_backward, setup_context=_fused_setup)
+register_autograd(_FWD, _forward_backward, setup_context=_forward_setup, public_name="cm_margin_loss")
+register_autograd(_FUSED, _fused_backward, setup_context=_fused_setup, public_name="cm_margin_loss")
+register_no_double_backward(_BWD, "cm_margin_loss")
 
 
 def cm_margin_loss(x, weight, labels, params: MarginParams, *, s, contraction, norm_offset, norm_temperature,
@@ -137,7 +128,11 @@ def cm_margin_loss(x, weight, labels, params: MarginParams, *, s, contraction, n
     w_rows = (torch.ones(labels.shape, dtype=acc, device=x.device) if class_weight is None
               else class_weight.to(acc)[safe])
     w_rows = torch.where(valid, w_rows, torch.zeros_like(w_rows))
-    if reduction != "none" and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    # The fused path's backward scales gradients formed in the forward pass, which nothing could
+    # differentiate again; under torch.func transforms the forward/backward ops are used, whose
+    # backward op refuses a second derivative instead of giving a silently wrong one.
+    if (reduction != "none" and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+            and not functorch_active()):
         # mean: w / sum(w), 0/0 = NaN for a batch with no weight, exactly F.cross_entropy.
         row_weight = w_rows / w_rows.sum() if reduction == "mean" else w_rows
         loss, _, _ = torch.ops.idid_kernels.cm_margin_fused(x, weight, labels, row_weight, *cfg)

@@ -23,24 +23,25 @@ and teacher non-target distributions with a zero target column):
 and the F.normalize backward on dU, dV. Every backend implementing these two ops (C++ on the CPU,
 CUDA on a GPU) shares this autograd and fake registration.
 
-The logits are processed ``chunk_rows`` rows at a time (0: from a 32 MB budget). Tests force tiny
-chunks with :func:`chunk_rows`; the environment variable ``IDID_KERNELS_CHUNK_ROWS`` sets the default.
+The logits are processed ``chunk_rows`` rows at a time, computed here from the chunk budget
+``IDID_KERNELS_CHUNK_MB`` shared with cm_margin (:mod:`idid_kernels._chunks`; 32 MiB on a CPU, 256 MiB
+on a GPU). Tests force tiny chunks with :func:`chunk_rows`.
 """
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
-from ._autograd import no_double_backward
+from .. import _chunks
+from .._autograd import no_double_backward, register_autograd, register_no_double_backward
 
 from ..reference.idid import IDIDTerms
 
 _FWD = "idid_kernels::idid_loss_forward"
 _BWD = "idid_kernels::idid_loss_backward"
 
-_chunk_rows = int(os.environ.get("IDID_KERNELS_CHUNK_ROWS", "0"))
+_chunk_rows = 0  # a positive value set by chunk_rows() overrides the budget
 
 
 @contextlib.contextmanager
@@ -58,6 +59,16 @@ def chunk_rows(rows: int):
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _rows_per_chunk(batch: int, num_classes: int, dtype: torch.dtype, device_type: str) -> int:
+    """Rows per chunk within the budget. A chunk row of logits holds C accumulation-dtype values
+    (csrc/driver/idid_loss_driver.h); the CPU kernel also sizes its class-density Gram blocks
+    (rows x n_c, n_c <= B values) with the same count, so a row is charged max(B, C) values."""
+    if _chunk_rows > 0:
+        return _chunk_rows
+    itemsize = 8 if dtype == torch.float64 else 4
+    return _chunks.rows_for(max(int(batch), int(num_classes)), itemsize, device_type)
 
 
 @torch.library.register_fake(_FWD)
@@ -98,10 +109,14 @@ def _backward(ctx, g_loss, g_ic, g_id, *_):
     grad_id = g_loss * lam.to(acc) + g_id
     dx, dw, ds = torch.ops.idid_kernels.idid_loss_backward(grad_ic, grad_id, x, proxies, labels, row_stats, x_norm,
                                                            w_norm, teacher, *ctx.config)
-    return (dx, dw, ds) + (None,) * 12
+    # Without distillation the similarity is not read: no gradient flows to it (None, as the reference
+    # and the triton backend give), rather than zeros an optimizer's weight decay would act on.
+    distillation = ctx.config[3]
+    return (dx, dw, ds if distillation and ctx.needs_input_grad[2] else None) + (None,) * 12
 
 
-torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
+register_autograd(_FWD, _backward, setup_context=_setup_context, public_name="idid_loss")
+register_no_double_backward(_BWD, "idid_loss")
 
 
 def idid_loss(x, proxies, similarity, labels, *, alpha, tau, t, eps, distillation, diversity, adaptive_weight,
@@ -110,7 +125,7 @@ def idid_loss(x, proxies, similarity, labels, *, alpha, tau, t, eps, distillatio
     loss, l_ic, l_id, lam, *_ = torch.ops.idid_kernels.idid_loss_forward(
         x, proxies, similarity, labels, float(alpha), float(tau), float(t), float(eps), bool(distillation),
         bool(diversity), bool(adaptive_weight), float(diversity_weight), bool(class_balanced), int(ignore_index),
-        _chunk_rows)
+        _rows_per_chunk(x.shape[0], proxies.shape[0], x.dtype, x.device.type))
     if return_terms:
         return IDIDTerms(loss, l_ic, l_id, lam)
     return loss

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._autograd import no_double_backward
+from .._autograd import no_double_backward, register_autograd, register_no_double_backward
 
 _OP = "idid_kernels::norm_contraction_forward"
 _BWD = "idid_kernels::norm_contraction_backward"
@@ -45,7 +45,8 @@ def _backward(ctx, grad_out, grad_norm):
     return dx, None, None
 
 
-torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
+register_autograd(_OP, _backward, setup_context=_setup_context, public_name="norm_contraction")
+register_no_double_backward(_BWD, "norm_contraction")
 
 
 def norm_contraction(x: torch.Tensor, offset: float, temperature: float) -> torch.Tensor:

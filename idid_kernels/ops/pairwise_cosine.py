@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ._autograd import no_double_backward
+from .._autograd import no_double_backward, register_autograd, register_no_double_backward
 
 _OP = "idid_kernels::pairwise_cosine_forward"
 _BWD = "idid_kernels::pairwise_cosine_backward"
@@ -55,7 +55,8 @@ def _backward(ctx, grad, _grad_norm_x, _grad_norm_y):
     return (dx if need_x else None), (dy if need_y else None)
 
 
-torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
+register_autograd(_OP, _backward, setup_context=_setup_context, public_name="pairwise_cosine")
+register_no_double_backward(_BWD, "pairwise_cosine")
 
 
 def pairwise_cosine(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:

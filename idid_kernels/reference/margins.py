@@ -53,6 +53,15 @@ class MarginParams:
     easy_margin: bool = False
 
 
+def check_margin_numbers(*, m, m1, m2, m3, sphere_lambda) -> None:
+    """None is ``m``'s default (the preset's own margin); ``m1``, ``m2``, ``m3`` and ``sphere_lambda``
+    have numeric defaults, so None there is a mistake, reported with the argument's name."""
+    for name, value in (("m1", m1), ("m2", m2), ("m3", m3), ("sphere_lambda", sphere_lambda)):
+        if value is None:
+            raise TypeError(f"{name} must be a real number, got None (None is accepted for m only, where it means "
+                            f"the preset's default margin)")
+
+
 def resolve_margin(
     margin: str = "cosface",
     m: float | None = None,
@@ -69,6 +78,7 @@ def resolve_margin(
     """
     if not isinstance(margin, str) or margin not in MARGINS:
         raise ValueError(f"margin must be one of {MARGINS}, got {margin!r}")
+    check_margin_numbers(m=m, m1=m1, m2=m2, m3=m3, sphere_lambda=sphere_lambda)
     explicit_m123 = (m1, m2, m3) != (1.0, 0.0, 0.0)
     if margin in ("none", "combined") and m is not None:
         raise ValueError(

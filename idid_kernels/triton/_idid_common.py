@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._autograd import no_double_backward  # noqa: F401  (re-exported: one refusal for every backend)
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # F.normalize's floor on the norm: u = x / max(||x||, NORM_EPS).
@@ -89,13 +91,6 @@ def configs(gpu: list[tuple], interp: tuple, names: tuple[str, ...]) -> list[tri
 def pick(gpu, interp):
     """A fixed block size: ``gpu`` natively, ``interp`` under the interpreter."""
     return interp if INTERPRET else gpu
-
-
-def no_double_backward(op: str) -> None:
-    """Refuse ``create_graph=True``: the kernels' backward passes are not themselves differentiable."""
-    if torch.is_grad_enabled():
-        raise NotImplementedError(f"{op}: double backward (create_graph=True) is not supported by the fused "
-                                  "backends; use backend='reference'")
 
 
 def bucket_rows(labels: torch.Tensor, num_classes: int, ignore_index: int | None = None):

@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._autograd import no_double_backward  # noqa: F401  (re-exported: one refusal for every backend)
+
 # F.normalize's floor on the norm: u = x / max(||x||, NORM_EPS).
 NORM_EPS = 1e-12
 TF32_ENV = "IDID_KERNELS_TRITON_TF32"
@@ -114,14 +116,6 @@ def scalars(like: torch.Tensor, *values: float) -> torch.Tensor:
     for i, v in enumerate(values):
         out[i] = float(v)
     return out
-
-
-def no_double_backward(op: str) -> None:
-    """Refuse ``create_graph=True``: the kernels' backward passes are not differentiable themselves,
-    and gradients whose own derivative is silently 0 would be wrong."""
-    if torch.is_grad_enabled():
-        raise NotImplementedError(f"{op}: double backward (create_graph=True) is not supported by the fused "
-                                  "backends; use backend='reference'")
 
 
 def on_device(t: torch.Tensor):

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._autograd import DEVICE_AUTOGRAD_KEYS, register_autograd, register_no_double_backward
 from ._idid_common import (
     acc_dtype, accumulate_pull, bucket_rows, check_dtype, configs, dot_precision,
     no_double_backward, normalize_backward, pair_row_sums, pick, row_norms, split_f64, tl_acc,
@@ -138,7 +139,10 @@ def _backward(ctx, grad, *_):
     return _backward_op(grad, x, norm, layout, offsets, ctx.t), None, None, None
 
 
-_forward_op.register_autograd(_backward, setup_context=_setup_context)
+# At the per-device autograd keys, through the torch.func-capable registration (idid_kernels/_autograd.py).
+register_autograd(_FWD, _backward, setup_context=_setup_context, public_name="class_density",
+                  keys=DEVICE_AUTOGRAD_KEYS)
+register_no_double_backward(_BWD, "class_density", keys=DEVICE_AUTOGRAD_KEYS)
 
 
 def class_density(x: Tensor, labels: Tensor, num_classes: int, t: float) -> Tensor:

@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._autograd import DEVICE_AUTOGRAD_KEYS, register_autograd, register_no_double_backward
 from ..reference.margins import MarginParams, phi, phi_grad
 from . import _rows
 from ._rows import dot_operand, no_double_backward
@@ -419,7 +420,10 @@ def _backward(ctx, grad_rows, _grad_stats, _grad_w_norm):
     return (dx if need_x else None, dw if need_w else None, None) + (None,) * len(ctx.cfg)
 
 
-cm_margin_forward.register_autograd(_backward, setup_context=_setup_context)
+# At the per-device autograd keys, through the torch.func-capable registration (idid_kernels/_autograd.py).
+register_autograd(f"{_NS}::cm_margin_forward", _backward, setup_context=_setup_context,
+                  public_name="cm_margin_loss", keys=DEVICE_AUTOGRAD_KEYS)
+register_no_double_backward(f"{_NS}::cm_margin_backward", "cm_margin_loss", keys=DEVICE_AUTOGRAD_KEYS)
 
 
 def config_args(params: MarginParams, *, s, contraction, norm_offset, norm_temperature, detach_norm, margin_grad,

@@ -55,6 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._autograd import DEVICE_AUTOGRAD_KEYS, register_autograd, register_no_double_backward
 from ..reference.idid import IDIDTerms
 from ._idid_common import (
     INTERPRET, acc_dtype, accumulate_pull, bucket_rows, check_dtype, configs, dot_precision, dot_rows,
@@ -601,7 +602,10 @@ def _backward(ctx, g_loss, g_ic, g_id, *_):
     return (dx, dw, ds if similarity_grad else None) + (None,) * 11
 
 
-_forward_op.register_autograd(_backward, setup_context=_setup_context)
+# At the per-device autograd keys, through the torch.func-capable registration (idid_kernels/_autograd.py).
+register_autograd(_FWD, _backward, setup_context=_setup_context, public_name="idid_loss",
+                  keys=DEVICE_AUTOGRAD_KEYS)
+register_no_double_backward(_BWD, "idid_loss", keys=DEVICE_AUTOGRAD_KEYS)
 
 
 def idid_loss(x, proxies, similarity, labels, *, alpha, tau, t, eps, distillation, diversity, adaptive_weight,

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._autograd import DEVICE_AUTOGRAD_KEYS, register_autograd, register_no_double_backward
 from . import _rows
 from ._rows import no_double_backward
 
@@ -123,7 +124,10 @@ def _backward(ctx, grad_out, _grad_norm):
     return torch.ops.idid_triton.norm_contraction_backward(grad_out, x, norm, ctx.offset, ctx.temperature), None, None
 
 
-norm_contraction_forward.register_autograd(_backward, setup_context=_setup_context)
+# At the per-device autograd keys, through the torch.func-capable registration (idid_kernels/_autograd.py).
+register_autograd(f"{_NS}::norm_contraction_forward", _backward, setup_context=_setup_context,
+                  public_name="norm_contraction", keys=DEVICE_AUTOGRAD_KEYS)
+register_no_double_backward(f"{_NS}::norm_contraction_backward", "norm_contraction", keys=DEVICE_AUTOGRAD_KEYS)
 
 
 def norm_contraction(x: torch.Tensor, offset: float, temperature: float) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._autograd import DEVICE_AUTOGRAD_KEYS, register_autograd, register_no_double_backward
 from . import _rows
 from ._rows import dot_operand, no_double_backward
 
@@ -175,7 +176,10 @@ def _backward(ctx, grad, _grad_norm_x, _grad_norm_y):
     return (dx if need_x else None), (dy if need_y else None)
 
 
-pairwise_cosine_forward.register_autograd(_backward, setup_context=_setup_context)
+# At the per-device autograd keys, through the torch.func-capable registration (idid_kernels/_autograd.py).
+register_autograd(f"{_NS}::pairwise_cosine_forward", _backward, setup_context=_setup_context,
+                  public_name="pairwise_cosine", keys=DEVICE_AUTOGRAD_KEYS)
+register_no_double_backward(f"{_NS}::pairwise_cosine_backward", "pairwise_cosine", keys=DEVICE_AUTOGRAD_KEYS)
 
 
 def pairwise_cosine(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
