@@ -20,9 +20,13 @@ from __future__ import annotations
 import threading
 
 import torch
-from torch._functorch.utils import enable_single_level_autograd_function
 from torch.autograd import forward_ad
-from torch.autograd.function import _SingleLevelFunction
+
+try:  # private torch names (present in the torch 2.x releases this package supports)
+    from torch._functorch.utils import enable_single_level_autograd_function
+    from torch.autograd.function import _SingleLevelFunction
+except ImportError:  # pragma: no cover - another torch: plain register_autograd, without torch.func support
+    enable_single_level_autograd_function = _SingleLevelFunction = None
 
 _LIBRARIES: dict[str, torch.library.Library] = {}
 
@@ -70,6 +74,9 @@ def register_autograd(qualname: str, backward, *, setup_context=None, public_nam
                       keys=("Autograd",)) -> None:
     """Register ``backward`` (and ``setup_context``, signatures as for ``torch.library.register_autograd``)
     as the autograd formula of the op ``qualname`` ("namespace::name") at the dispatch ``keys``."""
+    if _SingleLevelFunction is None:  # pragma: no cover - see the imports
+        torch.library.register_autograd(qualname, backward, setup_context=setup_context)
+        return
     namespace, name = qualname.split("::")
     op = getattr(getattr(torch.ops, namespace), name).default
     label = public_name or qualname
