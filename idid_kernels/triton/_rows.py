@@ -20,7 +20,7 @@ Row kernels and helpers.
   never overflow or underflow (:func:`nrm2_step`, one pass with an online rescale), a zero row gives
   0, a NaN anywhere in the row gives NaN, an infinite element (and no NaN) gives inf.
 - :func:`scaled_rows`: the GEMM operand x_n 2^k_n with 2^k_n an exact power of two close to
-  1 / ||x_n|| (frexp of the norm), and the matching norm floor max(r_n, eps) 2^k_n. A kernel that
+  1 / ||x_n|| (frexp of the norm, from its exponent bits), and the matching norm floor max(r_n, eps) 2^k_n. A kernel that
   takes the pair in place of (x, r) computes <x_n 2^k_n, w> / (max(r_n, eps) 2^k_n), which is
   <x_n, w> / max(r_n, eps) with every product and partial sum O(||w||): no overflow when both rows
   are huge (two rows of norm 1e20 have a dot of 1e40, above float32's max), no underflow when both
@@ -221,33 +221,57 @@ def row_norms(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     return out
 
 
-# (exponent bias, mantissa bits, largest |k| of a scale 2^k kept inside the normal range)
-_POW2 = {torch.float32: (127, 23, 125), torch.float64: (1023, 52, 1021)}
-
-
-def inverse_pow2(norm: torch.Tensor) -> torch.Tensor:
-    """2^-e_n with norm_n = m 2^e_n, m in [0.5, 1) (so norm_n 2^-e_n = m), e clamped to the normal
-    range; 1 for a zero, infinite or NaN norm. Built from the exponent bits (exact; O(N) device ops,
-    no host sync)."""
-    bias, mant, lim = _POW2[norm.dtype]
-    _, e = torch.frexp(norm)
-    e = torch.where(torch.isfinite(norm), e, torch.zeros_like(e)).clamp(-lim, lim)
-    if norm.dtype == torch.float64:
-        return ((bias - e.to(torch.int64)) << mant).view(torch.float64)
-    return ((bias - e) << mant).view(torch.float32)
+@triton.jit
+def _scale_rows_kernel(x_ptr, norm_ptr, out_ptr, out_norm_ptr, N, D, stride_n, stride_d,
+                       F64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """out_n = x_n 2^k_n and out_norm_n = max(r_n, eps) 2^k_n, 2^k_n = 2^-e_n with r_n = m 2^e_n,
+    m in [0.5, 1) (frexp), built from the exponent bits of r_n: exact, and kept inside the normal
+    range. 2^k = 1 for a zero, infinite or NaN norm."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    r64 = rows.to(tl.int64)
+    r = tl.load(norm_ptr + rows, mask=rmask, other=0.0)
+    # e: frexp's exponent of a normal r (biased exponent - (bias - 1)), clamped to [-LIM, LIM];
+    # -LIM for a subnormal r, 0 (2^k = 1) for zero, inf and NaN. LIM = 125 (float32), 1021 (float64).
+    if F64:
+        biased = (r.to(tl.int64, bitcast=True) >> 52) & 2047
+        e = tl.minimum(tl.maximum(biased - 1022, -1021), 1021)
+        e = tl.where(biased == 0, tl.where(r == 0, 0, -1021), e)
+        e = tl.where(biased == 2047, 0, e)
+        scale = ((1023 - e) << 52).to(tl.float64, bitcast=True)
+    else:
+        biased = (r.to(tl.int32, bitcast=True) >> 23) & 255
+        e = tl.minimum(tl.maximum(biased - 126, -125), 125)
+        e = tl.where(biased == 0, tl.where(r == 0, 0, -125), e)
+        e = tl.where(biased == 255, 0, e)
+        scale = ((127 - e) << 23).to(tl.float32, bitcast=True)
+    eps = tl.full([BLOCK_N], 1e-12, ACC)
+    tl.store(out_norm_ptr + rows, tl.where(r < eps, eps, r) * scale, mask=rmask)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        m = rmask[:, None] & (cols[None, :] < D)
+        v = tl.load(x_ptr + r64[:, None] * stride_n + cols[None, :] * stride_d, mask=m, other=0.0).to(ACC)
+        tl.store(out_ptr + r64[:, None] * D + cols[None, :], (v * scale[:, None]).to(out_ptr.dtype.element_ty), mask=m)
 
 
 def scaled_rows(x: torch.Tensor, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_n 2^k_n, max(r_n, eps) 2^k_n): the GEMM operand and its norm floor (module docstring).
 
-    ``norm`` is :func:`row_norms` of x. The first is a tensor of x's shape and dtype (x itself for
-    float16, with the plain floor; kernels take its strides); the second is in the accumulation
-    dtype and >= eps, so a kernel's own floor max(., eps) leaves it unchanged (NaN stays NaN)."""
-    floor = torch.clamp_min(norm, NORM_EPS)
+    ``norm`` is :func:`row_norms` of x. The first has x's shape and dtype (contiguous; x itself for
+    float16, with the plain floor: kernels take its strides); the second is in the accumulation
+    dtype and >= eps, so a kernel's own floor max(., eps) leaves it unchanged (NaN stays NaN). One
+    O(N d) pass, no host sync."""
     if x.dtype == torch.float16:
-        return x, floor
-    scale = inverse_pow2(norm)
-    return x * scale.to(x.dtype)[:, None], floor * scale
+        return x, torch.clamp_min(norm, NORM_EPS)
+    n, d = x.shape
+    out = torch.empty((n, d), dtype=x.dtype, device=x.device)
+    out_norm = torch.empty_like(norm)
+    block_n, block_d = row_block(d)
+    with on_device(x):
+        _scale_rows_kernel[(triton.cdiv(n, block_n),)](x, norm, out, out_norm, n, d, x.stride(0), x.stride(1),
+                                                       F64=x.dtype == torch.float64, BLOCK_N=block_n,
+                                                       BLOCK_D=block_d, ACC=tl_acc(x.dtype))
+    return out, out_norm
 
 
 @triton.jit
