@@ -20,8 +20,8 @@ Row kernels and helpers.
   never overflow or underflow (:func:`nrm2_step`, one pass with an online rescale), a zero row gives
   0, a NaN anywhere in the row gives NaN, an infinite element (and no NaN) gives inf.
 - :func:`scaled_rows`: the GEMM operand x_n 2^k_n with 2^k_n an exact power of two close to
-  1 / ||x_n|| (frexp of the norm, from its exponent bits), and the matching norm floor max(r_n, eps) 2^k_n. A kernel that
-  takes the pair in place of (x, r) computes <x_n 2^k_n, w> / (max(r_n, eps) 2^k_n), which is
+  1 / ||x_n|| (frexp of the norm, from its exponent bits), and the matching norm floor
+  max(r_n, eps) 2^k_n. A kernel that takes the pair in place of (x, r) computes <x_n 2^k_n, w> / (max(r_n, eps) 2^k_n), which is
   <x_n, w> / max(r_n, eps) with every product and partial sum O(||w||): no overflow when both rows
   are huge (two rows of norm 1e20 have a dot of 1e40, above float32's max), no underflow when both
   are tiny. The scaling is exact (a power of two, clamped inside the normal range), so the rounding
