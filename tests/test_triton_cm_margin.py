@@ -369,7 +369,7 @@ def test_opcheck():
     ops = torch.ops.idid_triton
     torch.library.opcheck(ops.cm_margin_forward.default, (x.requires_grad_(True), w.requires_grad_(True), y, *cfg))
     loss, stats, w_norm = ops.cm_margin_forward(x.detach(), w.detach(), y, *cfg)
-    assert loss.shape == (7,) and stats.shape == (5, 7) and w_norm.shape == (6,)
+    assert loss.shape == (7,) and stats.shape == (6, 7) and w_norm.shape == (6,)
     grad_rows = torch.rand(7, dtype=loss.dtype, device=DEV)
     torch.library.opcheck(ops.cm_margin_backward.default,
                           (grad_rows, x.detach(), w.detach(), y, stats, w_norm, *cfg, True, True))

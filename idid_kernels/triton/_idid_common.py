@@ -14,6 +14,15 @@ partners lie in the contiguous range [offsets[y(r0)], offsets[y(r_last) + 1]); t
 range only, so the work is sum_c n_c^2 d (plus block-boundary slack), never B^2 d, however skewed
 the classes are.
 
+Scaled rows. The kernels that form cosines or unit rows read x through the pair
+(x_i 2^k_i, max(||x_i||, 1e-12) 2^k_i) of :func:`._rows.scaled_rows` in place of (x, ||x||), with
+2^k_i an exact power of two near 1 / ||x_i||: every expression they evaluate, x_i / max(||x_i||, eps)
+and <x_i, .> / max(||x_i||, eps), is unchanged (the power of two cancels exactly), while the dots
+stay O(1) in magnitude, so rows of norm 1e20 (a raw dot of 1e40, above float32's max) or 1e-21 do not
+overflow or underflow. Row norms never square an element (nrm2 with an online rescale), and norm
+floors are written ``tl.where(r < eps, eps, r)`` so that a NaN norm stays NaN (``tl.maximum``
+drops it). The F.normalize backward reads the raw rows.
+
 Numerics: statistics, norms and reductions in float32 (float64 for float64 inputs); ``tl.dot``
 operands stay in the input dtype (bf16/fp16 on tensor cores, float64 as float64) with float32
 (float64) accumulation. float32 dots are exact-precision (``input_precision="ieee"``) unless the
@@ -36,6 +45,7 @@ import triton
 import triton.language as tl
 
 from .._autograd import no_double_backward  # noqa: F401  (re-exported: one refusal for every backend)
+from ._rows import nrm2_finish, nrm2_step, scaled_rows  # noqa: F401  (scaled_rows: re-exported)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -170,7 +180,8 @@ def pair_kernel_tile(x_ptr, xn_ptr, lay_ptr, rows, rmask, src, y, inx, j0, end, 
     jm = cj < end
     srcj = tl.load(lay_ptr + cj, mask=jm, other=0)
     yj = tl.load(lay_ptr + B + cj, mask=jm, other=-1)
-    inxj = 1.0 / tl.maximum(tl.load(xn_ptr + srcj, mask=jm, other=1.0), 1e-12)
+    xnj = tl.load(xn_ptr + srcj, mask=jm, other=1.0)
+    inxj = 1.0 / tl.where(xnj < 1e-12, 1e-12, xnj)
     gram = dot_rows(x_ptr, src, rmask, x_ptr, srcj, jm, D, ACC, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     cos = gram * inx[:, None] * inxj[None, :]
     same = (y[:, None] == yj[None, :]) & (rows[:, None] != cj[None, :]) & rmask[:, None] & jm[None, :]
@@ -203,19 +214,22 @@ def accumulate_pull(acc, x_ptr, xn_ptr, lay_ptr, offs_ptr, r0, rows, rmask, src,
 
 @triton.jit
 def row_norms_kernel(x_ptr, out_ptr, N, D, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out_i = ||x_i|| in the accumulation dtype."""
+    """out_i = ||x_i|| in the accumulation dtype, without overflow or underflow of the squares
+    (:func:`._rows.nrm2_step`: rows of norm 1e20 or 1e-21 in float32 keep their norms)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rm = rows < N
     base = x_ptr + rows.to(tl.int64)[:, None] * D
-    ss = tl.full((BLOCK_R,), 0, ACC)
+    scale = tl.full((BLOCK_R,), 0, ACC)
+    ssq = tl.full((BLOCK_R, BLOCK_K), 0, ACC)
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         v = tl.load(base + ks[None, :], mask=rm[:, None] & (ks < D)[None, :], other=0.0).to(ACC)
-        ss += tl.sum(v * v, axis=1)
-    tl.store(out_ptr + rows, tl.sqrt(ss), mask=rm)
+        scale, ssq = nrm2_step(scale, ssq, v)
+    tl.store(out_ptr + rows, nrm2_finish(scale, ssq), mask=rm)
 
 
 def row_norms(x: torch.Tensor) -> torch.Tensor:
+    """||x_i|| (B,) of a contiguous x, in the accumulation dtype."""
     n, d = x.shape
     out = torch.empty(n, dtype=acc_dtype(x.dtype), device=x.device)
     block_r, block_k = pick(32, 8), pick(128, 32)
@@ -239,7 +253,8 @@ def pair_row_sums_kernel(x_ptr, xn_ptr, lay_ptr, offs_ptr, out_ptr, B, C, D, t_h
     rmask = rows < Bv
     src = tl.load(lay_ptr + rows, mask=rmask, other=0)
     y = tl.load(lay_ptr + B + rows, mask=rmask, other=0)
-    inx = 1.0 / tl.maximum(tl.load(xn_ptr + src, mask=rmask, other=1.0), 1e-12)
+    xn = tl.load(xn_ptr + src, mask=rmask, other=1.0)
+    inx = 1.0 / tl.where(xn < 1e-12, 1e-12, xn)
     sums = tl.full((BLOCK_M,), 0, ACC)
     start, end = same_class_span(lay_ptr, offs_ptr, r0, B, Bv, BLOCK_M)
     for j0 in range(start, end, BLOCK_N):
@@ -263,11 +278,13 @@ def normalize_backward_kernel(g_ptr, x_ptr, xn_ptr, out_ptr, N, D, NSPLIT, split
     """F.normalize backward: out_i = (g_i - <g_i, u_i> u_i) / max(||x_i||, 1e-12), the radial term
     dropped where ||x_i|| <= 1e-12 (the floor is a constant there). g = sum of NSPLIT partial
     buffers ``split_stride`` apart, added in a fixed order (the second pass of the atomic-free
-    reduction)."""
+    reduction). u_i = x_i / ||x_i|| is formed by a division (|u| <= 1: no overflow or underflow
+    whatever the scale of the row), and a NaN norm gives a NaN row."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rm = rows < N
     r = tl.load(xn_ptr + rows, mask=rm, other=1.0)
-    inv = 1.0 / tl.maximum(r, 1e-12)
+    inv = 1.0 / tl.where(r < 1e-12, 1e-12, r)  # max(r, eps), NaN kept
+    r_div = tl.where(r == 0, 1.0, r)  # u = x / r, 0 for a zero row
     base = rows.to(tl.int64)[:, None] * D
     radial = tl.full((BLOCK_R,), 0, ACC)
     for k0 in range(0, D, BLOCK_K):
@@ -276,16 +293,16 @@ def normalize_backward_kernel(g_ptr, x_ptr, xn_ptr, out_ptr, N, D, NSPLIT, split
         g = tl.full((BLOCK_R, BLOCK_K), 0, ACC)
         for s in range(0, NSPLIT):
             g += tl.load(g_ptr + s * split_stride + base + ks[None, :], mask=m, other=0.0)
-        xv = tl.load(x_ptr + base + ks[None, :], mask=m, other=0.0).to(ACC)
-        radial += tl.sum(g * xv, axis=1)
-    radial = tl.where(r > 1e-12, radial * inv, 0.0)  # <g, u>
+        u = tl.load(x_ptr + base + ks[None, :], mask=m, other=0.0).to(ACC) / r_div[:, None]
+        radial += tl.sum(g * u, axis=1)
+    radial = tl.where(r > 1e-12, radial, 0.0)  # <g, u> above the floor
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         m = rm[:, None] & (ks < D)[None, :]
         g = tl.full((BLOCK_R, BLOCK_K), 0, ACC)
         for s in range(0, NSPLIT):
             g += tl.load(g_ptr + s * split_stride + base + ks[None, :], mask=m, other=0.0)
-        u = tl.load(x_ptr + base + ks[None, :], mask=m, other=0.0).to(ACC) * inv[:, None]
+        u = tl.load(x_ptr + base + ks[None, :], mask=m, other=0.0).to(ACC) / r_div[:, None]
         out = (g - radial[:, None] * u) * inv[:, None]
         tl.store(out_ptr + base + ks[None, :], out.to(out_ptr.dtype.element_ty), mask=m)
 

@@ -15,12 +15,28 @@ triton-lang/triton#11584). The widening is exact (a product of two bfloat16 valu
 float32), so it changes no result beyond summation order. No other arithmetic happens in a half
 dtype: every load is converted to the accumulation dtype first.
 
-Row kernels.
-- :func:`row_norms`: r_n = ||x_n|| in the accumulation dtype.
+Row kernels and helpers.
+- :func:`row_norms`: r_n = ||x_n|| in the accumulation dtype, with BLAS nrm2 semantics: the squares
+  never overflow or underflow (:func:`nrm2_step`, one pass with an online rescale), a zero row gives
+  0, a NaN anywhere in the row gives NaN, an infinite element (and no NaN) gives inf.
+- :func:`scaled_rows`: the GEMM operand x_n 2^k_n with 2^k_n an exact power of two close to
+  1 / ||x_n|| (frexp of the norm, from its exponent bits), and the matching norm floor
+  max(r_n, eps) 2^k_n. A kernel that takes the pair in place of (x, r) computes <x_n 2^k_n, w> / (max(r_n, eps) 2^k_n), which is
+  <x_n, w> / max(r_n, eps) with every product and partial sum O(||w||): no overflow when both rows
+  are huge (two rows of norm 1e20 have a dot of 1e40, above float32's max), no underflow when both
+  are tiny. The scaling is exact (a power of two, clamped inside the normal range), so the rounding
+  of bf16 and float32 operands is unchanged; float16 rows (|x| <= 65504) need none and are passed
+  through.
 - :func:`project_rows`: the backward of u = x / max(||x||, eps) plus an optional radial term,
-  dx_n = (B_n - <B_n, u_n> u_n [r_n > eps]) / max(r_n, eps) + rho_n x_n / r_n  (0 where r_n = 0),
-  given B_n = dL/du_n accumulated in float32 by a GEMM kernel. ``F.normalize`` drops the radial
-  projection below the floor; the rho term is d||x||/dx = x / ||x|| with autograd's 0 at x = 0.
+  dx_n = (B_n - <B_n, u_n> u_n [r_n > eps]) / max(r_n, eps) + rho_n u_n  with u_n = x_n / r_n
+  (0 where r_n = 0), given B_n = dL/du_n accumulated in float32 by a GEMM kernel and rho_n =
+  dL/d||x_n||. ``F.normalize`` drops the radial projection below the floor; d||x||/dx = u with
+  autograd's 0 at x = 0. Written with u (|u| <= 1) rather than x / r^2 or <B, x> x / r^3, which
+  overflow or underflow for rows of norm 1e20 or 1e-21.
+
+NaN. The norm floor max(r, eps) is written ``tl.where(r < eps, eps, r)``: ``tl.maximum`` drops a NaN
+(it lowers to maxnum), which would turn a NaN row into finite garbage; NaN must flow where the
+reference's does.
 """
 from __future__ import annotations
 
@@ -138,28 +154,118 @@ def dot_operand(t, IN_DT: tl.constexpr, DOT_DT: tl.constexpr):
 
 
 @triton.jit
+def log1p(v):
+    """log(1 + v) for v >= 0 to a few ulps, as log(w) v / (w - 1) with w = 1 + v (v where w rounds
+    to 1); written out because Triton's interpreter has no libdevice log1p."""
+    w = 1.0 + v
+    tiny = w == 1.0
+    return tl.where(tiny, v, tl.log(w) * v / tl.where(tiny, 1.0, w - 1.0))
+
+
+@triton.jit
+def nrm2_step(scale, ssq, v):
+    """One (BLOCK_N, BLOCK_D) tile of the overflow-free norm (BLAS nrm2 with an online rescale).
+
+    ``scale`` (BLOCK_N,): max |x| over the tiles so far; ``ssq`` (BLOCK_N, BLOCK_D): per lane the sum
+    of (x / scale)^2, so that ||x|| = scale sqrt(sum(ssq)) (:func:`nrm2_finish`). When a tile raises
+    the scale, the lanes so far are rescaled by (old / new)^2. Each quotient is 1 where the operands
+    are equal, which keeps a zero scale (0 / 0) and an infinite one (inf / inf) out of NaN: a zero
+    row ends with scale 0 (norm 0 whatever ssq holds, and a later scale rescales it by 0), an
+    infinite element gives scale inf and ssq >= 1. A NaN element is dropped by the max (maxnum)
+    but makes its quotient NaN, so the norm is NaN."""
+    a = tl.abs(v)
+    new = tl.maximum(scale, tl.max(a, 1))
+    den = tl.where(new == 0.0, 1.0, new)  # (the where above covers 0 / 0; this keeps it unevaluated)
+    ratio = tl.where(new == scale, 1.0, scale / den)
+    q = tl.where(a == new[:, None], 1.0, a / den[:, None])
+    return new, ssq * (ratio * ratio)[:, None] + q * q
+
+
+@triton.jit
+def nrm2_finish(scale, ssq):
+    """||x|| from the state of :func:`nrm2_step`."""
+    return scale * tl.sqrt(tl.sum(ssq, 1))
+
+
+@triton.jit
 def _row_norms_kernel(x_ptr, norm_ptr, N, D, stride_n, stride_d,
                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     base = x_ptr + rows.to(tl.int64)[:, None] * stride_n
-    sq = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    scale = tl.zeros([BLOCK_N], ACC)
+    ssq = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         v = tl.load(base + cols[None, :] * stride_d, mask=rmask[:, None] & (cols[None, :] < D), other=0.0).to(ACC)
-        sq += v * v
-    tl.store(norm_ptr + rows, tl.sqrt(tl.sum(sq, 1)), mask=rmask)
+        scale, ssq = nrm2_step(scale, ssq, v)
+    tl.store(norm_ptr + rows, nrm2_finish(scale, ssq), mask=rmask)
 
 
-def row_norms(x: torch.Tensor) -> torch.Tensor:
-    """||x_n||, shape (N,), in the accumulation dtype."""
+def row_norms(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """||x_n||, shape (N,), in the accumulation dtype (nrm2 semantics, see the module docstring);
+    written into ``out`` (a contiguous (N,) tensor) when given."""
     n, d = x.shape
-    out = torch.empty(n, dtype=acc_dtype(x.dtype), device=x.device)
+    if out is None:
+        out = torch.empty(n, dtype=acc_dtype(x.dtype), device=x.device)
     block_n, block_d = row_block(d)
     with on_device(x):
         _row_norms_kernel[(triton.cdiv(n, block_n),)](x, out, n, d, x.stride(0), x.stride(1), BLOCK_N=block_n,
                                                       BLOCK_D=block_d, ACC=tl_acc(x.dtype))
     return out
+
+
+@triton.jit
+def _scale_rows_kernel(x_ptr, norm_ptr, out_ptr, out_norm_ptr, N, D, stride_n, stride_d,
+                       F64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """out_n = x_n 2^k_n and out_norm_n = max(r_n, eps) 2^k_n, 2^k_n = 2^-e_n with r_n = m 2^e_n,
+    m in [0.5, 1) (frexp), built from the exponent bits of r_n: exact, and kept inside the normal
+    range. 2^k = 1 for a zero, infinite or NaN norm."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    r64 = rows.to(tl.int64)
+    r = tl.load(norm_ptr + rows, mask=rmask, other=0.0)
+    # e: frexp's exponent of a normal r (biased exponent - (bias - 1)), clamped to [-LIM, LIM];
+    # -LIM for a subnormal r, 0 (2^k = 1) for zero, inf and NaN. LIM = 125 (float32), 1021 (float64).
+    if F64:
+        biased = (r.to(tl.int64, bitcast=True) >> 52) & 2047
+        e = tl.minimum(tl.maximum(biased - 1022, -1021), 1021)
+        e = tl.where(biased == 0, tl.where(r == 0, 0, -1021), e)
+        e = tl.where(biased == 2047, 0, e)
+        scale = ((1023 - e) << 52).to(tl.float64, bitcast=True)
+    else:
+        biased = (r.to(tl.int32, bitcast=True) >> 23) & 255
+        e = tl.minimum(tl.maximum(biased - 126, -125), 125)
+        e = tl.where(biased == 0, tl.where(r == 0, 0, -125), e)
+        e = tl.where(biased == 255, 0, e)
+        scale = ((127 - e) << 23).to(tl.float32, bitcast=True)
+    eps = tl.full([BLOCK_N], 1e-12, ACC)
+    tl.store(out_norm_ptr + rows, tl.where(r < eps, eps, r) * scale, mask=rmask)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        m = rmask[:, None] & (cols[None, :] < D)
+        v = tl.load(x_ptr + r64[:, None] * stride_n + cols[None, :] * stride_d, mask=m, other=0.0).to(ACC)
+        tl.store(out_ptr + r64[:, None] * D + cols[None, :], (v * scale[:, None]).to(out_ptr.dtype.element_ty), mask=m)
+
+
+def scaled_rows(x: torch.Tensor, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_n 2^k_n, max(r_n, eps) 2^k_n): the GEMM operand and its norm floor (module docstring).
+
+    ``norm`` is :func:`row_norms` of x. The first has x's shape and dtype (contiguous; x itself for
+    float16, with the plain floor: kernels take its strides); the second is in the accumulation
+    dtype and >= eps, so a kernel's own floor max(., eps) leaves it unchanged (NaN stays NaN). One
+    O(N d) pass, no host sync."""
+    if x.dtype == torch.float16:
+        return x, torch.clamp_min(norm, NORM_EPS)
+    n, d = x.shape
+    out = torch.empty((n, d), dtype=x.dtype, device=x.device)
+    out_norm = torch.empty_like(norm)
+    block_n, block_d = row_block(d)
+    with on_device(x):
+        _scale_rows_kernel[(triton.cdiv(n, block_n),)](x, norm, out, out_norm, n, d, x.stride(0), x.stride(1),
+                                                       F64=x.dtype == torch.float64, BLOCK_N=block_n,
+                                                       BLOCK_D=block_d, ACC=tl_acc(x.dtype))
+    return out, out_norm
 
 
 @triton.jit
@@ -170,33 +276,35 @@ def _project_rows_kernel(b_ptr, x_ptr, norm_ptr, radial_ptr, out_ptr, N, D, stri
     r64 = rows.to(tl.int64)
     r = tl.load(norm_ptr + rows, mask=rmask, other=1.0)
     eps = tl.full([BLOCK_N], 1e-12, ACC)  # an ACC constant: a float literal would be rounded to float32
-    inv = 1.0 / tl.maximum(r, eps)
-    # pass 1: <B_n, x_n>
-    bx = tl.zeros([BLOCK_N], ACC)
+    inv = 1.0 / tl.where(r < eps, eps, r)  # 1 / max(r, eps), NaN kept
+    # u = x / r: the quotient is <= 1 whatever the scale of the row; 0 for a zero row
+    r_div = tl.where(r == 0, 1.0, r)
+    # pass 1: <B_n, u_n>
+    bu = tl.zeros([BLOCK_N], ACC)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         m = rmask[:, None] & (cols[None, :] < D)
         b = tl.load(b_ptr + r64[:, None] * D + cols[None, :], mask=m, other=0.0)
         x = tl.load(x_ptr + r64[:, None] * stride_xn + cols[None, :] * stride_xd, mask=m, other=0.0).to(ACC)
-        bx += tl.sum(b * x, 1)
-    # <B, u> u / max(r, eps) = <B, x> x inv^3 (above the floor only)
-    proj = tl.where(r > eps, bx * inv * inv, 0.0)
+        bu += tl.sum(b * (x / r_div[:, None]), 1)
+    # the radial projection, above the floor only (NaN r: NaN through inv)
+    proj = tl.where(r > eps, bu, 0.0)
     rho = tl.zeros([BLOCK_N], ACC)
     if HAS_RADIAL:
-        rad = tl.load(radial_ptr + rows, mask=rmask, other=0.0)
-        rho = tl.where(r > 0, rad / tl.where(r > 0, r, 1.0), 0.0)
+        rho = tl.load(radial_ptr + rows, mask=rmask, other=0.0)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         m = rmask[:, None] & (cols[None, :] < D)
         b = tl.load(b_ptr + r64[:, None] * D + cols[None, :], mask=m, other=0.0)
         x = tl.load(x_ptr + r64[:, None] * stride_xn + cols[None, :] * stride_xd, mask=m, other=0.0).to(ACC)
-        out = (b - proj[:, None] * x) * inv[:, None] + rho[:, None] * x
+        u = x / r_div[:, None]
+        out = (b - proj[:, None] * u) * inv[:, None] + rho[:, None] * u
         tl.store(out_ptr + r64[:, None] * D + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=m)
 
 
 def project_rows(b: torch.Tensor, x: torch.Tensor, norm: torch.Tensor,
                  radial: torch.Tensor | None = None) -> torch.Tensor:
-    """dx from B = dL/du (contiguous, accumulation dtype) and an optional radial dL/d||x|| (N,).
+    """dx from B = dL/du (contiguous, accumulation dtype) and an optional radial rho = dL/d||x|| (N,).
 
     Returns a contiguous tensor of x's shape and dtype (formula in the module docstring)."""
     n, d = x.shape

@@ -23,7 +23,7 @@ import triton.language as tl
 from .._autograd import DEVICE_AUTOGRAD_KEYS, register_autograd, register_no_double_backward
 from ._idid_common import (
     acc_dtype, accumulate_pull, bucket_rows, check_dtype, configs, dot_precision,
-    no_double_backward, normalize_backward, pair_row_sums, pick, row_norms, split_f64, tl_acc,
+    no_double_backward, normalize_backward, pair_row_sums, pick, row_norms, scaled_rows, split_f64, tl_acc,
 )
 
 _FWD = "idid_kernels::triton_class_density_forward"
@@ -62,7 +62,8 @@ def _pull_rows_kernel(x_ptr, xn_ptr, lay_ptr, offs_ptr, g_ptr, du_ptr, B, C, D, 
     rmask = rows < Bv
     src = tl.load(lay_ptr + rows, mask=rmask, other=0)
     y = tl.load(lay_ptr + B + rows, mask=rmask, other=0)
-    inx = 1.0 / tl.maximum(tl.load(xn_ptr + src, mask=rmask, other=1.0), 1e-12)
+    xn = tl.load(xn_ptr + src, mask=rmask, other=1.0)
+    inx = 1.0 / tl.where(xn < 1e-12, 1e-12, xn)
     n = (tl.load(offs_ptr + y + 1, mask=rmask, other=1) - tl.load(offs_ptr + y, mask=rmask, other=0)).to(ACC)
     g = tl.load(g_ptr + y, mask=rmask, other=0.0).to(ACC)
     coef = tl.where(n >= 2, 2.0 * t * g / (n * tl.maximum(n - 1.0, 1.0)), 0.0)
@@ -78,8 +79,9 @@ def _forward_impl(x, labels, num_classes, t):
     b = x.shape[0]
     layout, offsets = bucket_rows(labels, num_classes)
     norm = row_norms(x)
+    xs, xs_norm = scaled_rows(x, norm)  # the rows the pair kernels read (see _idid_common)
     rowsum = torch.empty(b, dtype=acc_dtype(x.dtype), device=x.device)
-    pair_row_sums(x, norm, layout, offsets, num_classes, t, rowsum)
+    pair_row_sums(xs, xs_norm, layout, offsets, num_classes, t, rowsum)
     density = torch.empty(num_classes, dtype=x.dtype, device=x.device)
     _class_sum_kernel[(num_classes,)](rowsum, offsets, density, ACC=tl_acc(x.dtype), BLOCK=pick(256, 8))
     return density, norm, layout, offsets
@@ -91,9 +93,10 @@ def _backward_impl(grad, x, norm, layout, offsets, t):
     b, d = x.shape
     c = offsets.shape[0] - 1
     acc = acc_dtype(x.dtype)
+    xs, xs_norm = scaled_rows(x, norm)
     du = torch.empty((b, d), dtype=acc, device=x.device)
     grid = lambda meta: (triton.cdiv(b, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
-    _pull_rows_kernel[grid](x, norm, layout, offsets, grad.to(acc).contiguous(), du, b, c, d, *split_f64(t),
+    _pull_rows_kernel[grid](xs, xs_norm, layout, offsets, grad.to(acc).contiguous(), du, b, c, d, *split_f64(t),
                             ACC=tl_acc(x.dtype), DOT_PREC=dot_precision(x.dtype))
     return normalize_backward(du, x, norm)
 

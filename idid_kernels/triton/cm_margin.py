@@ -3,24 +3,36 @@ written to memory (spec/cm_margin.md; the math is in :mod:`idid_kernels.referenc
 
 Forward, ``idid_triton::cm_margin_forward(x, weight, labels, *cfg) -> (loss_rows, row_stats, w_norm)``:
 
-1. row kernels: ||w_j|| for every class; ||x_n|| and the target cosine c_n = <u_n, w^_{y_n}> per row.
-2. per row, on (N,) vectors: a_n = s g(r_n) and the margined target logit a_n phi(c_n). The margin
-   functions are the reference's :func:`~idid_kernels.reference.margins.phi` (one definition of
-   every preset's branches); only the target column carries a margin, so this is O(N) work.
+1. row kernels: ||w_j|| for every class and ||x_n|| per row (overflow-free, :func:`._rows.row_norms`);
+   the GEMM operand x_n 2^k_n with an exact power of two near 1 / ||x_n|| (:func:`._rows.scaled_rows`,
+   so that no dot overflows or underflows whatever the norms); the target cosine c_n = <u_n, w^_{y_n}>.
+2. per row, on (N,) vectors: a_n = s g(r_n) and the margined target cosine psi_ny = phi(c_n). The
+   margin functions are the reference's :func:`~idid_kernels.reference.margins.phi` (one definition
+   of every preset's branches); only the target column carries a margin, so this is O(N) work.
 3. ``_forward_kernel``: one program per block of rows streams the class tiles. Each tile is a
-   tl.dot over d tiles of the raw rows, scaled by the inverse norms into cosines; its logits
-   (a_n c_nj, the target replaced by a_n phi(c_n)) feed an online logsumexp. Alongside it keeps the
-   off-target mass P_n = sum_{j != y} p_nj and S_n = sum_{j != y} p_nj c_nj, rescaled with the
-   running max like the sum of exponentials. Saved per row: ||x_n||, c_n, lse_n, P_n, S_n.
+   tl.dot over d tiles of the scaled rows, scaled by the inverse norms into cosines. The online
+   softmax runs in cosine units: psi_nj = c_nj off target and phi(c_n) on it, z = a_n psi, and since
+   a_n > 0 the running max of z is a_n m_n with m_n the running max of psi. Exponents are
+   a_n (c_nj - m_n), a product after a subtraction: exact to rounding even for s = 1e12, where a c
+   alone would round by thousands of units (and an FMA contraction of a c - m by more). Alongside,
+   P_n = sum_{j != y} exp(a (c_nj - m_n)) and S_n = the same weighted by c_nj, rescaled with the max.
+   With t_n = a_n (m_n - psi_ny) >= 0 the row loss lse - z_y is t + log(P + exp(-t)), evaluated as
+   log1p(P) when t = 0 (the target is the max) and directly otherwise (then P >= 1): no
+   cancellation, so a loss of 1e-8 keeps float32 precision (``lse - z_y`` would lose it all).
+   Saved per row (``row_stats``, 6 x N): ||x_n||, c_n, the shift m_n, log_sum_n = log(P + exp(-t))
+   (so lse = a m + log_sum), and the off-target mass and its cosine-weighted sum as probabilities,
+   P_n / (P_n + exp(-t_n)) and S_n / (P_n + exp(-t_n)).
 
 Backward, ``idid_triton::cm_margin_backward(grad_rows, x, weight, labels, row_stats, w_norm, *cfg, need_x,
-need_w) -> (dx, dw)``, with g_n the upstream gradient of row n (0 on ignored rows):
+need_w) -> (dx, dw)``, with g_n the upstream gradient of row n (0 on ignored rows) and P_n, S_n the
+saved probabilities:
 
-- G_nj = a_n g_n p_nj off target; on target a_n g_n (p_ny - 1) phi'(c_n) = -a_n g_n P_n phi'(c_n) (the
-  off-target mass is exact where p_ny rounds to 1). Each tile of G is recomputed from the saved lse.
+- G_nj = a_n g_n p_nj off target, p_nj = exp(a_n (c_nj - m_n) - log_sum_n) from the saved shift (not
+  exp(a c - lse), garbage for huge s); on target a_n g_n (p_ny - 1) phi'(c_n) = -a_n g_n P_n phi'(c_n)
+  (the off-target mass is exact where p_ny rounds to 1). Each tile of G is recomputed.
 - Bx_n = sum_j G_nj w^_j and Bw_j = sum_n G_nj u_n accumulate in float32 buffers (tl.dot of the tile
-  of G, scaled by the inverse norms and rounded to the input dtype, with the raw rows).
-- dx_n = (Bx_n - <Bx_n, u_n> u_n) / max(r_n, eps) + s g'(r_n) R_n x_n / r_n with the radial term
+  of G, scaled by the inverse norms and rounded to the input dtype, with the (scaled) raw rows).
+- dx_n = (Bx_n - <Bx_n, u_n> u_n) / max(r_n, eps) + s g'(r_n) R_n u_n with the radial term
   R_n = g_n (S_n - P_n phi(c_n)) = g_n (sum_j p_nj psi_nj - psi_ny); dW_j likewise from Bw_j
   (the shared projection kernel of :mod:`._rows`). Q_n and K_j of the spec are these projections.
 
@@ -45,11 +57,12 @@ import triton.language as tl
 from .._autograd import DEVICE_AUTOGRAD_KEYS, register_autograd, register_no_double_backward
 from ..reference.margins import MarginParams, phi, phi_grad
 from . import _rows
-from ._rows import dot_operand, no_double_backward
+from ._rows import dot_operand, log1p, no_double_backward
 
 _NS = "idid_triton"
 # rows of the forward's saved statistics
-_R, _COS, _LSE, _MASS, _MASS_COS = range(5)
+_R, _COS, _SHIFT, _LOG_SUM, _MASS, _MASS_COS = range(6)
+_NUM_STATS = 6
 
 _FWD_CONFIGS = _rows.configs(
     gpu=[dict(BLOCK_N=128, BLOCK_C=128, BLOCK_D=32, num_warps=8, num_stages=3),
@@ -72,7 +85,10 @@ _BWD_CONFIGS = _rows.configs(
 def _target_cos_kernel(x_ptr, w_ptr, labels_ptr, w_norm_ptr, x_norm_ptr, cos_ptr, N, C, D, ignore_index,
                        stride_xn, stride_xd, stride_wc, stride_wd,
                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    """||x_n|| and c_n = <x_n, w_{y_n}> / (max(||x_n||, eps) max(||w_{y_n}||, eps)); 0 on ignored rows."""
+    """c_n = <x_n, w_{y_n}> / (max(||x_n||, eps) max(||w_{y_n}||, eps)); 0 on ignored rows.
+
+    Takes the scaled rows of :func:`._rows.scaled_rows` (x_n 2^k and its floor max(r_n, eps) 2^k in
+    x_norm_ptr), so every product is at most |w| and the dot cannot overflow."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     y = tl.load(labels_ptr + rows, mask=rmask, other=ignore_index)
@@ -80,20 +96,18 @@ def _target_cos_kernel(x_ptr, w_ptr, labels_ptr, w_norm_ptr, x_norm_ptr, cos_ptr
     y = tl.where(has_target, y, 0)
     x_base = x_ptr + rows.to(tl.int64)[:, None] * stride_xn
     w_base = w_ptr + y.to(tl.int64)[:, None] * stride_wc
-    sq = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dot = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         dmask = ds[None, :] < D
         xv = tl.load(x_base + ds[None, :] * stride_xd, mask=rmask[:, None] & dmask, other=0.0).to(ACC)
         wv = tl.load(w_base + ds[None, :] * stride_wd, mask=has_target[:, None] & dmask, other=0.0).to(ACC)
-        sq += xv * xv
         dot += xv * wv
-    r = tl.sqrt(tl.sum(sq, 1))
     eps = tl.full([BLOCK_N], 1e-12, ACC)
+    x_norm = tl.load(x_norm_ptr + rows, mask=rmask, other=1.0)
     w_norm = tl.load(w_norm_ptr + y, mask=has_target, other=1.0)
-    cos = tl.sum(dot, 1) / (tl.maximum(r, eps) * tl.maximum(w_norm, eps))
-    tl.store(x_norm_ptr + rows, r, mask=rmask)
+    # max(., eps) written so that a NaN norm stays NaN
+    cos = tl.sum(dot, 1) / (tl.where(x_norm < eps, eps, x_norm) * tl.where(w_norm < eps, eps, w_norm))
     tl.store(cos_ptr + rows, tl.where(has_target, cos, 0.0), mask=rmask)
 
 
@@ -117,80 +131,96 @@ def _cosine_tile(x_ptr, w_ptr, rows, cls, rmask, cmask, inv_x, inv_w, D, stride_
 @triton.autotune(configs=_FWD_CONFIGS, key=["C", "D"])
 @triton.jit
 def _forward_kernel(x_ptr, w_ptr, labels_ptr, x_norm_ptr, w_norm_ptr, scale_ptr, target_ptr,
-                    loss_ptr, lse_ptr, mass_ptr, mass_cos_ptr, N, C, D, ignore_index,
+                    loss_ptr, shift_ptr, log_sum_ptr, mass_ptr, mass_cos_ptr, N, C, D, ignore_index,
                     stride_xn, stride_xd, stride_wc, stride_wd,
                     PREC: tl.constexpr, DOT_DT: tl.constexpr, ACC: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Online softmax in cosine units (module docstring): per row the running max m of psi_j and
+    P = sum_{j != y} exp(a (c_j - m)), S = sum_{j != y} exp(a (c_j - m)) c_j."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     y = tl.load(labels_ptr + rows, mask=rmask, other=ignore_index)
     valid = y != ignore_index
+    has_target = valid & (y >= 0) & (y < C)
     eps_n = tl.full([BLOCK_N], 1e-12, ACC)
     eps_c = tl.full([BLOCK_C], 1e-12, ACC)
-    inv_x = 1.0 / tl.maximum(tl.load(x_norm_ptr + rows, mask=rmask, other=1.0), eps_n)
+    x_norm = tl.load(x_norm_ptr + rows, mask=rmask, other=1.0)
+    inv_x = 1.0 / tl.where(x_norm < eps_n, eps_n, x_norm)
     a = tl.load(scale_ptr + rows, mask=rmask, other=0.0)
-    z_target = tl.load(target_ptr + rows, mask=rmask, other=0.0)
+    psi_target = tl.load(target_ptr + rows, mask=rmask, other=0.0)
 
-    m = tl.full([BLOCK_N], float("-inf"), ACC)  # running max
-    l = tl.zeros([BLOCK_N], ACC)                 # sum_j exp(z_j - m)
-    mass = tl.zeros([BLOCK_N], ACC)              # the same over j != y
-    mass_cos = tl.zeros([BLOCK_N], ACC)          # sum_{j != y} exp(z_j - m) c_j
+    m = tl.full([BLOCK_N], float("-inf"), ACC)  # running max of psi
+    mass = tl.zeros([BLOCK_N], ACC)              # sum_{j != y} exp(a (c_j - m))
+    mass_cos = tl.zeros([BLOCK_N], ACC)          # sum_{j != y} exp(a (c_j - m)) c_j
     for c0 in range(0, C, BLOCK_C):
         cls = c0 + tl.arange(0, BLOCK_C)
         cmask = cls < C
-        inv_w = 1.0 / tl.maximum(tl.load(w_norm_ptr + cls, mask=cmask, other=1.0), eps_c)
+        w_norm = tl.load(w_norm_ptr + cls, mask=cmask, other=1.0)
+        inv_w = 1.0 / tl.where(w_norm < eps_c, eps_c, w_norm)
         cos = _cosine_tile(x_ptr, w_ptr, rows, cls, rmask, cmask, inv_x, inv_w, D, stride_xn, stride_xd, stride_wc,
                            stride_wd, PREC, DOT_DT, ACC, BLOCK_N, BLOCK_C, BLOCK_D)
         is_target = (cls[None, :] == y[:, None]) & valid[:, None]
-        z = tl.where(is_target, z_target[:, None], a[:, None] * cos)
-        z = tl.where(cmask[None, :], z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, 1))
-        rescale = tl.exp(m - m_new)
-        e = tl.exp(z - m_new[:, None])
-        off = tl.where(is_target, 0.0, e)
-        l = l * rescale + tl.sum(e, 1)
-        mass = mass * rescale + tl.sum(off, 1)
-        mass_cos = mass_cos * rescale + tl.sum(off * cos, 1)
+        psi = tl.where(is_target, psi_target[:, None], cos)
+        m_new = tl.maximum(m, tl.max(tl.where(cmask[None, :], psi, float("-inf")), 1))
+        # before the first tile m = -inf and the sums are 0 (a may be 0, and 0 * -inf is NaN)
+        first = m == float("-inf")
+        rescale = tl.where(first, 0.0, tl.exp(a * tl.where(first, 0.0, m - m_new)))
+        # a product after a subtraction: no a c - m rounding (or FMA contraction) when s is huge
+        off = cmask[None, :] & ~is_target
+        e = tl.where(off, tl.exp(a[:, None] * (cos - m_new[:, None])), 0.0)
+        mass = mass * rescale + tl.sum(e, 1)
+        mass_cos = mass_cos * rescale + tl.sum(e * cos, 1)
         m = m_new
-    lse = m + tl.log(l)
-    loss = tl.where(valid, lse - z_target, 0.0)
+    # t = a (m - psi_y) >= 0 is the target's distance below the max, exactly 0 when it is the max
+    t = tl.where(has_target, a * (m - psi_target), 0.0)
+    target_max = has_target & (t == 0.0)
+    denom = mass + tl.where(has_target, tl.exp(-t), 0.0)  # sum_j exp(a (psi_j - m))
+    # loss = lse - a psi_y = t + log(P + exp(-t)): log1p(P) when t = 0, else P >= 1 (the max is off
+    # target): no cancellation either way
+    log_sum = tl.where(target_max, log1p(mass), tl.log(denom))
+    loss = tl.where(valid, tl.where(target_max, log_sum, t + log_sum), 0.0)
     # a label outside [0, C) that is not ignore_index (only possible through a direct op call)
     loss = tl.where(valid & ((y < 0) | (y >= C)), float("nan"), loss)
     tl.store(loss_ptr + rows, loss, mask=rmask)
-    tl.store(lse_ptr + rows, lse, mask=rmask)
-    tl.store(mass_ptr + rows, mass / l, mask=rmask)
-    tl.store(mass_cos_ptr + rows, mass_cos / l, mask=rmask)
+    tl.store(shift_ptr + rows, m, mask=rmask)
+    tl.store(log_sum_ptr + rows, log_sum, mask=rmask)
+    tl.store(mass_ptr + rows, mass / denom, mask=rmask)
+    tl.store(mass_cos_ptr + rows, mass_cos / denom, mask=rmask)
 
 
 @triton.jit
-def _grad_tile(x_ptr, w_ptr, rows, cls, rmask, cmask, y, inv_x, inv_w, a, lse, ag, g_target, D,
+def _grad_tile(x_ptr, w_ptr, rows, cls, rmask, cmask, y, inv_x, inv_w, a, shift, log_sum, ag, g_target, D,
                stride_xn, stride_xd, stride_wc, stride_wd,
                PREC: tl.constexpr, DOT_DT: tl.constexpr, ACC: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    """G_nj = dL/dc_nj for one tile (0 on padding and ignored rows, where ag = 0)."""
+    """G_nj = dL/dc_nj for one tile (0 on padding and ignored rows, where ag = 0), with
+    p_nj = exp(a (c_nj - m_n) - log_sum_n): exp(a c - lse) would carry the rounding of a c, thousands
+    of units when s is 1e10 or more."""
     cos = _cosine_tile(x_ptr, w_ptr, rows, cls, rmask, cmask, inv_x, inv_w, D, stride_xn, stride_xd, stride_wc,
                        stride_wd, PREC, DOT_DT, ACC, BLOCK_N, BLOCK_C, BLOCK_D)
-    p = tl.exp(a[:, None] * cos - lse[:, None])
+    p = tl.exp(a[:, None] * (cos - shift[:, None]) - log_sum[:, None])
     grad = tl.where(cls[None, :] == y[:, None], g_target[:, None], ag[:, None] * p)
     return tl.where(cmask[None, :], grad, 0.0)
 
 
 @triton.jit
-def _load_rows(labels_ptr, x_norm_ptr, scale_ptr, lse_ptr, ag_ptr, g_target_ptr, rows, rmask,
+def _load_rows(labels_ptr, x_norm_ptr, scale_ptr, shift_ptr, log_sum_ptr, ag_ptr, g_target_ptr, rows, rmask,
                BLOCK_N: tl.constexpr, ACC: tl.constexpr):
     y = tl.load(labels_ptr + rows, mask=rmask, other=-1)
     eps = tl.full([BLOCK_N], 1e-12, ACC)
-    inv_x = 1.0 / tl.maximum(tl.load(x_norm_ptr + rows, mask=rmask, other=1.0), eps)
+    x_norm = tl.load(x_norm_ptr + rows, mask=rmask, other=1.0)
+    inv_x = 1.0 / tl.where(x_norm < eps, eps, x_norm)
     a = tl.load(scale_ptr + rows, mask=rmask, other=0.0)
-    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+    shift = tl.load(shift_ptr + rows, mask=rmask, other=0.0)
+    log_sum = tl.load(log_sum_ptr + rows, mask=rmask, other=0.0)
     ag = tl.load(ag_ptr + rows, mask=rmask, other=0.0)
     g_target = tl.load(g_target_ptr + rows, mask=rmask, other=0.0)
-    return y, inv_x, a, lse, ag, g_target
+    return y, inv_x, a, shift, log_sum, ag, g_target
 
 
 @triton.autotune(configs=_BWD_CONFIGS, key=["C", "D"], reset_to_zero=["bx_ptr", "bw_ptr"])
 @triton.jit
-def _backward_rows_kernel(x_ptr, w_ptr, labels_ptr, x_norm_ptr, w_norm_ptr, scale_ptr, lse_ptr, ag_ptr,
+def _backward_rows_kernel(x_ptr, w_ptr, labels_ptr, x_norm_ptr, w_norm_ptr, scale_ptr, shift_ptr, log_sum_ptr, ag_ptr,
                           g_target_ptr, bx_ptr, bw_ptr, N, C, D, stride_xn, stride_xd, stride_wc, stride_wd,
                           NEED_X: tl.constexpr, NEED_W: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr,
                           IN_DT: tl.constexpr, DOT_DT: tl.constexpr, ACC: tl.constexpr,
@@ -200,8 +230,8 @@ def _backward_rows_kernel(x_ptr, w_ptr, labels_ptr, x_norm_ptr, w_norm_ptr, scal
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     r64 = rows.to(tl.int64)
-    y, inv_x, a, lse, ag, g_target = _load_rows(labels_ptr, x_norm_ptr, scale_ptr, lse_ptr, ag_ptr, g_target_ptr,
-                                                rows, rmask, BLOCK_N, ACC)
+    y, inv_x, a, shift, log_sum, ag, g_target = _load_rows(labels_ptr, x_norm_ptr, scale_ptr, shift_ptr, log_sum_ptr,
+                                                           ag_ptr, g_target_ptr, rows, rmask, BLOCK_N, ACC)
     num_tiles = tl.cdiv(C, BLOCK_C)
     per_group = tl.cdiv(num_tiles, tl.num_programs(1))
     t_begin = tl.program_id(1) * per_group
@@ -211,8 +241,9 @@ def _backward_rows_kernel(x_ptr, w_ptr, labels_ptr, x_norm_ptr, w_norm_ptr, scal
         cls = t * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cls < C
         c64 = cls.to(tl.int64)
-        inv_w = 1.0 / tl.maximum(tl.load(w_norm_ptr + cls, mask=cmask, other=1.0), eps_c)
-        grad = _grad_tile(x_ptr, w_ptr, rows, cls, rmask, cmask, y, inv_x, inv_w, a, lse, ag, g_target, D,
+        w_norm = tl.load(w_norm_ptr + cls, mask=cmask, other=1.0)
+        inv_w = 1.0 / tl.where(w_norm < eps_c, eps_c, w_norm)
+        grad = _grad_tile(x_ptr, w_ptr, rows, cls, rmask, cmask, y, inv_x, inv_w, a, shift, log_sum, ag, g_target, D,
                           stride_xn, stride_xd, stride_wc, stride_wd, PREC, DOT_DT, ACC, BLOCK_N, BLOCK_C, BLOCK_D)
         if NEED_X:
             gx = dot_operand(grad * inv_w[None, :], IN_DT, DOT_DT)
@@ -244,7 +275,8 @@ def _backward_rows_kernel(x_ptr, w_ptr, labels_ptr, x_norm_ptr, w_norm_ptr, scal
 
 @triton.autotune(configs=_BWD_CONFIGS, key=["C", "D"], reset_to_zero=["bw_ptr"])
 @triton.jit
-def _backward_classes_kernel(x_ptr, w_ptr, labels_ptr, x_norm_ptr, w_norm_ptr, scale_ptr, lse_ptr, ag_ptr,
+def _backward_classes_kernel(x_ptr, w_ptr, labels_ptr, x_norm_ptr, w_norm_ptr, scale_ptr, shift_ptr, log_sum_ptr,
+                             ag_ptr,
                              g_target_ptr, bw_ptr, N, C, D, stride_xn, stride_xd, stride_wc, stride_wd,
                              PREC: tl.constexpr, IN_DT: tl.constexpr, DOT_DT: tl.constexpr, ACC: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -253,14 +285,16 @@ def _backward_classes_kernel(x_ptr, w_ptr, labels_ptr, x_norm_ptr, w_norm_ptr, s
     cmask = cls < C
     c64 = cls.to(tl.int64)
     eps_c = tl.full([BLOCK_C], 1e-12, ACC)
-    inv_w = 1.0 / tl.maximum(tl.load(w_norm_ptr + cls, mask=cmask, other=1.0), eps_c)
+    w_norm = tl.load(w_norm_ptr + cls, mask=cmask, other=1.0)
+    inv_w = 1.0 / tl.where(w_norm < eps_c, eps_c, w_norm)
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
         rmask = rows < N
         r64 = rows.to(tl.int64)
-        y, inv_x, a, lse, ag, g_target = _load_rows(labels_ptr, x_norm_ptr, scale_ptr, lse_ptr, ag_ptr,
-                                                    g_target_ptr, rows, rmask, BLOCK_N, ACC)
-        grad = _grad_tile(x_ptr, w_ptr, rows, cls, rmask, cmask, y, inv_x, inv_w, a, lse, ag, g_target, D,
+        y, inv_x, a, shift, log_sum, ag, g_target = _load_rows(labels_ptr, x_norm_ptr, scale_ptr, shift_ptr,
+                                                               log_sum_ptr, ag_ptr, g_target_ptr, rows, rmask,
+                                                               BLOCK_N, ACC)
+        grad = _grad_tile(x_ptr, w_ptr, rows, cls, rmask, cmask, y, inv_x, inv_w, a, shift, log_sum, ag, g_target, D,
                           stride_xn, stride_xd, stride_wc, stride_wd, PREC, DOT_DT, ACC, BLOCK_N, BLOCK_C, BLOCK_D)
         gw = dot_operand(tl.trans(grad * inv_x[:, None]), IN_DT, DOT_DT)
         for d0 in range(0, D, BLOCK_D):
@@ -303,26 +337,28 @@ def cm_margin_forward(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
                       m2: float, m3: float, sphere_lambda: float, easy_margin: bool, exact_grad: bool,
                       contraction: bool, norm_offset: float, norm_temperature: float, detach_norm: bool,
                       ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss_rows (N,), row_stats (5, N), w_norm (C,)), statistics in the accumulation dtype."""
+    """(loss_rows (N,), row_stats (6, N), w_norm (C,)), statistics in the accumulation dtype."""
     n, d = x.shape
     c = weight.shape[0]
     acc = _rows.acc_dtype(x.dtype)
     labels = labels.contiguous()
-    w_norm = _rows.row_norms(weight)
-    stats = torch.empty((5, n), dtype=acc, device=x.device)
+    stats = torch.empty((_NUM_STATS, n), dtype=acc, device=x.device)
     loss = torch.empty(n, dtype=acc, device=x.device)
     block_n, block_d = _rows.row_block(d)
     with _rows.on_device(x):
+        w_norm = _rows.row_norms(weight)
+        r = _rows.row_norms(x, out=stats[_R])
+        xs, xs_norm = _rows.scaled_rows(x, r)
         _target_cos_kernel[(triton.cdiv(n, block_n),)](
-            x, weight, labels, w_norm, stats[_R], stats[_COS], n, c, d, ignore_index, x.stride(0), x.stride(1),
+            xs, weight, labels, w_norm, xs_norm, stats[_COS], n, c, d, ignore_index, xs.stride(0), xs.stride(1),
             weight.stride(0), weight.stride(1), BLOCK_N=block_n, BLOCK_D=block_d, ACC=_rows.tl_acc(x.dtype))
         params = _margin_params(kind, m1, m2, m3, sphere_lambda, easy_margin)
-        scale = _scale(stats[_R], s, contraction, norm_offset, norm_temperature)
-        z_target = scale * phi(stats[_COS], params)
+        scale = _scale(r, s, contraction, norm_offset, norm_temperature)
+        psi_target = phi(stats[_COS], params).contiguous()
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        _forward_kernel[grid](x, weight, labels, stats[_R], w_norm, scale, z_target, loss, stats[_LSE], stats[_MASS],
-                              stats[_MASS_COS], n, c, d, ignore_index, x.stride(0), x.stride(1), weight.stride(0),
-                              weight.stride(1), **_launch_meta(x))
+        _forward_kernel[grid](xs, weight, labels, xs_norm, w_norm, scale, psi_target, loss, stats[_SHIFT],
+                              stats[_LOG_SUM], stats[_MASS], stats[_MASS_COS], n, c, d, ignore_index, xs.stride(0),
+                              xs.stride(1), weight.stride(0), weight.stride(1), **_launch_meta(x))
     return loss, stats, w_norm
 
 
@@ -330,7 +366,8 @@ def cm_margin_forward(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
 def _(x, weight, labels, *cfg):
     acc = _rows.acc_dtype(x.dtype)
     n = x.shape[0]
-    return x.new_empty((n,), dtype=acc), x.new_empty((5, n), dtype=acc), x.new_empty((weight.shape[0],), dtype=acc)
+    return (x.new_empty((n,), dtype=acc), x.new_empty((_NUM_STATS, n), dtype=acc),
+            x.new_empty((weight.shape[0],), dtype=acc))
 
 
 @torch.library.custom_op(f"{_NS}::cm_margin_backward", mutates_args=())
@@ -347,7 +384,7 @@ def cm_margin_backward(grad_rows: torch.Tensor, x: torch.Tensor, weight: torch.T
     empty = x.new_empty((0, d))
     if not (need_x or need_w):
         return empty, empty.clone()
-    r, cos, lse, mass, mass_cos = row_stats.unbind(0)
+    r, cos, shift, log_sum, mass, mass_cos = row_stats.unbind(0)
     params = _margin_params(kind, m1, m2, m3, sphere_lambda, easy_margin)
     valid = labels != ignore_index
     # ignored rows: no gradient, whatever the upstream holds (a mean over no rows gives 0 * inf there)
@@ -356,14 +393,16 @@ def cm_margin_backward(grad_rows: torch.Tensor, x: torch.Tensor, weight: torch.T
     ag = (scale * g).contiguous()
     dphi = phi_grad(cos, params, "exact" if exact_grad else "straight_through")
     g_target = (-ag * mass * dphi).contiguous()
-    lse = lse.contiguous()
+    shift, log_sum = shift.contiguous(), log_sum.contiguous()
     meta = _launch_meta(x)
     meta["IN_DT"] = _rows.tl_dtype(x.dtype)
     deterministic = torch.are_deterministic_algorithms_enabled()
-    args = (x, weight, labels, r, w_norm, scale, lse, ag, g_target)
-    strides = (x.stride(0), x.stride(1), weight.stride(0), weight.stride(1))
     dx, dw = empty, empty.clone()
     with _rows.on_device(x):
+        # the GEMM operands of the forward (recomputed: O(N d), not saved)
+        xs, xs_norm = _rows.scaled_rows(x, r)
+        args = (xs, weight, labels, xs_norm, w_norm, scale, shift, log_sum, ag, g_target)
+        strides = (xs.stride(0), xs.stride(1), weight.stride(0), weight.stride(1))
         bx = torch.zeros((n, d), dtype=acc, device=x.device) if need_x else r.new_empty((0,))
         bw = torch.zeros((c, d), dtype=acc, device=x.device) if need_w else r.new_empty((0,))
         if need_x or not deterministic:

@@ -59,7 +59,7 @@ from .._autograd import DEVICE_AUTOGRAD_KEYS, register_autograd, register_no_dou
 from ..reference.idid import IDIDTerms
 from ._idid_common import (
     INTERPRET, acc_dtype, accumulate_pull, bucket_rows, check_dtype, configs, dot_precision, dot_rows,
-    log_add_exp, no_double_backward, normalize_backward, pair_row_sums, pick, row_norms, softplus,
+    log_add_exp, no_double_backward, normalize_backward, pair_row_sums, pick, row_norms, scaled_rows, softplus,
     split_f64, tl_acc,
 )
 
@@ -136,7 +136,8 @@ def _ic_forward_kernel(x_ptr, w_ptr, xn_ptr, wn_ptr, lay_ptr, offs_ptr, cls_ptr,
     rmask = rows < Bv
     src = tl.load(lay_ptr + rows, mask=rmask, other=0)
     y = tl.load(lay_ptr + B + rows, mask=rmask, other=0)
-    zscale = alpha * (1.0 / tl.maximum(tl.load(xn_ptr + src, mask=rmask, other=1.0), 1e-12))
+    xn = tl.load(xn_ptr + src, mask=rmask, other=1.0)
+    zscale = alpha * (1.0 / tl.where(xn < 1e-12, 1e-12, xn))
 
     m_nt = tl.full((BLOCK_M,), -1.0e30, ACC)   # running max / sum of exp over the non-targets of z
     s_nt = tl.full((BLOCK_M,), 0, ACC)
@@ -148,7 +149,8 @@ def _ic_forward_kernel(x_ptr, w_ptr, xn_ptr, wn_ptr, lay_ptr, offs_ptr, cls_ptr,
         cols = c0 + tl.arange(0, BLOCK_N)
         cmask = cols < C
         s = dot_rows(x_ptr, src, rmask, w_ptr, cols, cmask, D, ACC, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-        inw = 1.0 / tl.maximum(tl.load(wn_ptr + cols, mask=cmask, other=1.0), 1e-12)
+        wn = tl.load(wn_ptr + cols, mask=cmask, other=1.0)
+        inw = 1.0 / tl.where(wn < 1e-12, 1e-12, wn)
         z = s * zscale[:, None] * inw[None, :]
         is_t = cols[None, :] == y[:, None]
         nt = cmask[None, :] & (cols[None, :] != y[:, None])
@@ -278,7 +280,8 @@ def _grad_rows_kernel(x_ptr, w_ptr, xn_ptr, wn_ptr, lay_ptr, offs_ptr, rs_ptr, l
     inb = rows < B
     src = tl.load(lay_ptr + rows, mask=inb, other=0)
     y = tl.load(lay_ptr + B + rows, mask=rmask, other=0)
-    inx = 1.0 / tl.maximum(tl.load(xn_ptr + src, mask=rmask, other=1.0), 1e-12)
+    xn = tl.load(xn_ptr + src, mask=rmask, other=1.0)
+    inx = 1.0 / tl.where(xn < 1e-12, 1e-12, xn)
     a = tl.load(rs_ptr + 0 * B + rows, mask=rmask, other=0.0)
     lse = tl.load(rs_ptr + 1 * B + rows, mask=rmask, other=0.0)
     lnt = tl.load(rs_ptr + 2 * B + rows, mask=rmask, other=0.0)
@@ -288,7 +291,8 @@ def _grad_rows_kernel(x_ptr, w_ptr, xn_ptr, wn_ptr, lay_ptr, offs_ptr, rs_ptr, l
     for c0 in range(0, C, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         cmask = cols < C
-        inw = 1.0 / tl.maximum(tl.load(wn_ptr + cols, mask=cmask, other=1.0), 1e-12)
+        wn = tl.load(wn_ptr + cols, mask=cmask, other=1.0)
+        inw = 1.0 / tl.where(wn < 1e-12, 1e-12, wn)
         s = dot_rows(x_ptr, src, rmask, w_ptr, cols, cmask, D, ACC, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
         z = s * (alpha * inx)[:, None] * inw[None, :]
         g = _ic_logit_grad(z, y, cols, cmask, rmask, lse, lnt, lse_t, lr_ptr, C, inv_tau, DISTILL) * gscale[:, None]
@@ -321,7 +325,8 @@ def _grad_cols_kernel(x_ptr, w_ptr, xn_ptr, wn_ptr, lay_ptr, offs_ptr, rs_ptr, l
     dcols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = dcols < D
     split = tl.program_id(2)
-    inw = 1.0 / tl.maximum(tl.load(wn_ptr + cols, mask=cmask, other=1.0), 1e-12)
+    wn = tl.load(wn_ptr + cols, mask=cmask, other=1.0)
+    inw = 1.0 / tl.where(wn < 1e-12, 1e-12, wn)
     Bv = tl.load(offs_ptr + C)
     r_begin = split * rows_per_split
     r_end = tl.minimum(r_begin + rows_per_split, Bv)
@@ -332,7 +337,8 @@ def _grad_cols_kernel(x_ptr, w_ptr, xn_ptr, wn_ptr, lay_ptr, offs_ptr, rs_ptr, l
         rmask = rows < r_end
         src = tl.load(lay_ptr + rows, mask=rmask, other=0)
         y = tl.load(lay_ptr + B + rows, mask=rmask, other=0)
-        inx = 1.0 / tl.maximum(tl.load(xn_ptr + src, mask=rmask, other=1.0), 1e-12)
+        xn = tl.load(xn_ptr + src, mask=rmask, other=1.0)
+        inx = 1.0 / tl.where(xn < 1e-12, 1e-12, xn)
         a = tl.load(rs_ptr + 0 * B + rows, mask=rmask, other=0.0)
         lse = tl.load(rs_ptr + 1 * B + rows, mask=rmask, other=0.0)
         lnt = tl.load(rs_ptr + 2 * B + rows, mask=rmask, other=0.0)
@@ -381,7 +387,8 @@ def _class_sums_kernel(x_ptr, xn_ptr, lay_ptr, offs_ptr, rs_ptr, m_ptr, ab_ptr, 
             src = tl.load(lay_ptr + rows, mask=rm, other=0)
             a = tl.load(rs_ptr + 0 * B + rows, mask=rm, other=0.0)
             xv = tl.load(x_ptr + src[:, None] * D + dcols[None, :], mask=rm[:, None] & dmask[None, :], other=0.0)
-            inx = 1.0 / tl.maximum(tl.load(xn_ptr + src, mask=rm, other=1.0), 1e-12)
+            xn = tl.load(xn_ptr + src, mask=rm, other=1.0)
+            inx = 1.0 / tl.where(xn < 1e-12, 1e-12, xn)
             mk += tl.sum(xv.to(ACC) * (a * inx)[:, None], axis=0)
         tl.store(m_ptr + k * D + dcols, mk, mask=dmask)
 
@@ -411,8 +418,10 @@ def _dtheta_kernel(m_ptr, ab_ptr, w_ptr, wn_ptr, lr_ptr, gic_ptr, out_ptr, C, D,
         wm = tl.dot(w_k, tl.trans(m_c), wm, input_precision=DOT_PREC)
     alpha = tl.cast(alpha_hi, ACC) + tl.cast(alpha_mid, ACC) + tl.cast(alpha_lo, ACC)
     inv_tau = tl.cast(itau_hi, ACC) + tl.cast(itau_mid, ACC) + tl.cast(itau_lo, ACC)
-    inw_c = 1.0 / tl.maximum(tl.load(wn_ptr + cs, mask=cm, other=1.0), 1e-12)
-    inw_k = 1.0 / tl.maximum(tl.load(wn_ptr + ks, mask=km, other=1.0), 1e-12)
+    wn_c = tl.load(wn_ptr + cs, mask=cm, other=1.0)
+    inw_c = 1.0 / tl.where(wn_c < 1e-12, 1e-12, wn_c)
+    wn_k = tl.load(wn_ptr + ks, mask=km, other=1.0)
+    inw_k = 1.0 / tl.where(wn_k < 1e-12, 1e-12, wn_k)
     mv = mw * (alpha * inv_tau * inw_c)[None, :]   # (alpha / tau) <M_k, v_c>
     vm = wm * (alpha * inv_tau * inw_k)[:, None]   # (alpha / tau) <v_k, M_c>
     off = km[:, None] & cm[None, :] & (ks[:, None] != cs[None, :])
@@ -464,6 +473,7 @@ def _forward_impl(x, proxies, similarity, labels, alpha, tau, t, eps, distillati
     acc, ACC, prec = acc_dtype(x.dtype), tl_acc(x.dtype), dot_precision(x.dtype)
     layout, offsets = bucket_rows(labels, c, ignore_index)
     x_norm, w_norm = row_norms(x), row_norms(w)
+    xs, xs_norm = scaled_rows(x, x_norm)  # the rows every cosine kernel reads (see _idid_common)
     cls = torch.empty(2, dtype=torch.int64, device=x.device)
     _class_stats_kernel[(1,)](offsets, cls, c, BLOCK=pick(1024, 8))
     if distillation:
@@ -475,11 +485,11 @@ def _forward_impl(x, proxies, similarity, labels, alpha, tau, t, eps, distillati
         teacher = torch.empty((0, 0), dtype=acc, device=x.device)
     row_stats = torch.empty((ROW_STATS, b), dtype=acc, device=x.device)
     grid = lambda meta: (triton.cdiv(b, meta["BLOCK_M"]),)  # noqa: E731
-    _ic_forward_kernel[grid](x, w, x_norm, w_norm, layout, offsets, cls, teacher if distillation else w_norm,
+    _ic_forward_kernel[grid](xs, w, xs_norm, w_norm, layout, offsets, cls, teacher if distillation else w_norm,
                              row_stats, b, c, d, *split_f64(alpha), *split_f64(1.0 / tau), DISTILL=distillation,
                              UNIT_TAU=tau == 1.0, BALANCED=class_balanced, ACC=ACC, DOT_PREC=prec)
     if diversity:
-        pair_row_sums(x, x_norm, layout, offsets, c, t, row_stats[PAIR_SUM])
+        pair_row_sums(xs, xs_norm, layout, offsets, c, t, row_stats[PAIR_SUM])
     loss, l_ic, l_id, lam = (torch.empty((), dtype=x.dtype, device=x.device) for _ in range(4))
     _finalize_kernel[(1,)](row_stats, offsets, cls, loss, l_ic, l_id, lam, b, c, *split_f64(eps),
                            *split_f64(diversity_weight), DIVERSITY=diversity, ADAPTIVE=adaptive_weight, ACC=ACC,
@@ -499,9 +509,10 @@ def _backward_impl(grad_ic, grad_id, x, proxies, row_stats, x_norm, w_norm, teac
     lr = teacher if distillation else w_norm
     scalars = (*split_f64(alpha), *split_f64(1.0 / tau))
 
+    xs, xs_norm = scaled_rows(x, x_norm)  # recomputed (O(B d)), as in the forward
     du = torch.empty((b, d), dtype=acc, device=x.device)
     grid = lambda meta: (triton.cdiv(b, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
-    _grad_rows_kernel[grid](x, w, x_norm, w_norm, layout, offsets, row_stats, lr, gic, gid, du, b, c, d, *scalars,
+    _grad_rows_kernel[grid](xs, w, xs_norm, w_norm, layout, offsets, row_stats, lr, gic, gid, du, b, c, d, *scalars,
                             *split_f64(t), DISTILL=distillation, DIVERSITY=diversity, ACC=ACC, DOT_PREC=prec)
     dx = normalize_backward(du, x, x_norm)
 
@@ -509,7 +520,7 @@ def _backward_impl(grad_ic, grad_id, x, proxies, row_stats, x_norm, w_norm, teac
     atomic = splits > 1 and not torch.are_deterministic_algorithms_enabled()
     dv = (torch.zeros if atomic else torch.empty)((1 if atomic else splits, c, d), dtype=acc, device=x.device)
     grid = lambda meta: (triton.cdiv(c, meta["BLOCK_N"]), triton.cdiv(d, meta["BLOCK_D"]), splits)  # noqa: E731
-    _grad_cols_kernel[grid](x, w, x_norm, w_norm, layout, offsets, row_stats, lr, gic, dv, b, c, d, rows_per_split,
+    _grad_cols_kernel[grid](xs, w, xs_norm, w_norm, layout, offsets, row_stats, lr, gic, dv, b, c, d, rows_per_split,
                             *scalars, DISTILL=distillation, ATOMIC=atomic, ACC=ACC, DOT_PREC=prec)
     dw = normalize_backward(dv, w, w_norm, nsplit=1 if atomic else splits)
 
@@ -519,7 +530,7 @@ def _backward_impl(grad_ic, grad_id, x, proxies, row_stats, x_norm, w_norm, teac
     elif c > 2:
         sums = torch.empty((c, d), dtype=acc, device=x.device)
         ab = torch.empty((2, c), dtype=acc, device=x.device)
-        _class_sums_kernel[(c,)](x, x_norm, layout, offsets, row_stats, sums, ab, b, c, d, ACC=ACC,
+        _class_sums_kernel[(c,)](xs, xs_norm, layout, offsets, row_stats, sums, ab, b, c, d, ACC=ACC,
                                  BLOCK_M=pick(32, 8), BLOCK_D=pick(128, 32))
         dsim = torch.empty((c, c), dtype=x.dtype, device=x.device)
         block_t = pick(32, 8)

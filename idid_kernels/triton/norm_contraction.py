@@ -4,9 +4,10 @@ Ops (``torch.library`` custom ops, so autograd and ``torch.compile(fullgraph=Tru
 
 - ``idid_triton::norm_contraction_forward(x, offset, T) -> (out, norm)``: one pass over each row
   block; ``out`` in x's dtype, ``norm`` = ||x_n|| in float32 (float64 for float64 x), saved for
-  backward and not differentiable.
+  backward and not differentiable. The norm never squares an element (nrm2 with an online rescale,
+  :func:`._rows.nrm2_step`): rows of 1e-30 or of 1e30 per element keep their norms in float32.
 - ``idid_triton::norm_contraction_backward(grad_out, x, norm, offset, T) -> dx``:
-  dx_n = grad_n g'(r_n) x_n / r_n (0 for a zero row), with g'(r) = sig(z) sig(-z) / T evaluated as
+  dx_n = grad_n g'(r_n) u_n with u_n = x_n / r_n (0 for a zero row), with g'(r) = sig(z) sig(-z) / T evaluated as
   e / (1 + e)^2 / T, e = exp(-|z|): both factors keep full precision where sig(z) rounds to 1.
 
 The scalars offset and 1/T reach the kernels in a small tensor of the accumulation dtype
@@ -20,7 +21,7 @@ import triton.language as tl
 
 from .._autograd import DEVICE_AUTOGRAD_KEYS, register_autograd, register_no_double_backward
 from . import _rows
-from ._rows import no_double_backward
+from ._rows import no_double_backward, nrm2_finish, nrm2_step
 
 _NS = "idid_triton"
 
@@ -31,12 +32,13 @@ def _forward_kernel(x_ptr, out_ptr, norm_ptr, param_ptr, N, D, stride_n, stride_
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     base = x_ptr + rows.to(tl.int64)[:, None] * stride_n
-    sq = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    scale = tl.zeros([BLOCK_N], ACC)
+    ssq = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         v = tl.load(base + cols[None, :] * stride_d, mask=rmask[:, None] & (cols[None, :] < D), other=0.0).to(ACC)
-        sq += v * v
-    r = tl.sqrt(tl.sum(sq, 1))
+        scale, ssq = nrm2_step(scale, ssq, v)
+    r = nrm2_finish(scale, ssq)
     offset = tl.load(param_ptr)
     inv_t = tl.load(param_ptr + 1)
     z = (r - offset) * inv_t
@@ -60,12 +62,15 @@ def _backward_kernel(grad_ptr, x_ptr, norm_ptr, param_ptr, dx_ptr, N, D, stride_
     e = tl.exp(-tl.abs((r - offset) * inv_t))
     one_e = 1.0 + e
     coef = g * (e / (one_e * one_e) * inv_t)
-    coef = tl.where(r > 0, coef / tl.where(r > 0, r, 1.0), 0.0)
+    # dx = coef u with u = x / r (|u| <= 1 whatever the row's scale; 0 for a zero row, NaN for a NaN
+    # norm): coef / r and coef x / r would overflow or underflow for rows of norm 1e-30 or 1e30
+    r_div = tl.where(r == 0, 1.0, r)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         m = rmask[:, None] & (cols[None, :] < D)
         x = tl.load(x_ptr + r64[:, None] * stride_n + cols[None, :] * stride_d, mask=m, other=0.0).to(ACC)
-        tl.store(dx_ptr + r64[:, None] * D + cols[None, :], (coef[:, None] * x).to(dx_ptr.dtype.element_ty), mask=m)
+        dx = coef[:, None] * (x / r_div[:, None])
+        tl.store(dx_ptr + r64[:, None] * D + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m)
 
 
 def _params(x: torch.Tensor, offset: float, temperature: float) -> torch.Tensor:

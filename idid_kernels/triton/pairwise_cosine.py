@@ -2,10 +2,12 @@
 
 Ops (``torch.library`` custom ops; autograd and fake kernels registered below):
 
-- ``idid_triton::pairwise_cosine_forward(x, y?) -> (out, norm_x, norm_y)``: row norms first, then
-  one GEMM over (BLOCK_M x BLOCK_N) output tiles of the raw rows, scaled in the epilogue by
-  1 / max(||x_i||, eps) and 1 / max(||y_j||, eps) (F.normalize semantics: a zero row has zero
-  cosines). ``norm_y`` is empty when y is None. The norms are saved, not differentiable.
+- ``idid_triton::pairwise_cosine_forward(x, y?) -> (out, norm_x, norm_y)``: row norms first
+  (overflow-free), then one GEMM over (BLOCK_M x BLOCK_N) output tiles of the rows x_i 2^k_i (an
+  exact power of two near 1 / ||x_i||, :func:`._rows.scaled_rows`, so that no dot overflows even
+  when both rows are huge) and the raw y_j, scaled in the epilogue by 2^-k_i / max(||x_i||, eps)
+  and 1 / max(||y_j||, eps) (F.normalize semantics: a zero row has zero cosines). ``norm_y`` is
+  empty when y is None. The norms are saved, not differentiable.
 - ``idid_triton::pairwise_cosine_backward(grad, x, y?, norm_x, norm_y, need_x, need_y) -> (dx, dy)``:
   with G = dL/dS, dU = G V (y None: (G + G^T) U, both paths into x) and dV = G^T U, each a GEMM
   into a float32 (N x d) buffer that reads G through its strides (no transposed copy), then
@@ -61,8 +63,11 @@ def _forward_kernel(x_ptr, y_ptr, norm_x_ptr, norm_y_ptr, out_ptr, N, M, D, stri
         acc = tl.dot(xt.to(DOT_DT), tl.trans(yt.to(DOT_DT)), acc, input_precision=PREC, out_dtype=ACC)
     eps_m = tl.full([BLOCK_M], 1e-12, ACC)
     eps_n = tl.full([BLOCK_N], 1e-12, ACC)
-    inv_x = 1.0 / tl.maximum(tl.load(norm_x_ptr + rows, mask=rmask, other=1.0), eps_m)
-    inv_y = 1.0 / tl.maximum(tl.load(norm_y_ptr + cols, mask=cmask, other=1.0), eps_n)
+    # max(r, eps) written so that a NaN norm stays NaN (tl.maximum drops it)
+    norm_x = tl.load(norm_x_ptr + rows, mask=rmask, other=1.0)
+    norm_y = tl.load(norm_y_ptr + cols, mask=cmask, other=1.0)
+    inv_x = 1.0 / tl.where(norm_x < eps_m, eps_m, norm_x)
+    inv_y = 1.0 / tl.where(norm_y < eps_n, eps_n, norm_y)
     out = acc * inv_x[:, None] * inv_y[None, :]
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * M + cols[None, :], out.to(out_ptr.dtype.element_ty),
              mask=rmask[:, None] & cmask[None, :])
@@ -88,7 +93,8 @@ def _grad_matmul_kernel(g_ptr, stride_gi, stride_gk, v_ptr, stride_vk, stride_vd
         if SYM:
             a += tl.load(g_ptr + k64[None, :] * stride_gi + r64[:, None] * stride_gk, mask=m, other=0.0).to(ACC)
         eps = tl.full([BLOCK_K], 1e-12, ACC)
-        inv_v = 1.0 / tl.maximum(tl.load(norm_v_ptr + ks, mask=kmask, other=1.0), eps)
+        norm_v = tl.load(norm_v_ptr + ks, mask=kmask, other=1.0)
+        inv_v = 1.0 / tl.where(norm_v < eps, eps, norm_v)
         a = a * inv_v[None, :]
         vt = tl.load(v_ptr + k64[:, None] * stride_vk + ds[None, :] * stride_vd,
                      mask=kmask[:, None] & dmask[None, :], other=0.0)
@@ -126,7 +132,9 @@ def pairwise_cosine_forward(x: torch.Tensor, y: torch.Tensor | None) -> tuple[to
     out = torch.empty((n, m), dtype=x.dtype, device=x.device)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(m, meta["BLOCK_N"]))  # noqa: E731
     with _rows.on_device(x):
-        _forward_kernel[grid](x, other, norm_x, norm_o, out, n, m, d, x.stride(0), x.stride(1), other.stride(0),
+        # left operand scaled per row by a power of two near 1 / ||x_i||: the dots are O(||y_j||)
+        xs, xs_norm = _rows.scaled_rows(x, norm_x)
+        _forward_kernel[grid](xs, other, xs_norm, norm_o, out, n, m, d, xs.stride(0), xs.stride(1), other.stride(0),
                               other.stride(1), PREC=_rows.dot_precision(x.dtype), DOT_DT=_rows.dot_dtype(x.dtype),
                               ACC=_rows.tl_acc(x.dtype))
     return out, norm_x, norm_y
