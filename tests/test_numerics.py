@@ -210,6 +210,54 @@ def test_norms_of_huge_float32_rows_are_finite(backend, dev):
     assert torch.allclose(got.cpu(), expected.expand(3).float(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("x_scale,w_scale", [(1e20, 1.0), (1e20, 1e20), (1.0, 1e20), (1e-21, 1.0), (1e-21, 1e20),
+                                             (1e-30, 1e-30)])
+@pytest.mark.parametrize("backend,dev", BACKENDS)
+def test_idid_and_class_density_extreme_norms_float32(backend, dev, x_scale, w_scale):
+    g = make_gen(4)
+    x = torch.randn(10, 6, generator=g, dtype=F64) * x_scale
+    p = torch.randn(4, 6, generator=g, dtype=F64) * w_scale
+    sim = torch.randn(4, 4, generator=g, dtype=F64)
+    y = torch.tensor([0, 1, 2, 3, 1, 0, 0, 2, 1, 1])
+    rr = [t.clone().requires_grad_() for t in (x, p, sim)]
+    exact = ref.idid_loss(*rr, y)
+    ex_grads = torch.autograd.grad(exact, rr)
+    tt = [t.to(dev, F32).requires_grad_() for t in (x, p, sim)]
+    got = ik.idid_loss(*tt, y.to(dev), backend=backend)
+    got_grads = torch.autograd.grad(got, tt)
+    assert rel_err(got.detach().cpu(), exact) <= 1e-5
+    for a, b in zip(got_grads, ex_grads):
+        assert rel_err(a.cpu(), b) <= 1e-4
+    xr = x.clone().requires_grad_()
+    dens = ref.class_density(xr, y, 4)
+    up = torch.rand(4, generator=g, dtype=F64)
+    (gx,) = torch.autograd.grad(dens, [xr], up)
+    xt = x.to(dev, F32).requires_grad_()
+    dens_t = ik.class_density(xt, y.to(dev), 4, backend=backend)
+    (tx,) = torch.autograd.grad(dens_t, [xt], up.to(dev, F32))
+    assert rel_err(dens_t.detach().cpu(), dens) <= 1e-5
+    assert rel_err(tx.cpu(), gx) <= 1e-4
+
+
+@pytest.mark.parametrize("backend,dev", BACKENDS)
+def test_cm_margin_bfloat16_huge_rows(backend, dev):
+    """Both operands at 1e20 in bfloat16 (float32's exponent range): the scaled GEMM stays finite."""
+    g = make_gen(5)
+    x = (torch.randn(8, 24, generator=g, dtype=F64) * 1e20).to(torch.bfloat16)
+    w = (torch.randn(6, 24, generator=g, dtype=F64) * 1e20).to(torch.bfloat16)
+    y = torch.randint(0, 6, (8,), generator=g)
+    kw = dict(margin="arcface", contraction="none", reduction="mean")
+    xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+    exact = ref.cm_margin_loss(xr, wr, y, **kw)
+    gx, gw = torch.autograd.grad(exact, [xr, wr])
+    xt, wt = x.to(dev).requires_grad_(), w.to(dev).requires_grad_()
+    got = ik.cm_margin_loss(xt, wt, y.to(dev), backend=backend, **kw)
+    tx, tw = torch.autograd.grad(got, [xt, wt])
+    assert torch.isfinite(got) and torch.isfinite(tx).all() and torch.isfinite(tw).all()
+    assert rel_err(got.detach().cpu(), exact) <= 2e-2
+    assert rel_err(tx.cpu(), gx) <= 5e-2 and rel_err(tw.cpu(), gw) <= 5e-2
+
+
 # --------------------------------------------------------------------------------------- large s
 @pytest.mark.parametrize("backend,dev", BACKENDS)
 @pytest.mark.parametrize("s", [1e10, 1e12])
