@@ -6,9 +6,11 @@ classes ``[class_offset, class_offset + C_k)`` of the weight and the *whole* bat
 statistics that combine across shards with a few O(N) all-reduces (spec/cm_margin.md, Backward):
 
 forward, per shard k (``cm_margin_shard_forward``)
-    ``row_max_k = max_j z_nj``, ``sum_exp_k = sum_j exp(z_nj - row_max_k)``, ``target_k = z_{n,y_n}``
-    when y_n is in shard k, else 0. Then M = max_k row_max_k (all-reduce MAX),
-    lse = M + log sum_k sum_exp_k exp(row_max_k - M) (all-reduce SUM), loss_n = lse - sum_k target_k.
+    ``row_max_k = max_j z_nj``, ``sum_exp_k = sum_{j != y_n} exp(z_nj - row_max_k)`` (the target left
+    out), ``target_k = z_{n,y_n}`` when y_n is in shard k, else 0. Then M = max_k row_max_k
+    (all-reduce MAX), P = sum_k sum_exp_k exp(row_max_k - M) and z_y = sum_k target_k (all-reduce
+    SUM), t = M - z_y >= 0: lse = M + log(P + exp(-t)) and loss_n = t + log(P + exp(-t)), written
+    log1p(P) when t = 0, so small losses keep their digits (lse - z_y would cancel in float32).
 backward, per shard k (``cm_margin_shard_backward``, from the global lse)
     du_k = sum_{j in k} G_nj w^_j (N, d), the radial part s g'(r_n) R_n of shard k, Q_n = <du_k, u_n>,
     and the shard's complete dW_k. Then du, R summed over shards (all-reduce SUM) and
@@ -40,7 +42,7 @@ __all__ = ["ShardStats", "ShardGrads", "shard_stats", "shard_grads", "combine_st
 class ShardStats(NamedTuple):
     """Per-row partial statistics of one class shard (accumulation dtype)."""
     row_max: torch.Tensor       # (N,) max_j z_nj over the shard (0 for ignored rows)
-    sum_exp: torch.Tensor       # (N,) sum_j exp(z_nj - row_max)
+    sum_exp: torch.Tensor       # (N,) sum_{j != y_n} exp(z_nj - row_max) over the shard (target left out)
     target_logit: torch.Tensor  # (N,) z_{n, y_n} where y_n is in the shard, else 0
     x_norm: torch.Tensor        # (N,) ||x_n||
     w_norm: torch.Tensor        # (C_k,) ||w_j|| of the shard
@@ -108,15 +110,22 @@ def shard_stats(x, weight_shard, labels, *, class_offset, num_classes, **cm_kwar
                                                                            *cfg))
 
 
+def _lse_and_loss(big, off, target, valid):
+    """(lse, loss) per row from the global max M, the off-target mass P relative to M and z_y
+    (module docstring); 0 on ignored rows."""
+    t = big - target
+    log_sum = torch.where(t > 0, torch.log(off + torch.exp(-t)), torch.log1p(off))
+    zero = torch.zeros_like(big)
+    return torch.where(valid, big + log_sum, zero), torch.where(valid, t + log_sum, zero)
+
+
 def combine_stats(stats: list[ShardStats], labels: torch.Tensor, ignore_index: int = -100):
     """Per-row (lse, loss) from every shard's statistics (what the all-reduces compute); 0 on ignored rows."""
     row_max = torch.stack([s.row_max for s in stats])
     big = row_max.max(0).values
-    total = sum(s.sum_exp * torch.exp(s.row_max - big) for s in stats)
-    valid = labels != ignore_index
-    lse = torch.where(valid, big + torch.log(total), torch.zeros_like(big))
+    off = sum(s.sum_exp * torch.exp(s.row_max - big) for s in stats)
     target = sum(s.target_logit for s in stats)
-    return lse, torch.where(valid, lse - target, torch.zeros_like(lse))
+    return _lse_and_loss(big, off, target, labels != ignore_index)
 
 
 def shard_grads(grad_rows, x, weight_shard, labels, lse, x_norm, w_norm, *, class_offset, num_classes,
@@ -158,8 +167,7 @@ class _ClassParallelCM(torch.autograd.Function):
         partial = torch.stack([sum_exp * torch.exp(row_max - big), target])
         if dist is not None:
             dist.all_reduce(partial, group=group)
-        lse = torch.where(valid, big + torch.log(partial[0]), torch.zeros_like(big))
-        loss_rows = torch.where(valid, lse - partial[1], torch.zeros_like(lse))
+        lse, loss_rows = _lse_and_loss(big, partial[0], partial[1], valid)
         ctx.save_for_backward(x, weight_shard, labels, valid, row_weight, lse, x_norm, w_norm)
         ctx.class_offset, ctx.cfg, ctx.group = class_offset, cfg, group
         return (loss_rows * row_weight).to(x.dtype)

@@ -193,3 +193,27 @@ def test_shard_ops_opcheck(dtype):
     lse = row_max + torch.log(sum_exp)
     g = torch.rand(9, dtype=lse.dtype)
     torch.library.opcheck(ops.cm_margin_shard_backward.default, (g, x, w[3:], y, 3, lse, x_norm, w_norm, *cfg))
+
+
+@pytest.mark.parametrize("kw", [dict(margin="none", contraction="none"), dict(margin="cosface", m=0.1)])
+def test_small_row_losses_keep_their_digits_float32(kw):
+    """Rows with losses from ~1e-9 up: the combined float32 loss is exact to the float32 cosines'
+    own conditioning (no lse - z_y cancellation across shards)."""
+    import torch.nn.functional as F
+    g = make_gen(12)
+    c, d, n = 9, 16, 40
+    w = torch.randn(c, d, generator=g, dtype=torch.float64)
+    y = torch.randint(0, c, (n,), generator=g)
+    lean = torch.linspace(0.0, 1.0, n, dtype=torch.float64)[:, None] ** 0.35
+    noise = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    x = 4 * (lean * F.normalize(w, dim=1)[y] + (1 - lean) * noise)
+    exact = ik.cm_margin_loss(x, w, y, reduction="none", backend="reference", **kw)
+    assert exact.min() < 1e-7
+    stats = [cp.shard_stats(x.float(), w[a:b].float(), y, class_offset=a, num_classes=c, **kw)
+             for a, b in ((0, 4), (4, 5), (5, 9))]
+    _, loss = cp.combine_stats(stats, y)
+    err = (loss.double() - exact).abs() / exact
+    assert err.max() <= 4 * 30.0 * 2.0 ** -23, err.max()
+    rows = cp.cm_margin_loss_class_parallel(x.float(), w.float(), y, class_offset=0, num_classes=c,
+                                            reduction="none", **kw)
+    assert ((rows.double() - exact).abs() / exact).max() <= 4 * 30.0 * 2.0 ** -23

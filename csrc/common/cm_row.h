@@ -63,7 +63,7 @@ struct CmRowJob {
   A* log_sum;  // (N,) log sum_j exp(z_j - a m): likewise
   A* lse;      // shard modes: the partial max of z (forward), the global lse (backward)
   A* radial;   // (rows,) radial coefficient of dx (gradient modes)
-  A* sum_exp;  // shard forward: (N,) sum_j exp(z_j - max), the max going to lse
+  A* sum_exp;  // shard forward: (N,) sum_{j != y} exp(z_j - max), the max going to lse
   A* target;   // shard forward: (N,) z_y where y is in the shard, else 0
   int64_t n0, num_classes, ignore_index;
   int64_t class_offset;  // shard modes: global class of local column 0
@@ -232,10 +232,12 @@ struct CmShardOut {
 };
 
 // Partial statistics of one row of cosines over the shard's classes (row left unchanged): the max
-// of z, sum_j exp(z_j - max), and z_y (0 without a local target). Across shards,
-// lse = M + log sum_k sum_exp_k exp(max_k - M) with M = max_k max_k, and loss = lse - sum_k target_k.
-// The max is taken in cosine units (max z = a max psi) and the exponents as a (psi_j - max psi),
-// as in the single-device forward.
+// of z (the target's margined logit included), sum_{j != y} exp(z_j - max) over the shard's other
+// classes (the target left out, so that the loss needs no lse - z_y difference), and z_y (0
+// without a local target). Across shards, with M = max_k max_k, P = sum_k sum_exp_k exp(max_k - M)
+// and t = M - z_y: lse = M + log(P + exp(-t)) and loss = t + log(P + exp(-t)), log1p(P) when t = 0
+// (idid_kernels/class_parallel.py). The max is taken in cosine units (max z = a max psi) and the
+// exponents as a (psi_j - max psi), as in the single-device forward.
 template <typename A>
 IDK_FORCE_INLINE CmShardOut<A> cm_row_shard_forward(const CmConfig<A>& cfg, const A* row, int64_t num_classes,
                                                     int64_t y, A r) {
@@ -247,8 +249,8 @@ IDK_FORCE_INLINE CmShardOut<A> cm_row_shard_forward(const CmConfig<A>& cfg, cons
   }
   const A psi_y = margin_phi(row[y], cfg.margin, static_cast<A*>(nullptr));
   const A m = cm_max(row, y + 1, num_classes, cm_max(row, 0, y, psi_y));
-  const A sum = cm_sum_exp(row, y + 1, num_classes, a, m, cm_sum_exp(row, 0, y, a, m, A(0)));
-  return {a * m, sum + exp(a * (psi_y - m)), a * psi_y};
+  const A off = cm_sum_exp(row, y + 1, num_classes, a, m, cm_sum_exp(row, 0, y, a, m, A(0)));
+  return {a * m, off, a * psi_y};
 }
 
 // Off-target sweep given the global lse in logit units (shards): p_j = exp(a c_j - lse).

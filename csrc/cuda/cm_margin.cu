@@ -177,7 +177,7 @@ __global__ void __launch_bounds__(kThreads) cm_shard_kernel(CmRowJob<A> job) {
     sum = Reduce(temp).Sum(sum);
     if (tid == 0) {
       job.lse[row_id] = a * m;
-      job.sum_exp[row_id] = y_local >= 0 ? sum + exp(a * (psi_y - m)) : sum;
+      job.sum_exp[row_id] = sum;  // the target left out (cm_row_shard_forward)
       job.target[row_id] = y_local >= 0 ? zy : A(0);
     }
     return;
