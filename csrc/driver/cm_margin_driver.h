@@ -23,6 +23,7 @@
 #include "../common/cm_row.h"
 #include "../cpu/checks.h"
 #include "../cpu/normalize.h"
+#include "half_gemm.h"
 #include "normalize_aten.h"
 
 namespace idid_kernels {
@@ -74,45 +75,6 @@ inline void cm_check_inputs(const at::Tensor& x, const at::Tensor& w, const at::
   }
 }
 
-// The GEMMs' operand dtype. Half inputs (bfloat16, float16) multiply in their own dtype with
-// float32 accumulation and float32 output: tensor-core GEMMs on a GPU (at::mm with an out_dtype), as
-// eager PyTorch and the triton backend multiply, instead of float32 GEMMs at a fraction of the rate.
-// The operands are then the unit feature rows and G' rounded to the half dtype, W as given, and dW
-// accumulates in float32. On the CPU the same rounded operands are multiplied as float32 (a product
-// of two half values is exact in float32), so both devices compute the same thing. Other dtypes
-// multiply in the accumulation dtype, unchanged.
-struct CmGemm {
-  at::ScalarType operand, acc;
-  bool native;  // CUDA half inputs: half operands, float32 out_dtype
-
-  static CmGemm for_input(const at::Tensor& x, at::ScalarType acc) {
-    const bool half = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
-    return {half ? x.scalar_type() : acc, acc, half && x.is_cuda()};
-  }
-  // The weight as the GEMMs read it (a float32 copy only where the GEMMs run in float32).
-  at::Tensor weight(const at::Tensor& w) const { return native ? w.contiguous() : w.to(acc).contiguous(); }
-  // t (accumulation dtype) as a GEMM operand: rounded to the half dtype for half inputs.
-  at::Tensor operand_of(const at::Tensor& t) const {
-    if (operand == acc) return t;
-    return native ? t.to(operand) : t.to(operand).to(acc);
-  }
-  void mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) const {
-    if (native) {
-      at::mm_out(out, a, b, acc);
-    } else {
-      at::mm_out(out, a, b);
-    }
-  }
-  at::Tensor mm(const at::Tensor& a, const at::Tensor& b) const { return native ? at::mm(a, b, acc) : at::mm(a, b); }
-  void addmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) const {
-    if (native) {
-      out.add_(at::mm(a, b, acc));
-    } else {
-      out.addmm_(a, b);
-    }
-  }
-};
-
 // ||row|| per row in the accumulation dtype: the vectorised CPU loops, or ATen on other devices.
 inline at::Tensor cm_row_norms(const at::Tensor& t) { return t.is_cpu() ? cpu::row_norms(t) : aten::row_norms(t); }
 
@@ -136,7 +98,7 @@ inline at::Tensor cm_radial_dot(const at::Tensor& grad, const at::Tensor& unit, 
 template <typename A, typename Epilogue>
 void cm_drive(CmMode mode, const at::Tensor& xa, const at::Tensor& wa, const at::Tensor& labels,
               const CmConfig<A>& cfg, int64_t ignore_index, int64_t class_offset, int64_t chunk, const at::Tensor& g,
-              const CmGemm& gemm, CmOutputs& o, const Epilogue& epilogue) {
+              const HalfGemm& gemm, CmOutputs& o, const Epilogue& epilogue) {
   const int64_t n = xa.size(0), d = xa.size(1), c = wa.size(0);
   const bool want_grad = mode != kCmForward && mode != kCmShardForward;
   const bool shard_grad = mode == kCmShardBackward;
@@ -205,7 +167,7 @@ CmOutputs cm_run(CmMode mode, const at::Tensor& x_in, const at::Tensor& w_in, co
   TORCH_CHECK(class_offset >= 0, "cm_margin: class_offset must be >= 0, got ", class_offset);
   cm_check_inputs(x_in, w_in, labels, args.ignore_index, shard);
   const auto acc = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const CmGemm gemm = CmGemm::for_input(x_in, acc);
+  const HalfGemm gemm = HalfGemm::for_input(x_in, acc);
   const at::Tensor xa = x_in.to(acc).contiguous();
   const at::Tensor wa = gemm.weight(w_in);
   const int64_t n = xa.size(0);

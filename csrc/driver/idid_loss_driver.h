@@ -44,6 +44,7 @@
 #include "../common/idid_chunk.h"
 #include "../common/macros.h"
 #include "../cpu/checks.h"
+#include "half_gemm.h"
 #include "normalize_aten.h"
 
 namespace idid_kernels {
@@ -271,6 +272,8 @@ ForwardOutputs forward_impl(const Tensor& x_in, const Tensor& proxies_in, const 
   const Tensor w_norm = P::template row_norms<A>(w);
   const Tensor U = P::template unit_rows<A>(x, x_norm, &L, 1.0);
   const Tensor Va = P::template unit_rows<A>(w, w_norm, nullptr, cfg.alpha);
+  const HalfGemm gemm = HalfGemm::for_input(x_in, acc);
+  const Tensor U_op = gemm.operand_of(U), Va_op = gemm.operand_of(Va);
 
   Tensor row_stats = at::zeros({kNumStats, B}, opts);
   row_stats.select(0, kStatA).copy_(P::template sample_weights<A>(labels, L, cfg.class_balanced));
@@ -290,7 +293,7 @@ ForwardOutputs forward_impl(const Tensor& x_in, const Tensor& proxies_in, const 
     for (int64_t j0 = 0; j0 < active; j0 += chunk) {
       const int64_t rows = std::min(chunk, active - j0);
       Tensor zc = zbuf.narrow(0, 0, rows);
-      at::mm_out(zc, U.narrow(0, j0, rows), Va.t());
+      gemm.mm_out(zc, U_op.narrow(0, j0, rows), Va_op.t());
       job.z = zc.mutable_data_ptr<A>();
       job.j0 = j0;
       job.rows = rows;
@@ -334,6 +337,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& grad_ic_in, const
   const Tensor U = P::template unit_rows<A>(x, x_norm, &L, 1.0);
   const Tensor V = P::template unit_rows<A>(w, w_norm, nullptr, 1.0);
   const Tensor Va = P::template unit_rows<A>(w, w_norm, nullptr, cfg.alpha);
+  const HalfGemm gemm = HalfGemm::for_input(x_in, acc);
   Tensor dU = at::zeros({B, d}, opts), dV = at::zeros({C, d}, opts);
   Tensor dphi = cfg.distillation ? at::zeros({C, C}, opts) : Tensor();
 
@@ -351,18 +355,20 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& grad_ic_in, const
     }
     const int64_t chunk = chunk_rows_for(cfg.chunk_rows, C, sizeof(A), active);
     Tensor zbuf = at::empty({chunk, C}, opts);
+    const Tensor U_op = gemm.operand_of(U), Va_op = gemm.operand_of(Va);
     for (int64_t j0 = 0; j0 < active; j0 += chunk) {
       const int64_t rows = std::min(chunk, active - j0);
       Tensor zc = zbuf.narrow(0, 0, rows);
-      const Tensor Uc = U.narrow(0, j0, rows);
-      at::mm_out(zc, Uc, Va.t());
+      const Tensor Uc = U_op.narrow(0, j0, rows);
+      gemm.mm_out(zc, Uc, Va_op.t());
       job.z = zc.mutable_data_ptr<A>();
       job.j0 = j0;
       job.rows = rows;
       P::template grad_rows<A>(job);  // z <- G, dPhi accumulated
+      const Tensor g_op = gemm.operand_of(zc);
       Tensor dUc = dU.narrow(0, j0, rows);
-      at::mm_out(dUc, zc, Va);              // alpha G V
-      dV.addmm_(zc.t(), Uc, 1, cfg.alpha);  // alpha G^T U
+      gemm.mm_out(dUc, g_op, Va_op);             // alpha G V
+      gemm.addmm_(dV, g_op.t(), Uc, cfg.alpha);  // alpha G^T U
     }
   }
   if (cfg.diversity && active > 0 && P::may_be_nonzero(grad_id)) {
