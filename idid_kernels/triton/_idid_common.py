@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from .._autograd import no_double_backward  # noqa: F401  (re-exported: one refusal for every backend)
-from ._rows import nrm2_finish, nrm2_step, scaled_rows  # noqa: F401  (scaled_rows: re-exported)
+from ._rows import nrm2_finish, nrm2_step, scaled_rows, trim_configs  # noqa: F401  (scaled_rows: re-exported)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -92,8 +92,9 @@ def split_f64(value: float) -> tuple[float, float, float]:
 
 def configs(gpu: list[tuple], interp: tuple, names: tuple[str, ...]) -> list[triton.Config]:
     """Autotune configurations: tuples of block sizes (``names``) then num_warps and num_stages.
-    Under the interpreter only ``interp``."""
-    rows = [interp] if INTERPRET else gpu
+    Under the interpreter only ``interp``; on a GPU the first ``IDID_KERNELS_TRITON_MAX_CONFIGS``
+    entries of ``gpu`` when that variable is set (:func:`._rows.max_configs`, read at import)."""
+    rows = [interp] if INTERPRET else trim_configs(gpu)
     n = len(names)
     return [triton.Config(dict(zip(names, r[:n])), num_warps=r[n], num_stages=r[n + 1]) for r in rows]
 

@@ -1,0 +1,84 @@
+"""How the Triton backend launches its kernels, independent of what they compute: autotune config
+trimming (IDID_KERNELS_TRITON_MAX_CONFIGS), the device every launch runs on, the shape of every
+launch grid, the scalar arguments and the memory ordering of the atomics.
+
+Without a GPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1); the
+launch spies below wrap the interpreter's (or, natively, the JIT's) ``run``, so they see every
+launch of every op whichever way it runs.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed")
+from idid_kernels.triton import _rows  # noqa: E402
+
+ENV = _rows.MAX_CONFIGS_ENV
+
+
+# ------------------------------------------------------------------ IDID_KERNELS_TRITON_MAX_CONFIGS
+def test_max_configs_unset_or_empty_keeps_every_config(monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    assert _rows.max_configs() is None
+    assert _rows.trim_configs([1, 2, 3]) == [1, 2, 3]
+    monkeypatch.setenv(ENV, "  ")
+    assert _rows.max_configs() is None
+
+
+@pytest.mark.parametrize("raw,kept", [("1", [1]), (" 2 ", [1, 2]), ("3", [1, 2, 3]), ("10", [1, 2, 3])])
+def test_max_configs_keeps_the_first_n(monkeypatch, raw, kept):
+    monkeypatch.setenv(ENV, raw)
+    assert _rows.trim_configs([1, 2, 3]) == kept
+
+
+@pytest.mark.parametrize("raw", ["0", "-1", "abc", "1.5", "2x"])
+def test_max_configs_rejects_what_is_not_a_positive_int(monkeypatch, raw):
+    monkeypatch.setenv(ENV, raw)
+    with pytest.raises(ValueError, match=rf"{ENV} must be a positive integer.*got {raw!r}"):
+        _rows.max_configs()
+
+
+_COUNT_CONFIGS = textwrap.dedent("""
+    import triton
+    from idid_kernels.triton import _idid_common, class_density, cm_margin, idid_loss, pairwise_cosine
+    counts = {}
+    for module in (_idid_common, class_density, cm_margin, idid_loss, pairwise_cosine):
+        for name, obj in vars(module).items():
+            if isinstance(obj, triton.runtime.Autotuner):
+                counts[module.__name__ + "." + name] = len(obj.configs)
+    print(repr(counts))
+""")
+
+
+def _config_counts(max_configs: str | None) -> dict[str, int]:
+    """{kernel: number of autotune configs} in a fresh interpreter, on the GPU config lists (no
+    TRITON_INTERPRET: importing the kernels needs no GPU)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", ENV)}
+    if max_configs is not None:
+        env[ENV] = max_configs
+    proc = subprocess.run([sys.executable, "-c", _COUNT_CONFIGS], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return eval(proc.stdout.strip().splitlines()[-1])  # noqa: S307 (our own repr of a dict of ints)
+
+
+def test_max_configs_trims_every_autotuned_kernel_at_import():
+    full = _config_counts(None)
+    assert len(full) >= 9 and all(n >= 2 for n in full.values()), full
+    assert _config_counts("1") == {k: 1 for k in full}
+    assert _config_counts("2") == {k: 2 for k in full}
+
+
+def test_max_configs_invalid_value_fails_the_import_naming_the_variable():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env[ENV] = "zero"
+    proc = subprocess.run([sys.executable, "-c", "import idid_kernels.triton.pairwise_cosine"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"ValueError: {ENV} must be a positive integer" in proc.stderr
