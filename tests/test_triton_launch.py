@@ -82,3 +82,30 @@ def test_max_configs_invalid_value_fails_the_import_naming_the_variable():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert f"ValueError: {ENV} must be a positive integer" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------ atomics
+def _atomic_calls():
+    """(file, line, keywords) of every ``tl.atomic_*`` call in the Triton kernels."""
+    import ast
+    import pathlib
+
+    import idid_kernels.triton as pkg
+    calls = []
+    for path in sorted(pathlib.Path(pkg.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr.startswith("atomic_")):
+                kw = {k.arg: k.value.value for k in node.keywords if isinstance(k.value, ast.Constant)}
+                calls.append((path.name, node.lineno, node.func.attr, kw))
+    return calls
+
+
+def test_float_atomics_are_relaxed():
+    # Every atomic in the kernels is a float add into a buffer that only a later launch reads: no
+    # program depends on the order of the adds, so the default acq_rel fences are pure cost.
+    calls = _atomic_calls()
+    assert calls, "no atomics found: the scan is broken"
+    for name, line, op, kw in calls:
+        assert op == "atomic_add", (name, line, op)
+        assert kw.get("sem") == "relaxed", f"{name}:{line} tl.{op} without sem='relaxed'"

@@ -38,10 +38,12 @@ saved probabilities:
 
 dW reduction. By default one kernel over (row blocks x class groups) adds each tile's dX and dW
 contributions with ``tl.atomic_add``: all tiles in flight, but the float32 summation order varies
-run to run. Under ``torch.use_deterministic_algorithms(True)`` there are no atomics: one program
-per row block owns its dX rows and sweeps every class tile, then one program per class block owns
-its dW rows and sweeps every row block, recomputing the cosine tiles (one more GEMM's worth of
-work); results are then bitwise reproducible.
+run to run. The adds are relaxed (``sem="relaxed"``): no program reads the sums, which only later
+kernels read, after the launch boundary, so no acquire/release ordering is needed. Under
+``torch.use_deterministic_algorithms(True)`` there are no atomics: one program per row block owns
+its dX rows and sweeps every class tile, then one program per class block owns its dW rows and
+sweeps every row block, recomputing the cosine tiles (one more GEMM's worth of work); results are
+then bitwise reproducible.
 
 No host synchronisation anywhere (labels are validated by ``functional`` before the call, and an
 out-of-range label reaching the kernel gives a NaN loss row instead of a memory access), so the op
@@ -256,7 +258,7 @@ def _backward_rows_kernel(x_ptr, w_ptr, labels_ptr, x_norm_ptr, w_norm_ptr, scal
                 out = bx_ptr + r64[:, None] * D + ds[None, :]
                 omask = rmask[:, None] & dmask
                 if ATOMIC:
-                    tl.atomic_add(out, part, mask=omask)
+                    tl.atomic_add(out, part, mask=omask, sem="relaxed")
                 else:
                     tl.store(out, tl.load(out, mask=omask, other=0.0) + part, mask=omask)
             if not ATOMIC:
@@ -270,7 +272,8 @@ def _backward_rows_kernel(x_ptr, w_ptr, labels_ptr, x_norm_ptr, w_norm_ptr, scal
                 xt = tl.load(x_ptr + r64[:, None] * stride_xn + ds[None, :] * stride_xd, mask=rmask[:, None] & dmask,
                              other=0.0)
                 part = tl.dot(gw, xt.to(DOT_DT), input_precision=PREC, out_dtype=ACC)
-                tl.atomic_add(bw_ptr + c64[:, None] * D + ds[None, :], part, mask=cmask[:, None] & dmask)
+                tl.atomic_add(bw_ptr + c64[:, None] * D + ds[None, :], part, mask=cmask[:, None] & dmask,
+                              sem="relaxed")
 
 
 @triton.autotune(configs=_BWD_CONFIGS, key=["C", "D"], reset_to_zero=["bw_ptr"])
