@@ -109,3 +109,50 @@ def test_float_atomics_are_relaxed():
     for name, line, op, kw in calls:
         assert op == "atomic_add", (name, line, op)
         assert kw.get("sem") == "relaxed", f"{name}:{line} tl.{op} without sem='relaxed'"
+
+
+# ------------------------------------------------------------- host transfers and synchronisation
+# aten ops that move a Python value into a tensor (torch.tensor(v), t[i] = v: a host-to-device copy
+# per call on a GPU, and a small launch) or read a device value on the host (a synchronisation).
+_HOST_OPS = {"aten::lift_fresh", "aten::lift", "aten::_local_scalar_dense", "aten::item", "aten::is_nonzero",
+             "aten::nonzero", "aten::equal"}
+
+
+def _every_op(dev):
+    import idid_kernels as ik
+    g = torch.Generator().manual_seed(0)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dev, torch.float32).requires_grad_(True)
+
+    x, w, s = leaf(10, 6), leaf(4, 6), leaf(4, 4)
+    y = torch.tensor([0, 1, 2, 3, 1, 0, -100, 2, 1, 1], device=dev)
+    yc = torch.tensor([0, 1, 2, 3, 1, 0, 3, 2, 1, 1], device=dev)
+    cw = torch.rand(4, generator=g).to(dev)
+    return {
+        "cm_margin_loss": lambda: ik.cm_margin_loss(x, w, y, class_weight=cw, backend="triton"),
+        "cm_margin_loss_arcface": lambda: ik.cm_margin_loss(x, w, y, margin="arcface", reduction="sum",
+                                                            backend="triton"),
+        "idid_loss": lambda: ik.idid_loss(x, w, s, y, backend="triton"),
+        "pairwise_cosine": lambda: ik.pairwise_cosine(x, w, backend="triton").sum(),
+        "pairwise_cosine_self": lambda: ik.pairwise_cosine(x, backend="triton").sum(),
+        "class_density": lambda: ik.class_density(x, yc, 4, backend="triton").sum(),
+        "norm_contraction": lambda: ik.norm_contraction(x, offset=0.3, temperature=1.7, backend="triton").sum(),
+    }
+
+
+@pytest.mark.parametrize("op", list(_every_op("cpu")))
+def test_ops_copy_no_python_values_to_the_device_and_read_nothing_back(monkeypatch, op):
+    # Forward + backward of every op, seen by the profiler (which records the aten ops inside the
+    # custom ops too). The label range check reads the labels on the host by design; it is off here,
+    # as under torch.compile or graph capture.
+    from torch.profiler import ProfilerActivity, profile
+    monkeypatch.setenv("IDID_KERNELS_CHECK_LABELS", "0")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    fn = _every_op(dev)[op]
+    fn().backward()  # compilation, autotuning, lazy initialisation
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn().backward()
+    names = [e.name for e in prof.events()]
+    assert any(n.startswith("idid_triton::") or n.startswith("idid_kernels::triton") for n in names), names
+    assert sorted(n for n in names if n in _HOST_OPS) == []

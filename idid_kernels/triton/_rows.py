@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import struct
 
 import torch
 import triton
@@ -155,16 +156,23 @@ def parallel_programs(device: torch.device) -> int:
     return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def scalars(like: torch.Tensor, *values: float) -> torch.Tensor:
-    """``values`` as a (len,) tensor of the accumulation dtype on ``like``'s device.
+def f64_bits(value: float) -> int:
+    """The IEEE-754 bit pattern of ``value`` as a float64, as a signed 64-bit Python int.
 
-    Kernels read scalars from here rather than as float arguments, which Triton passes as float32
-    (rounding them for float64 inputs). Each element is set by a fill on the device: no host-to-device
-    copy, so the call can be captured in a CUDA graph."""
-    out = torch.empty(len(values), dtype=acc_dtype(like.dtype), device=like.device)
-    for i, v in enumerate(values):
-        out[i] = float(v)
-    return out
+    Kernel scalars travel this way, not as float arguments: Triton passes a Python float as a float32
+    (rounding it for float64 inputs, and to inf above float32's range). A kernel rebuilds the value
+    with :func:`f64_value`: exact in float64, and rounded once (correctly, to inf or 0 at the ends of
+    the range) in float32, as a float32 tensor holding the value would be.
+    Mark such arguments ``do_not_specialize`` so that a value that happens to be 1 or a multiple of
+    16 does not compile another kernel. A plain launch argument: no allocation, no host-to-device
+    copy and no fill on the device, so calls can be captured in a CUDA graph."""
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+
+
+@triton.jit
+def f64_value(bits, ACC: tl.constexpr):
+    """The float a :func:`f64_bits` argument holds, in the accumulation dtype."""
+    return bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
 
 
 def on_device(t: torch.Tensor):
