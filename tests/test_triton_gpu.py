@@ -107,3 +107,22 @@ def test_cuda_graph_replays_on_new_inputs_equal_to_eager(op):
     expected = _forward_backward(run, fresh)
     for a, e in zip(captured, expected):
         assert torch.equal(a, e)  # no atomics in these two ops: the same bits
+
+
+# -------------------------------------------------------------------------------- multi-device
+@needs_two_gpus
+@pytest.mark.parametrize("op", OPS)
+def test_op_on_a_device_that_is_not_current(op):
+    # Tensors on cuda:1 while cuda:0 is current: every launch (and the autotuner's benchmark runs)
+    # must go to cuda:1, with results equal to the same op run on cuda:0.
+    make, run = _cases(seed=3)[op]
+    with torch.cuda.device(0):
+        expected = _forward_backward(run, make("cuda:0"))
+        got = _forward_backward(run, make("cuda:1"))
+        assert torch.cuda.current_device() == 0
+        torch.cuda.synchronize(0)
+        torch.cuda.synchronize(1)
+    for a, e in zip(got, expected):
+        assert a.device == torch.device("cuda:1")
+        # the atomic dW sums of cm_margin_loss and idid_loss add in a varying order
+        torch.testing.assert_close(a.cpu(), e.cpu(), rtol=1e-5, atol=1e-6)

@@ -8,6 +8,7 @@ launch of every op whichever way it runs.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -156,3 +157,65 @@ def test_ops_copy_no_python_values_to_the_device_and_read_nothing_back(monkeypat
     names = [e.name for e in prof.events()]
     assert any(n.startswith("idid_triton::") or n.startswith("idid_kernels::triton") for n in names), names
     assert sorted(n for n in names if n in _HOST_OPS) == []
+
+
+# ------------------------------------------------------------------------ launches, spied on
+class Launch:
+    def __init__(self, kernel, device, guard, grid):
+        self.kernel, self.device, self.guard, self.grid = kernel, device, guard, grid
+
+    def __repr__(self):
+        return f"{self.kernel}(grid={self.grid}, tensors on {self.device}, inside on_device({self.guard}))"
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Every kernel launch from here on, as a :class:`Launch`: the kernel, the device of its tensor
+    arguments, the device of the innermost ``_rows.on_device`` block around the launch (None outside
+    any) and the grid (resolved, padded to 3 axes)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    guards = []
+    real_on_device = _rows.on_device
+
+    @contextlib.contextmanager
+    def on_device(t):
+        guards.append(t.device)
+        try:
+            with real_on_device(t):
+                yield
+        finally:
+            guards.pop()
+
+    monkeypatch.setattr(_rows, "on_device", on_device)
+    record = []
+    cls = InterpretedFunction if _rows.interpreted() else JITFunction
+    real_run = cls.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        if not warmup:
+            devices = {a.device for a in args if isinstance(a, torch.Tensor)}
+            assert len(devices) == 1, (self.fn.__name__, devices)
+            meta = {**dict(zip(self.arg_names, args)), **kwargs}
+            shape = tuple(grid(meta) if callable(grid) else grid)
+            record.append(Launch(self.fn.__name__, devices.pop(), guards[-1] if guards else None,
+                                 shape + (1,) * (3 - len(shape))))
+        return real_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(cls, "run", run)
+    return record
+
+
+@pytest.mark.parametrize("op", list(_every_op("cpu")))
+def test_every_launch_runs_on_the_tensors_device(monkeypatch, launches, op):
+    # Triton launches on the current CUDA device: each launch must sit inside on_device(t) for a
+    # tensor t of its own device, or tensors on cuda:1 while cuda:0 is current are read through
+    # cuda:0 (an illegal memory access). The interpreter shows the structure; test_triton_gpu.py
+    # runs the ops on a second GPU.
+    monkeypatch.setenv("IDID_KERNELS_CHECK_LABELS", "0")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    _every_op(dev)[op]().backward()
+    assert launches, "no launch seen: the spy is broken"
+    bad = [launch for launch in launches if launch.guard != launch.device]
+    assert not bad, bad

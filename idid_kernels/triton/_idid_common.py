@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 
 from .._autograd import no_double_backward  # noqa: F401  (re-exported: one refusal for every backend)
+from . import _rows
 from ._rows import nrm2_finish, nrm2_step, scaled_rows, trim_configs  # noqa: F401  (scaled_rows: re-exported)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -234,8 +235,9 @@ def row_norms(x: torch.Tensor) -> torch.Tensor:
     n, d = x.shape
     out = torch.empty(n, dtype=acc_dtype(x.dtype), device=x.device)
     block_r, block_k = pick(32, 8), pick(128, 32)
-    row_norms_kernel[(triton.cdiv(n, block_r),)](x, out, n, d, ACC=tl_acc(x.dtype), BLOCK_R=block_r,
-                                                 BLOCK_K=block_k)
+    with _rows.on_device(x):
+        row_norms_kernel[(triton.cdiv(n, block_r),)](x, out, n, d, ACC=tl_acc(x.dtype), BLOCK_R=block_r,
+                                                     BLOCK_K=block_k)
     return out
 
 
@@ -269,8 +271,9 @@ def pair_row_sums(x, x_norm, layout, offsets, num_classes, t, out):
     """Launch :func:`pair_row_sums_kernel` writing into ``out`` (B,) (sorted order)."""
     b, d = x.shape
     grid = lambda meta: (triton.cdiv(b, meta["BLOCK_M"]),)  # noqa: E731
-    pair_row_sums_kernel[grid](x, x_norm, layout, offsets, out, b, num_classes, d, *split_f64(t), ACC=tl_acc(x.dtype),
-                               DOT_PREC=dot_precision(x.dtype))
+    with _rows.on_device(x):
+        pair_row_sums_kernel[grid](x, x_norm, layout, offsets, out, b, num_classes, d, *split_f64(t),
+                                   ACC=tl_acc(x.dtype), DOT_PREC=dot_precision(x.dtype))
 
 
 @triton.jit
@@ -313,6 +316,7 @@ def normalize_backward(grad_u: torch.Tensor, x: torch.Tensor, x_norm: torch.Tens
     n, d = x.shape
     out = torch.empty_like(x)
     block_r, block_k = pick(16, 8), pick(128, 32)
-    normalize_backward_kernel[(triton.cdiv(n, block_r),)](grad_u, x, x_norm, out, n, d, nsplit, n * d,
-                                                          ACC=tl_acc(x.dtype), BLOCK_R=block_r, BLOCK_K=block_k)
+    with _rows.on_device(x):
+        normalize_backward_kernel[(triton.cdiv(n, block_r),)](grad_u, x, x_norm, out, n, d, nsplit, n * d,
+                                                              ACC=tl_acc(x.dtype), BLOCK_R=block_r, BLOCK_K=block_k)
     return out

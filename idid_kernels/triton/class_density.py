@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .._autograd import DEVICE_AUTOGRAD_KEYS, register_autograd, register_no_double_backward
+from . import _rows
 from ._idid_common import (
     acc_dtype, accumulate_pull, bucket_rows, check_dtype, configs, dot_precision,
     no_double_backward, normalize_backward, pair_row_sums, pick, row_norms, scaled_rows, split_f64, tl_acc,
@@ -75,30 +76,32 @@ def _pull_rows_kernel(x_ptr, xn_ptr, lay_ptr, offs_ptr, g_ptr, du_ptr, B, C, D, 
 
 def _forward_impl(x, labels, num_classes, t):
     check_dtype("class_density", x)
-    x = x.contiguous()
-    b = x.shape[0]
-    layout, offsets = bucket_rows(labels, num_classes)
-    norm = row_norms(x)
-    xs, xs_norm = scaled_rows(x, norm)  # the rows the pair kernels read (see _idid_common)
-    rowsum = torch.empty(b, dtype=acc_dtype(x.dtype), device=x.device)
-    pair_row_sums(xs, xs_norm, layout, offsets, num_classes, t, rowsum)
-    density = torch.empty(num_classes, dtype=x.dtype, device=x.device)
-    _class_sum_kernel[(num_classes,)](rowsum, offsets, density, ACC=tl_acc(x.dtype), BLOCK=pick(256, 8))
-    return density, norm, layout, offsets
+    with _rows.on_device(x):  # Triton launches on the current device, not the tensors'
+        x = x.contiguous()
+        b = x.shape[0]
+        layout, offsets = bucket_rows(labels, num_classes)
+        norm = row_norms(x)
+        xs, xs_norm = scaled_rows(x, norm)  # the rows the pair kernels read (see _idid_common)
+        rowsum = torch.empty(b, dtype=acc_dtype(x.dtype), device=x.device)
+        pair_row_sums(xs, xs_norm, layout, offsets, num_classes, t, rowsum)
+        density = torch.empty(num_classes, dtype=x.dtype, device=x.device)
+        _class_sum_kernel[(num_classes,)](rowsum, offsets, density, ACC=tl_acc(x.dtype), BLOCK=pick(256, 8))
+        return density, norm, layout, offsets
 
 
 def _backward_impl(grad, x, norm, layout, offsets, t):
     check_dtype("class_density", x)
-    x = x.contiguous()
-    b, d = x.shape
-    c = offsets.shape[0] - 1
-    acc = acc_dtype(x.dtype)
-    xs, xs_norm = scaled_rows(x, norm)
-    du = torch.empty((b, d), dtype=acc, device=x.device)
-    grid = lambda meta: (triton.cdiv(b, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
-    _pull_rows_kernel[grid](xs, xs_norm, layout, offsets, grad.to(acc).contiguous(), du, b, c, d, *split_f64(t),
-                            ACC=tl_acc(x.dtype), DOT_PREC=dot_precision(x.dtype))
-    return normalize_backward(du, x, norm)
+    with _rows.on_device(x):  # Triton launches on the current device, not the tensors'
+        x = x.contiguous()
+        b, d = x.shape
+        c = offsets.shape[0] - 1
+        acc = acc_dtype(x.dtype)
+        xs, xs_norm = scaled_rows(x, norm)
+        du = torch.empty((b, d), dtype=acc, device=x.device)
+        grid = lambda meta: (triton.cdiv(b, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
+        _pull_rows_kernel[grid](xs, xs_norm, layout, offsets, grad.to(acc).contiguous(), du, b, c, d, *split_f64(t),
+                                ACC=tl_acc(x.dtype), DOT_PREC=dot_precision(x.dtype))
+        return normalize_backward(du, x, norm)
 
 
 Tensor = torch.Tensor

@@ -57,6 +57,7 @@ import triton
 import triton.language as tl
 
 from .._autograd import DEVICE_AUTOGRAD_KEYS, register_autograd, register_no_double_backward
+from . import _rows
 from ..reference.idid import IDIDTerms
 from ._idid_common import (
     INTERPRET, acc_dtype, accumulate_pull, bucket_rows, check_dtype, configs, dot_precision, dot_rows,
@@ -468,80 +469,82 @@ def _column_splits(b: int, c: int, d: int, device: torch.device) -> tuple[int, i
 def _forward_impl(x, proxies, similarity, labels, alpha, tau, t, eps, distillation, diversity, adaptive_weight,
                   diversity_weight, class_balanced, ignore_index):
     check_dtype("idid_loss", x)
-    x, w = x.contiguous(), proxies.contiguous()
-    b, d = x.shape
-    c = w.shape[0]
-    acc, ACC, prec = acc_dtype(x.dtype), tl_acc(x.dtype), dot_precision(x.dtype)
-    layout, offsets = bucket_rows(labels, c, ignore_index)
-    x_norm, w_norm = row_norms(x), row_norms(w)
-    xs, xs_norm = scaled_rows(x, x_norm)  # the rows every cosine kernel reads (see _idid_common)
-    cls = torch.empty(2, dtype=torch.int64, device=x.device)
-    _class_stats_kernel[(1,)](offsets, cls, c, BLOCK=pick(1024, 8))
-    if distillation:
-        teacher = torch.empty((c, c), dtype=acc, device=x.device)
-        block_r = pick(8, 8)
-        _teacher_kernel[(triton.cdiv(c, block_r),)](similarity.contiguous(), teacher, c, ACC=ACC, BLOCK_R=block_r,
-                                                    BLOCK_C=pick(128, 8))
-    else:
-        teacher = torch.empty((0, 0), dtype=acc, device=x.device)
-    row_stats = torch.empty((ROW_STATS, b), dtype=acc, device=x.device)
-    grid = lambda meta: (triton.cdiv(b, meta["BLOCK_M"]),)  # noqa: E731
-    _ic_forward_kernel[grid](xs, w, xs_norm, w_norm, layout, offsets, cls, teacher if distillation else w_norm,
-                             row_stats, b, c, d, *split_f64(alpha), *split_f64(1.0 / tau), DISTILL=distillation,
-                             UNIT_TAU=tau == 1.0, BALANCED=class_balanced, ACC=ACC, DOT_PREC=prec)
-    if diversity:
-        pair_row_sums(xs, xs_norm, layout, offsets, c, t, row_stats[PAIR_SUM])
-    loss, l_ic, l_id, lam = (torch.empty((), dtype=x.dtype, device=x.device) for _ in range(4))
-    _finalize_kernel[(1,)](row_stats, offsets, cls, loss, l_ic, l_id, lam, b, c, *split_f64(eps),
-                           *split_f64(diversity_weight), DIVERSITY=diversity, ADAPTIVE=adaptive_weight, ACC=ACC,
-                           BLOCK=pick(1024, 8))
-    return loss, l_ic, l_id, lam, row_stats, x_norm, w_norm, teacher, layout, offsets
+    with _rows.on_device(x):  # Triton launches on the current device, not the tensors'
+        x, w = x.contiguous(), proxies.contiguous()
+        b, d = x.shape
+        c = w.shape[0]
+        acc, ACC, prec = acc_dtype(x.dtype), tl_acc(x.dtype), dot_precision(x.dtype)
+        layout, offsets = bucket_rows(labels, c, ignore_index)
+        x_norm, w_norm = row_norms(x), row_norms(w)
+        xs, xs_norm = scaled_rows(x, x_norm)  # the rows every cosine kernel reads (see _idid_common)
+        cls = torch.empty(2, dtype=torch.int64, device=x.device)
+        _class_stats_kernel[(1,)](offsets, cls, c, BLOCK=pick(1024, 8))
+        if distillation:
+            teacher = torch.empty((c, c), dtype=acc, device=x.device)
+            block_r = pick(8, 8)
+            _teacher_kernel[(triton.cdiv(c, block_r),)](similarity.contiguous(), teacher, c, ACC=ACC, BLOCK_R=block_r,
+                                                        BLOCK_C=pick(128, 8))
+        else:
+            teacher = torch.empty((0, 0), dtype=acc, device=x.device)
+        row_stats = torch.empty((ROW_STATS, b), dtype=acc, device=x.device)
+        grid = lambda meta: (triton.cdiv(b, meta["BLOCK_M"]),)  # noqa: E731
+        _ic_forward_kernel[grid](xs, w, xs_norm, w_norm, layout, offsets, cls, teacher if distillation else w_norm,
+                                 row_stats, b, c, d, *split_f64(alpha), *split_f64(1.0 / tau), DISTILL=distillation,
+                                 UNIT_TAU=tau == 1.0, BALANCED=class_balanced, ACC=ACC, DOT_PREC=prec)
+        if diversity:
+            pair_row_sums(xs, xs_norm, layout, offsets, c, t, row_stats[PAIR_SUM])
+        loss, l_ic, l_id, lam = (torch.empty((), dtype=x.dtype, device=x.device) for _ in range(4))
+        _finalize_kernel[(1,)](row_stats, offsets, cls, loss, l_ic, l_id, lam, b, c, *split_f64(eps),
+                               *split_f64(diversity_weight), DIVERSITY=diversity, ADAPTIVE=adaptive_weight, ACC=ACC,
+                               BLOCK=pick(1024, 8))
+        return loss, l_ic, l_id, lam, row_stats, x_norm, w_norm, teacher, layout, offsets
 
 
 def _backward_impl(grad_ic, grad_id, x, proxies, row_stats, x_norm, w_norm, teacher, layout, offsets, alpha, tau, t,
                    distillation, diversity, similarity_grad):
     check_dtype("idid_loss", x)
-    x, w = x.contiguous(), proxies.contiguous()
-    b, d = x.shape
-    c = w.shape[0]
-    acc, ACC, prec = acc_dtype(x.dtype), tl_acc(x.dtype), dot_precision(x.dtype)
-    gic = grad_ic.to(acc).reshape(1)
-    gid = grad_id.to(acc).reshape(1)
-    lr = teacher if distillation else w_norm
-    scalars = (*split_f64(alpha), *split_f64(1.0 / tau))
+    with _rows.on_device(x):  # Triton launches on the current device, not the tensors'
+        x, w = x.contiguous(), proxies.contiguous()
+        b, d = x.shape
+        c = w.shape[0]
+        acc, ACC, prec = acc_dtype(x.dtype), tl_acc(x.dtype), dot_precision(x.dtype)
+        gic = grad_ic.to(acc).reshape(1)
+        gid = grad_id.to(acc).reshape(1)
+        lr = teacher if distillation else w_norm
+        scalars = (*split_f64(alpha), *split_f64(1.0 / tau))
 
-    xs, xs_norm = scaled_rows(x, x_norm)  # recomputed (O(B d)), as in the forward
-    du = torch.empty((b, d), dtype=acc, device=x.device)
-    grid = lambda meta: (triton.cdiv(b, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
-    _grad_rows_kernel[grid](xs, w, xs_norm, w_norm, layout, offsets, row_stats, lr, gic, gid, du, b, c, d, *scalars,
-                            *split_f64(t), DISTILL=distillation, DIVERSITY=diversity, ACC=ACC, DOT_PREC=prec)
-    dx = normalize_backward(du, x, x_norm)
+        xs, xs_norm = scaled_rows(x, x_norm)  # recomputed (O(B d)), as in the forward
+        du = torch.empty((b, d), dtype=acc, device=x.device)
+        grid = lambda meta: (triton.cdiv(b, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
+        _grad_rows_kernel[grid](xs, w, xs_norm, w_norm, layout, offsets, row_stats, lr, gic, gid, du, b, c, d, *scalars,
+                                *split_f64(t), DISTILL=distillation, DIVERSITY=diversity, ACC=ACC, DOT_PREC=prec)
+        dx = normalize_backward(du, x, x_norm)
 
-    splits, rows_per_split = _column_splits(b, c, d, x.device)
-    atomic = splits > 1 and not torch.are_deterministic_algorithms_enabled()
-    dv = (torch.zeros if atomic else torch.empty)((1 if atomic else splits, c, d), dtype=acc, device=x.device)
-    grid = lambda meta: (triton.cdiv(c, meta["BLOCK_N"]), triton.cdiv(d, meta["BLOCK_D"]), splits)  # noqa: E731
-    _grad_cols_kernel[grid](xs, w, xs_norm, w_norm, layout, offsets, row_stats, lr, gic, dv, b, c, d, rows_per_split,
-                            *scalars, DISTILL=distillation, ATOMIC=atomic, ACC=ACC, DOT_PREC=prec)
-    dw = normalize_backward(dv, w, w_norm, nsplit=1 if atomic else splits)
+        splits, rows_per_split = _column_splits(b, c, d, x.device)
+        atomic = splits > 1 and not torch.are_deterministic_algorithms_enabled()
+        dv = (torch.zeros if atomic else torch.empty)((1 if atomic else splits, c, d), dtype=acc, device=x.device)
+        grid = lambda meta: (triton.cdiv(c, meta["BLOCK_N"]), triton.cdiv(d, meta["BLOCK_D"]), splits)  # noqa: E731
+        _grad_cols_kernel[grid](xs, w, xs_norm, w_norm, layout, offsets, row_stats, lr, gic, dv, b, c, d, rows_per_split,
+                                *scalars, DISTILL=distillation, ATOMIC=atomic, ACC=ACC, DOT_PREC=prec)
+        dw = normalize_backward(dv, w, w_norm, nsplit=1 if atomic else splits)
 
-    if not (distillation and similarity_grad):  # no (C, C) buffer for a similarity that takes no gradient
-        dsim = torch.empty((0, 0), dtype=x.dtype, device=x.device)
-    # With C = 2 the teacher distribution over the one non-target class is the constant 1: no gradient.
-    elif c > 2:
-        sums = torch.empty((c, d), dtype=acc, device=x.device)
-        ab = torch.empty((2, c), dtype=acc, device=x.device)
-        _class_sums_kernel[(c,)](xs, xs_norm, layout, offsets, row_stats, sums, ab, b, c, d, ACC=ACC,
-                                 BLOCK_M=pick(32, 8), BLOCK_D=pick(128, 32))
-        dsim = torch.empty((c, c), dtype=x.dtype, device=x.device)
-        block_t = pick(32, 8)
-        _dtheta_kernel[(triton.cdiv(c, block_t), triton.cdiv(c, block_t))](
-            sums, ab, w, w_norm, teacher, gic, dsim, c, d, *scalars, ACC=ACC,
-            DOT_PREC="ieee" if ACC == tl.float32 and prec == "ieee" else "tf32", BLOCK_T=block_t,
-            BLOCK_K=pick(32, 32))
-    else:
-        dsim = torch.zeros((c, c), dtype=x.dtype, device=x.device)
-    return dx, dw, dsim
+        if not (distillation and similarity_grad):  # no (C, C) buffer for a similarity that takes no gradient
+            dsim = torch.empty((0, 0), dtype=x.dtype, device=x.device)
+        # With C = 2 the teacher distribution over the one non-target class is the constant 1: no gradient.
+        elif c > 2:
+            sums = torch.empty((c, d), dtype=acc, device=x.device)
+            ab = torch.empty((2, c), dtype=acc, device=x.device)
+            _class_sums_kernel[(c,)](xs, xs_norm, layout, offsets, row_stats, sums, ab, b, c, d, ACC=ACC,
+                                     BLOCK_M=pick(32, 8), BLOCK_D=pick(128, 32))
+            dsim = torch.empty((c, c), dtype=x.dtype, device=x.device)
+            block_t = pick(32, 8)
+            _dtheta_kernel[(triton.cdiv(c, block_t), triton.cdiv(c, block_t))](
+                sums, ab, w, w_norm, teacher, gic, dsim, c, d, *scalars, ACC=ACC,
+                DOT_PREC="ieee" if ACC == tl.float32 and prec == "ieee" else "tf32", BLOCK_T=block_t,
+                BLOCK_K=pick(32, 32))
+        else:
+            dsim = torch.zeros((c, c), dtype=x.dtype, device=x.device)
+        return dx, dw, dsim
 
 
 # ----------------------------------------------------------------------------------------------
