@@ -8,6 +8,16 @@ positions [offsets[c], offsets[c + 1]) and offsets[C] is the number of rows taki
 kernel reads the batch through ``perm`` (no permuted copy of x), and every per-class sum walks its
 class's contiguous positions in order: reductions have a fixed order and need no atomics.
 
+Labels out of range. functional.py rejects a label outside [0, C) (other than ignore_index) before
+any launch, but that check reads the labels on the host and is skipped under torch.compile, during
+CUDA-graph capture and with ``IDID_KERNELS_CHECK_LABELS=0``. The kernels then never index with such
+a label: it sorts last, with the key C + 1, after the ignored rows (key C), so it belongs to no class
+and takes no part. It poisons the results instead (:func:`bad_labels`): idid_loss returns NaN for
+the loss and every term, class_density NaN for every class, and both backward passes NaN for every
+gradient element, whatever the upstream gradient. Nothing is read out of bounds and nothing is left
+unwritten. (The reference and cpp backends raise on such labels; the cuda backend drops the rows,
+with NaN for idid_loss's loss and L_IC.)
+
 Same-class pairs. The diversity kernel kappa_ij = exp(t (<u_i, u_j> - 1)) is needed only for pairs
 of one class. A block of sorted rows [r0, r0 + BLOCK_M) spans the classes y(r0) .. y(r_last), whose
 partners lie in the contiguous range [offsets[y(r0)], offsets[y(r_last) + 1]); the kernels tile that
@@ -108,11 +118,15 @@ def pick(gpu, interp):
 def bucket_rows(labels: torch.Tensor, num_classes: int, ignore_index: int | None = None):
     """(layout, offsets) of the module docstring, on the labels' device, without a host sync.
 
-    layout: (2, B) int64, row 0 ``perm`` (sorted position -> batch row), row 1 the sorted labels
-    (C for ignored rows). offsets: (C + 1,) int64 class starts in sorted order; offsets[C] = rows
-    taking part. The sort is stable, so rows of one class keep their batch order.
+    layout: (2, B) int64, row 0 ``perm`` (sorted position -> batch row), row 1 the sorted keys: the
+    label, C for ignored rows, C + 1 for a label out of range (see "Labels out of range" in the
+    module docstring). offsets: (C + 1,) int64 class starts in sorted order; offsets[C] = rows
+    taking part, every one with a key in [0, C). The sort is stable, so rows of one class keep their
+    batch order.
     """
-    key = labels if ignore_index is None else torch.where(labels == ignore_index, num_classes, labels)
+    key = torch.where((labels >= 0) & (labels < num_classes), labels, num_classes + 1)
+    if ignore_index is not None:
+        key = torch.where(labels == ignore_index, num_classes, key)
     sorted_key, perm = torch.sort(key, stable=True)
     bounds = torch.arange(num_classes + 1, device=labels.device, dtype=sorted_key.dtype)
     offsets = torch.searchsorted(sorted_key, bounds)
@@ -122,6 +136,12 @@ def bucket_rows(labels: torch.Tensor, num_classes: int, ignore_index: int | None
 # ----------------------------------------------------------------------------------------------
 # @triton.jit helpers
 # ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def bad_labels(lay_ptr, B, C):
+    """Whether some label is out of range: it sorts last with the key C + 1 (:func:`bucket_rows`)."""
+    return tl.load(lay_ptr + 2 * B - 1, mask=B > 0, other=0) > C
 
 
 @triton.jit

@@ -46,6 +46,11 @@ cores directly and produce gradients in the input dtype.
 Determinism: the forward pass and dx, dTheta use no atomics and fixed reduction orders; only dW's
 cross-split sum uses atomics, and not under ``torch.use_deterministic_algorithms(True)``.
 
+Labels out of range (reachable only when functional's label check is skipped: torch.compile, graph
+capture, ``IDID_KERNELS_CHECK_LABELS=0``): never used as an index; loss, L_IC, L_ID and lambda are
+NaN, and so is every element of dx, dproxies and dsimilarity (:mod:`._idid_common`, "Labels out of
+range").
+
 No host synchronisation: counts, K_B, K_2, lambda and the loop bounds stay on the device, and every
 launch size depends on (B, C, d) only, so the op can be captured in a CUDA graph once the autotuner
 has run (call it once before capturing).
@@ -60,7 +65,7 @@ from .._autograd import DEVICE_AUTOGRAD_KEYS, register_autograd, register_no_dou
 from . import _rows
 from ..reference.idid import IDIDTerms
 from ._idid_common import (
-    INTERPRET, acc_dtype, accumulate_pull, bucket_rows, check_dtype, configs, dot_precision, dot_rows,
+    INTERPRET, acc_dtype, accumulate_pull, bad_labels, bucket_rows, check_dtype, configs, dot_precision, dot_rows,
     log_add_exp, no_double_backward, normalize_backward, pair_row_sums, pick, row_norms, scaled_rows, softplus,
     split_f64, tl_acc,
 )
@@ -203,10 +208,11 @@ def _ic_forward_kernel(x_ptr, w_ptr, xn_ptr, wn_ptr, lay_ptr, offs_ptr, cls_ptr,
 
 
 @triton.jit
-def _finalize_kernel(rs_ptr, offs_ptr, cls_ptr, loss_ptr, lic_ptr, lid_ptr, lam_ptr, B, C, eps_hi, eps_mid, eps_lo,
-                     dw_hi, dw_mid, dw_lo, DIVERSITY: tl.constexpr, ADAPTIVE: tl.constexpr, ACC: tl.constexpr,
+def _finalize_kernel(rs_ptr, offs_ptr, cls_ptr, lay_ptr, loss_ptr, lic_ptr, lid_ptr, lam_ptr, B, C, eps_hi, eps_mid,
+                     eps_lo, dw_hi, dw_mid, dw_lo, DIVERSITY: tl.constexpr, ADAPTIVE: tl.constexpr, ACC: tl.constexpr,
                      BLOCK: tl.constexpr):
-    """One program: L_IC, L_ID, lambda and the loss, summed over the rows in a fixed order."""
+    """One program: L_IC, L_ID, lambda and the loss, summed over the rows in a fixed order; all four
+    NaN when a label is out of range."""
     Bv = tl.load(offs_ptr + C)
     l_ic = tl.full((BLOCK,), 0, ACC)
     l_id = tl.full((BLOCK,), 0, ACC)
@@ -230,8 +236,14 @@ def _finalize_kernel(rs_ptr, offs_ptr, cls_ptr, loss_ptr, lic_ptr, lid_ptr, lam_
             lam = tl.cast(dw_hi, ACC) + tl.cast(dw_mid, ACC) + tl.cast(dw_lo, ACC) + 0.0 * ic
     else:
         lam = 0.0 * ic
+    loss = ic + lam * idv
+    bad = bad_labels(lay_ptr, B, C)
+    loss = tl.where(bad, float("nan"), loss)
+    ic = tl.where(bad, float("nan"), ic)
+    idv = tl.where(bad, float("nan"), idv)
+    lam = tl.where(bad, float("nan"), lam)
     out_t = loss_ptr.dtype.element_ty
-    tl.store(loss_ptr, (ic + lam * idv).to(out_t))
+    tl.store(loss_ptr, loss.to(out_t))
     tl.store(lic_ptr, ic.to(out_t))
     tl.store(lid_ptr, idv.to(out_t))
     tl.store(lam_ptr, lam.to(out_t))
@@ -306,6 +318,7 @@ def _grad_rows_kernel(x_ptr, w_ptr, xn_ptr, wn_ptr, lay_ptr, offs_ptr, rs_ptr, l
         coef = 2.0 * t * tl.load(gid_ptr).to(ACC) * tl.load(rs_ptr + 7 * B + rows, mask=rmask, other=0.0)
         acc = accumulate_pull(acc, x_ptr, xn_ptr, lay_ptr, offs_ptr, r0, rows, rmask, src, y, inx, coef, dcols, dmask,
                               B, Bv, D, t, ACC, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc = tl.where(bad_labels(lay_ptr, B, C), float("nan"), acc)
     tl.store(du_ptr + src.to(tl.int64)[:, None] * D + dcols[None, :], acc, mask=inb[:, None] & dmask[None, :])
 
 
@@ -352,6 +365,7 @@ def _grad_cols_kernel(x_ptr, w_ptr, xn_ptr, wn_ptr, lay_ptr, offs_ptr, rs_ptr, l
                      other=0.0)
         u = xv.to(ACC) * inx[:, None]
         acc = tl.dot(tl.trans(g).to(DT), u.to(DT), acc, input_precision=DOT_PREC)
+    acc = tl.where(bad_labels(lay_ptr, B, C), float("nan"), acc)
     out = cols.to(tl.int64)[:, None] * D + dcols[None, :]
     omask = cmask[:, None] & dmask[None, :]
     if ATOMIC:
@@ -396,11 +410,11 @@ def _class_sums_kernel(x_ptr, xn_ptr, lay_ptr, offs_ptr, rs_ptr, m_ptr, ab_ptr, 
 
 
 @triton.jit
-def _dtheta_kernel(m_ptr, ab_ptr, w_ptr, wn_ptr, lr_ptr, gic_ptr, out_ptr, C, D, alpha_hi, alpha_mid, alpha_lo,
-                   itau_hi, itau_mid, itau_lo, ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_T: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
+def _dtheta_kernel(m_ptr, ab_ptr, w_ptr, wn_ptr, lr_ptr, gic_ptr, lay_ptr, out_ptr, B, C, D, alpha_hi, alpha_mid,
+                   alpha_lo, itau_hi, itau_mid, itau_lo, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+                   BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
     """dTheta tile (K, Cc) = (f(k, c) + f(c, k)) / 2, f(k, c) = grad_ic r_kc [A_k log r_kc
-    - (alpha / tau) <M_k, v_c> + B'_k] for c != k (module docstring)."""
+    - (alpha / tau) <M_k, v_c> + B'_k] for c != k (module docstring); NaN when a label is out of range."""
     ks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cs = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     km = ks < C
@@ -436,6 +450,7 @@ def _dtheta_kernel(m_ptr, ab_ptr, w_ptr, wn_ptr, lr_ptr, gic_ptr, out_ptr, C, D,
     f_kc = tl.exp(lr_kc) * (a_k[:, None] * lr_kc - mv + b_k[:, None])
     f_ck = tl.exp(lr_ck) * (a_c[None, :] * lr_ck - vm + b_c[None, :])
     out = tl.where(off, (0.5 * tl.load(gic_ptr).to(ACC)) * (f_kc + f_ck), 0.0)
+    out = tl.where(bad_labels(lay_ptr, B, C), float("nan"), out)
     tl.store(out_ptr + ks.to(tl.int64)[:, None] * C + cs[None, :], out.to(out_ptr.dtype.element_ty),
              mask=km[:, None] & cm[None, :])
 
@@ -494,7 +509,7 @@ def _forward_impl(x, proxies, similarity, labels, alpha, tau, t, eps, distillati
         if diversity:
             pair_row_sums(xs, xs_norm, layout, offsets, c, t, row_stats[PAIR_SUM])
         loss, l_ic, l_id, lam = (torch.empty((), dtype=x.dtype, device=x.device) for _ in range(4))
-        _finalize_kernel[(1,)](row_stats, offsets, cls, loss, l_ic, l_id, lam, b, c, *split_f64(eps),
+        _finalize_kernel[(1,)](row_stats, offsets, cls, layout, loss, l_ic, l_id, lam, b, c, *split_f64(eps),
                                *split_f64(diversity_weight), DIVERSITY=diversity, ADAPTIVE=adaptive_weight, ACC=ACC,
                                BLOCK=pick(1024, 8))
         return loss, l_ic, l_id, lam, row_stats, x_norm, w_norm, teacher, layout, offsets
@@ -539,11 +554,12 @@ def _backward_impl(grad_ic, grad_id, x, proxies, row_stats, x_norm, w_norm, teac
             dsim = torch.empty((c, c), dtype=x.dtype, device=x.device)
             block_t = pick(32, 8)
             _dtheta_kernel[(triton.cdiv(c, block_t), triton.cdiv(c, block_t))](
-                sums, ab, w, w_norm, teacher, gic, dsim, c, d, *scalars, ACC=ACC,
+                sums, ab, w, w_norm, teacher, gic, layout, dsim, b, c, d, *scalars, ACC=ACC,
                 DOT_PREC="ieee" if ACC == tl.float32 and prec == "ieee" else "tf32", BLOCK_T=block_t,
                 BLOCK_K=pick(32, 32))
         else:
             dsim = torch.zeros((c, c), dtype=x.dtype, device=x.device)
+            dsim.masked_fill_(layout[1, -1] > c, float("nan"))  # a label out of range (see bad_labels)
         return dx, dw, dsim
 
 
