@@ -126,3 +126,24 @@ def test_op_on_a_device_that_is_not_current(op):
         assert a.device == torch.device("cuda:1")
         # the atomic dW sums of cm_margin_loss and idid_loss add in a varying order
         torch.testing.assert_close(a.cpu(), e.cpu(), rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- grid axis limits
+@needs_gpu
+def test_pairwise_cosine_with_more_column_tiles_than_grid_axis_1_allows():
+    # M = 2.2M rows: 68,750 column tiles of 32 (more with any config), past the 65,535 programs of
+    # grid axes 1 and 2; the tiles are folded onto axis 0. Memory: N * M * 4 bytes per (N, M) buffer.
+    import torch.nn.functional as F
+    from conftest import rel_err
+    g = make_gen(5)
+    n, m, d = 2, 2_200_000, 4
+    x = torch.randn(n, d, generator=g).cuda().requires_grad_(True)
+    y = torch.randn(m, d, generator=g).cuda().requires_grad_(True)
+    up = torch.randn(n, m, generator=g).cuda()
+    out = ik.pairwise_cosine(x, y, backend="triton")
+    dx, dy = torch.autograd.grad(out, (x, y), up)
+    xr, yr = (t.detach().double().requires_grad_(True) for t in (x, y))
+    truth = F.normalize(xr, dim=1) @ F.normalize(yr, dim=1).T
+    tdx, tdy = torch.autograd.grad(truth, (xr, yr), up.double())
+    assert rel_err(out, truth) <= 1e-5
+    assert rel_err(dx, tdx) <= 1e-4 and rel_err(dy, tdy) <= 1e-4

@@ -119,17 +119,19 @@ _HOST_OPS = {"aten::lift_fresh", "aten::lift", "aten::_local_scalar_dense", "ate
              "aten::nonzero", "aten::equal"}
 
 
-def _every_op(dev):
+def _every_op(dev, n=10, c=4, d=6):
+    """{name: forward -> scalar} for every Triton op (fresh leaves; call .backward() on the result)."""
     import idid_kernels as ik
     g = torch.Generator().manual_seed(0)
 
     def leaf(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float64).to(dev, torch.float32).requires_grad_(True)
 
-    x, w, s = leaf(10, 6), leaf(4, 6), leaf(4, 4)
-    y = torch.tensor([0, 1, 2, 3, 1, 0, -100, 2, 1, 1], device=dev)
-    yc = torch.tensor([0, 1, 2, 3, 1, 0, 3, 2, 1, 1], device=dev)
-    cw = torch.rand(4, generator=g).to(dev)
+    x, w, s = leaf(n, d), leaf(c, d), leaf(c, c)
+    yc = (torch.arange(n) * 7 % c).to(dev)
+    y = yc.clone()
+    y[n // 2] = -100
+    cw = torch.rand(c, generator=g).to(dev)
     return {
         "cm_margin_loss": lambda: ik.cm_margin_loss(x, w, y, class_weight=cw, backend="triton"),
         "cm_margin_loss_arcface": lambda: ik.cm_margin_loss(x, w, y, margin="arcface", reduction="sum",
@@ -137,7 +139,7 @@ def _every_op(dev):
         "idid_loss": lambda: ik.idid_loss(x, w, s, y, backend="triton"),
         "pairwise_cosine": lambda: ik.pairwise_cosine(x, w, backend="triton").sum(),
         "pairwise_cosine_self": lambda: ik.pairwise_cosine(x, backend="triton").sum(),
-        "class_density": lambda: ik.class_density(x, yc, 4, backend="triton").sum(),
+        "class_density": lambda: ik.class_density(x, yc, c, backend="triton").sum(),
         "norm_contraction": lambda: ik.norm_contraction(x, offset=0.3, temperature=1.7, backend="triton").sum(),
     }
 
@@ -219,3 +221,19 @@ def test_every_launch_runs_on_the_tensors_device(monkeypatch, launches, op):
     assert launches, "no launch seen: the spy is broken"
     bad = [launch for launch in launches if launch.guard != launch.device]
     assert not bad, bad
+
+
+@pytest.mark.parametrize("op", list(_every_op("cpu")))
+def test_launch_grids_do_not_grow_along_axes_1_and_2(monkeypatch, launches, op):
+    # Axes 1 and 2 of a grid stop at 65,535 programs (axis 0 at 2^31 - 1): a grid whose axis 1
+    # counts column tiles fails for pairwise_cosine with M > ~2.1M, one counting feature chunks at
+    # d > ~2M. Every tile count is folded onto axis 0; the one 2-D grid left, cm_margin_loss's
+    # (row blocks, class groups), is bounded by _rows.parallel_programs whatever the shapes. The
+    # shapes here span more than 4 tiles along every dimension (interpreter blocks: 8 to 32).
+    monkeypatch.setenv("IDID_KERNELS_CHECK_LABELS", "0")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    _every_op(dev, n=41, c=37, d=135)[op]().backward()
+    bound = _rows.parallel_programs(torch.device(dev))
+    assert launches
+    wide = [launch for launch in launches if launch.grid[1] > bound or launch.grid[2] > 1]
+    assert not wide, wide

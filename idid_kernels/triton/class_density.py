@@ -11,6 +11,8 @@ in order; backward, per (row block, feature chunk) the kernel-weighted pull of t
 through ``tl.dot``, then the F.normalize backward. No atomics anywhere: the results are bitwise
 reproducible, with or without ``torch.use_deterministic_algorithms``. No host synchronisation.
 
+The backward grid (row blocks x feature chunks) is folded onto axis 0: axes 1 and 2 stop at 65,535.
+
 Labels out of range (reachable only when functional's label check is skipped: torch.compile,
 graph capture, ``IDID_KERNELS_CHECK_LABELS=0``): never used as an index; the density is NaN for
 every class and dx is NaN everywhere (:mod:`._idid_common`, "Labels out of range").
@@ -63,9 +65,11 @@ def _pull_rows_kernel(x_ptr, xn_ptr, lay_ptr, offs_ptr, g_ptr, du_ptr, B, C, D, 
     every row of du is written (0 for a row outside every class, NaN everywhere when a label is out of
     range)."""
     t = tl.cast(t_hi, ACC) + tl.cast(t_mid, ACC) + tl.cast(t_lo, ACC)  # split_f64 parts
-    r0 = tl.program_id(0) * BLOCK_M
+    pid = tl.program_id(0)  # (row block, feature chunk) folded onto axis 0 (axes 1, 2 stop at 65,535)
+    row_blocks = tl.cdiv(B, BLOCK_M)
+    r0 = (pid % row_blocks) * BLOCK_M
     rows = r0 + tl.arange(0, BLOCK_M)
-    dcols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dcols = (pid // row_blocks) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = dcols < D
     Bv = tl.load(offs_ptr + C)
     rmask = rows < Bv
@@ -109,7 +113,7 @@ def _backward_impl(grad, x, norm, layout, offsets, t):
         acc = acc_dtype(x.dtype)
         xs, xs_norm = scaled_rows(x, norm)
         du = torch.empty((b, d), dtype=acc, device=x.device)
-        grid = lambda meta: (triton.cdiv(b, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
+        grid = lambda meta: (triton.cdiv(b, meta["BLOCK_M"]) * triton.cdiv(d, meta["BLOCK_D"]),)  # noqa: E731
         _pull_rows_kernel[grid](xs, xs_norm, layout, offsets, grad.to(acc).contiguous(), du, b, c, d, *split_f64(t),
                                 ACC=tl_acc(x.dtype), DOT_PREC=dot_precision(x.dtype))
         return normalize_backward(du, x, norm)

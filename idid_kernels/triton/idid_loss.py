@@ -46,6 +46,10 @@ cores directly and produce gradients in the input dtype.
 Determinism: the forward pass and dx, dTheta use no atomics and fixed reduction orders; only dW's
 cross-split sum uses atomics, and not under ``torch.use_deterministic_algorithms(True)``.
 
+Grids are one-dimensional: the (row block, feature chunk), (class tile, feature chunk, split) and
+(class tile, class tile) grids are folded onto axis 0 (2^31 - 1 programs), since axes 1 and 2 stop
+at 65,535 (reached at d > ~2M with 32-wide chunks).
+
 Labels out of range (reachable only when functional's label check is skipped: torch.compile, graph
 capture, ``IDID_KERNELS_CHECK_LABELS=0``): never used as an index; loss, L_IC, L_ID and lambda are
 NaN, and so is every element of dx, dproxies and dsimilarity (:mod:`._idid_common`, "Labels out of
@@ -285,9 +289,11 @@ def _grad_rows_kernel(x_ptr, w_ptr, xn_ptr, wn_ptr, lay_ptr, offs_ptr, rs_ptr, l
     alpha = tl.cast(alpha_hi, ACC) + tl.cast(alpha_mid, ACC) + tl.cast(alpha_lo, ACC)  # split_f64 parts
     inv_tau = tl.cast(itau_hi, ACC) + tl.cast(itau_mid, ACC) + tl.cast(itau_lo, ACC)  # split_f64 parts
     t = tl.cast(t_hi, ACC) + tl.cast(t_mid, ACC) + tl.cast(t_lo, ACC)  # split_f64 parts
-    r0 = tl.program_id(0) * BLOCK_M
+    pid = tl.program_id(0)  # (row block, feature chunk) folded onto axis 0 (axes 1, 2 stop at 65,535)
+    row_blocks = tl.cdiv(B, BLOCK_M)
+    r0 = (pid % row_blocks) * BLOCK_M
     rows = r0 + tl.arange(0, BLOCK_M)
-    dcols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dcols = (pid // row_blocks) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = dcols < D
     Bv = tl.load(offs_ptr + C)
     rmask = rows < Bv
@@ -330,16 +336,20 @@ def _grad_cols_kernel(x_ptr, w_ptr, xn_ptr, wn_ptr, lay_ptr, offs_ptr, rs_ptr, l
                       rows_per_split, alpha_hi, alpha_mid, alpha_lo, itau_hi, itau_mid, itau_lo, DISTILL: tl.constexpr,
                       ATOMIC: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dL/dv_c[dcols] = alpha sum_i G_ic u_i over the rows of split ``program_id(2)``: added into dv
+    """dL/dv_c[dcols] = alpha sum_i G_ic u_i over the rows of one split: added into dv
     (ATOMIC) or stored to the split's own (C, D) slice of dv."""
     DT = x_ptr.dtype.element_ty
     alpha = tl.cast(alpha_hi, ACC) + tl.cast(alpha_mid, ACC) + tl.cast(alpha_lo, ACC)  # split_f64 parts
     inv_tau = tl.cast(itau_hi, ACC) + tl.cast(itau_mid, ACC) + tl.cast(itau_lo, ACC)  # split_f64 parts
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # (class tile, feature chunk, split) folded onto axis 0, class tiles fastest
+    pid = tl.program_id(0)
+    class_tiles = tl.cdiv(C, BLOCK_N)
+    chunks = tl.cdiv(D, BLOCK_D)
+    cols = (pid % class_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < C
-    dcols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dcols = ((pid // class_tiles) % chunks) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = dcols < D
-    split = tl.program_id(2)
+    split = pid // (class_tiles * chunks)
     wn = tl.load(wn_ptr + cols, mask=cmask, other=1.0)
     inw = 1.0 / tl.where(wn < 1e-12, 1e-12, wn)
     Bv = tl.load(offs_ptr + C)
@@ -415,8 +425,10 @@ def _dtheta_kernel(m_ptr, ab_ptr, w_ptr, wn_ptr, lr_ptr, gic_ptr, lay_ptr, out_p
                    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
     """dTheta tile (K, Cc) = (f(k, c) + f(c, k)) / 2, f(k, c) = grad_ic r_kc [A_k log r_kc
     - (alpha / tau) <M_k, v_c> + B'_k] for c != k (module docstring); NaN when a label is out of range."""
-    ks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cs = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    pid = tl.program_id(0)  # (row tile, column tile) folded onto axis 0
+    tiles = tl.cdiv(C, BLOCK_T)
+    ks = (pid % tiles) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cs = (pid // tiles) * BLOCK_T + tl.arange(0, BLOCK_T)
     km = ks < C
     cm = cs < C
     mw = tl.full((BLOCK_T, BLOCK_T), 0, ACC)   # <M_k, w_c>
@@ -530,7 +542,7 @@ def _backward_impl(grad_ic, grad_id, x, proxies, row_stats, x_norm, w_norm, teac
 
         xs, xs_norm = scaled_rows(x, x_norm)  # recomputed (O(B d)), as in the forward
         du = torch.empty((b, d), dtype=acc, device=x.device)
-        grid = lambda meta: (triton.cdiv(b, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
+        grid = lambda meta: (triton.cdiv(b, meta["BLOCK_M"]) * triton.cdiv(d, meta["BLOCK_D"]),)  # noqa: E731
         _grad_rows_kernel[grid](xs, w, xs_norm, w_norm, layout, offsets, row_stats, lr, gic, gid, du, b, c, d, *scalars,
                                 *split_f64(t), DISTILL=distillation, DIVERSITY=diversity, ACC=ACC, DOT_PREC=prec)
         dx = normalize_backward(du, x, x_norm)
@@ -538,9 +550,9 @@ def _backward_impl(grad_ic, grad_id, x, proxies, row_stats, x_norm, w_norm, teac
         splits, rows_per_split = _column_splits(b, c, d, x.device)
         atomic = splits > 1 and not torch.are_deterministic_algorithms_enabled()
         dv = (torch.zeros if atomic else torch.empty)((1 if atomic else splits, c, d), dtype=acc, device=x.device)
-        grid = lambda meta: (triton.cdiv(c, meta["BLOCK_N"]), triton.cdiv(d, meta["BLOCK_D"]), splits)  # noqa: E731
-        _grad_cols_kernel[grid](xs, w, xs_norm, w_norm, layout, offsets, row_stats, lr, gic, dv, b, c, d, rows_per_split,
-                                *scalars, DISTILL=distillation, ATOMIC=atomic, ACC=ACC, DOT_PREC=prec)
+        grid = lambda m: (triton.cdiv(c, m["BLOCK_N"]) * triton.cdiv(d, m["BLOCK_D"]) * splits,)  # noqa: E731
+        _grad_cols_kernel[grid](xs, w, xs_norm, w_norm, layout, offsets, row_stats, lr, gic, dv, b, c, d,
+                                rows_per_split, *scalars, DISTILL=distillation, ATOMIC=atomic, ACC=ACC, DOT_PREC=prec)
         dw = normalize_backward(dv, w, w_norm, nsplit=1 if atomic else splits)
 
         if not (distillation and similarity_grad):  # no (C, C) buffer for a similarity that takes no gradient
@@ -553,7 +565,7 @@ def _backward_impl(grad_ic, grad_id, x, proxies, row_stats, x_norm, w_norm, teac
                                      BLOCK_M=pick(32, 8), BLOCK_D=pick(128, 32))
             dsim = torch.empty((c, c), dtype=x.dtype, device=x.device)
             block_t = pick(32, 8)
-            _dtheta_kernel[(triton.cdiv(c, block_t), triton.cdiv(c, block_t))](
+            _dtheta_kernel[(triton.cdiv(c, block_t) ** 2,)](
                 sums, ab, w, w_norm, teacher, gic, layout, dsim, b, c, d, *scalars, ACC=ACC,
                 DOT_PREC="ieee" if ACC == tl.float32 and prec == "ieee" else "tf32", BLOCK_T=block_t,
                 BLOCK_K=pick(32, 32))
