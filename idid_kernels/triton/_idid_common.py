@@ -124,9 +124,11 @@ def bucket_rows(labels: torch.Tensor, num_classes: int, ignore_index: int | None
     taking part, every one with a key in [0, C). The sort is stable, so rows of one class keep their
     batch order.
     """
-    key = torch.where((labels >= 0) & (labels < num_classes), labels, num_classes + 1)
+    # masked_fill takes the fill value as a kernel argument (torch.where with a Python number would
+    # materialise it as a device tensor first: one more launch per call)
+    key = labels.masked_fill((labels < 0) | (labels >= num_classes), num_classes + 1)
     if ignore_index is not None:
-        key = torch.where(labels == ignore_index, num_classes, key)
+        key = key.masked_fill(labels == ignore_index, num_classes)
     sorted_key, perm = torch.sort(key, stable=True)
     bounds = torch.arange(num_classes + 1, device=labels.device, dtype=sorted_key.dtype)
     offsets = torch.searchsorted(sorted_key, bounds)
