@@ -131,15 +131,18 @@ def test_op_on_a_device_that_is_not_current(op):
 # --------------------------------------------------------------------------- grid axis limits
 @needs_gpu
 def test_pairwise_cosine_with_more_column_tiles_than_grid_axis_1_allows():
-    # M = 2.2M rows: 68,750 column tiles of 32 (more with any config), past the 65,535 programs of
-    # grid axes 1 and 2; the tiles are folded onto axis 0. Memory: N * M * 4 bytes per (N, M) buffer.
+    # More column tiles than the 65,535 programs of grid axes 1 and 2 for every forward config
+    # (BLOCK_N <= 128: M > 8.4M rows; the brief's 2.2M overflows 32-wide tiles only); the tiles are
+    # folded onto axis 0. Memory: N * M * 4 bytes per (N, M) buffer; under 2 GB in all, float64 included.
     import torch.nn.functional as F
     from conftest import rel_err
-    g = make_gen(5)
-    n, m, d = 2, 2_200_000, 4
-    x = torch.randn(n, d, generator=g).cuda().requires_grad_(True)
-    y = torch.randn(m, d, generator=g).cuda().requires_grad_(True)
-    up = torch.randn(n, m, generator=g).cuda()
+    from idid_kernels.triton import pairwise_cosine as pc
+    widest = max(cfg.kwargs["BLOCK_N"] for cfg in pc._FWD_CONFIGS)
+    n, m, d = 2, 65_536 * widest + 17, 4
+    g = torch.Generator("cuda").manual_seed(5)
+    x = torch.randn(n, d, device="cuda", generator=g).requires_grad_(True)
+    y = torch.randn(m, d, device="cuda", generator=g).requires_grad_(True)
+    up = torch.randn(n, m, device="cuda", generator=g)
     out = ik.pairwise_cosine(x, y, backend="triton")
     dx, dy = torch.autograd.grad(out, (x, y), up)
     xr, yr = (t.detach().double().requires_grad_(True) for t in (x, y))
