@@ -1,12 +1,13 @@
-"""Labels out of range on the triton backend of idid_loss and class_density.
+"""Labels out of range on the triton backend of idid_loss, class_density and cm_margin_loss.
 
 functional.py rejects them before any launch, but that check reads the labels on the host and is
 skipped under torch.compile, during CUDA-graph capture and with IDID_KERNELS_CHECK_LABELS=0 (used
 here). The documented semantics (idid_kernels/triton/_idid_common.py, "Labels out of range"): the
 label is never used as an index (it sorts last with the key C + 1); idid_loss returns NaN for the
 loss and every term, class_density NaN for every class, and every gradient element is NaN, whatever
-the upstream gradient. The reference and cpp backends raise instead (asserted below); the cuda
-backend drops the rows (test_cuda_idid.py).
+the upstream gradient. cm_margin_loss works per row: the row's loss is NaN and the row gives no
+gradient (as the cuda backend). The reference and cpp backends raise instead (asserted below); the
+cuda backend drops the rows of idid_loss too, with a NaN loss (test_cuda_idid.py).
 """
 from __future__ import annotations
 
@@ -142,6 +143,43 @@ def test_class_density_out_of_range_label_gives_nan_density_and_gradient(bad):
     density = ik.class_density(x, _labels(3, base=base), C, backend="triton")
     (dx,) = torch.autograd.grad(density, x, up)
     assert torch.isfinite(density).all() and torch.isfinite(dx).all()
+
+
+# ----------------------------------------------------------------------------- cm_margin_loss
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("bad", BAD)
+def test_cm_margin_out_of_range_label_nan_row_and_no_gradient(bad, deterministic):
+    # Per row: NaN loss for that row, every other row as if it were ignored, and exactly the
+    # gradients of the batch with that row ignored, whatever the upstream gradient of the row.
+    x, w, _ = _tensors(8, len(BASE), C)
+    labels, ignored = _labels(bad), _labels(IGNORE)
+    up = torch.randn(len(BASE), generator=make_gen(9), dtype=torch.float64).to(DEV, torch.float32)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        rows = ik.cm_margin_loss(x, w, labels, reduction="none", backend="triton")
+        grads = torch.autograd.grad(rows, (x, w), up)
+        rows_ignored = ik.cm_margin_loss(x, w, ignored, reduction="none", backend="triton")
+        grads_ignored = torch.autograd.grad(rows_ignored, (x, w), up)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert torch.isnan(rows[4]) and rows_ignored[4] == 0
+    keep = [i for i in range(len(BASE)) if i != 4]
+    assert torch.equal(rows[keep], rows_ignored[keep])
+    assert torch.count_nonzero(grads[0][4]) == 0
+    for a, b in zip(grads, grads_ignored):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # atomics: the adds' order may differ
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("bad", BAD)
+def test_cm_margin_out_of_range_label_with_class_weight_is_nan_not_an_index_error(bad, reduction):
+    x, w, _ = _tensors(10, len(BASE), C)
+    cw = torch.rand(C, generator=make_gen(11)).to(DEV)
+    loss = ik.cm_margin_loss(x, w, _labels(bad), class_weight=cw, reduction=reduction, backend="triton")
+    (dx, dw) = torch.autograd.grad(loss, (x, w))
+    assert torch.isnan(loss)
+    assert torch.count_nonzero(dx[4]) == 0 and torch.isfinite(dx).all() and torch.isfinite(dw).all()
 
 
 # ------------------------------------------------------------------------ the other backends

@@ -46,9 +46,9 @@ sweeps every row block, recomputing the cosine tiles (one more GEMM's worth of w
 then bitwise reproducible.
 
 No host synchronisation anywhere (labels are validated by ``functional`` before the call, and an
-out-of-range label reaching the kernel gives a NaN loss row instead of a memory access), so the op
-can be captured in a CUDA graph once the autotuner has run. Precision and TF32 are documented in
-:mod:`._rows`.
+out-of-range label reaching the kernel gives a NaN loss row and no gradient, as on the cuda backend,
+instead of a memory access), so the op can be captured in a CUDA graph once the autotuner has run.
+Precision and TF32 are documented in :mod:`._rows`.
 """
 from __future__ import annotations
 
@@ -389,8 +389,9 @@ def cm_margin_backward(grad_rows: torch.Tensor, x: torch.Tensor, weight: torch.T
         return empty, empty.clone()
     r, cos, shift, log_sum, mass, mass_cos = row_stats.unbind(0)
     params = _margin_params(kind, m1, m2, m3, sphere_lambda, easy_margin)
-    valid = labels != ignore_index
-    # ignored rows: no gradient, whatever the upstream holds (a mean over no rows gives 0 * inf there)
+    # ignored rows: no gradient, whatever the upstream holds (a mean over no rows gives 0 * inf there);
+    # nor rows whose label is out of range (their loss is NaN; the cuda backend does the same)
+    valid = (labels != ignore_index) & (labels >= 0) & (labels < c)
     g = torch.where(valid, grad_rows.to(acc), torch.zeros((), dtype=acc, device=x.device))
     scale = _scale(r, s, contraction, norm_offset, norm_temperature)
     ag = (scale * g).contiguous()
@@ -491,7 +492,9 @@ def cm_margin_loss(x, weight, labels, params: MarginParams, *, s, contraction, n
     loss_rows, _, _ = torch.ops.idid_triton.cm_margin_forward(x, weight, labels, *cfg)
     acc = loss_rows.dtype
     valid = labels != ignore_index
-    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    # a label out of range (possible when functional's check is skipped) must not index class_weight:
+    # its row's loss is NaN whatever its weight
+    safe = torch.where(valid & (labels >= 0) & (labels < weight.shape[0]), labels, torch.zeros_like(labels))
     w_rows = (torch.ones(labels.shape, dtype=acc, device=x.device) if class_weight is None
               else class_weight.to(acc)[safe])
     w_rows = torch.where(valid, w_rows, torch.zeros_like(w_rows))
