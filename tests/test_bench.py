@@ -226,3 +226,14 @@ def test_cpu_timing_and_progress_output():
     bar.step("second")
     bar.close()
     assert stream.getvalue().splitlines()[-1].startswith("[2/2") and "\r" not in stream.getvalue()
+
+
+def test_gpu_goals_suite_holds_the_target_sizes_and_is_not_part_of_all(capsys):
+    labels = [c.label for c in suite_cases("gpu-goals", "default", "cuda")]
+    assert labels == ["cm_margin_loss cosface+sigmoid N=8192 d=512 C=100000",
+                      "idid_loss all terms N=4096 d=256 C=4096", "idid_loss all terms N=4096 d=256 C=16384"]
+    assert not set(labels) & {c.label for c in suite_cases("all", "full", "cuda")}
+    assert [c.op for c in suite_cases("gpu-goals", "tiny", "cpu")] == ["cm_margin_loss", "idid_loss"]
+    args = ["bench", "--quick", "--suite", "gpu-goals", "--no-compile", "--no-external", "--quiet"]
+    assert cli.main(args) == 0
+    assert "0 failed" in capsys.readouterr().out

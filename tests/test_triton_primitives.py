@@ -232,12 +232,14 @@ def test_norm_contraction_float32_matches_float64_reference(shape, params):
     assert rel_err(dx, ref_grads.norm_contraction_backward(up, x, **params)) <= GRAD_TOL
 
 
-def test_norm_contraction_float64_exact_with_inexact_parameters():
-    # offset and 1/T reach the kernel in the accumulation dtype, not rounded to float32
+@pytest.mark.parametrize("scale", [1.0, 1e-40, 1e300], ids=["unit", "tiny", "huge"])
+def test_norm_contraction_float64_exact_with_inexact_parameters(scale):
+    # offset and 1/T reach the kernel as float64 values, not rounded to float32, whatever their
+    # range: 1/T = 1e40 (tiny) is above float32's max, 1/T = 1e-300 (huge) below its smallest value
     g = make_gen(11)
-    x = _feats(g, 23, 7)
+    x = _feats(g, 23, 7, scale)
     up = torch.randn(23, generator=g, dtype=torch.float64)
-    params = dict(offset=0.3, temperature=1.7)
+    params = dict(offset=0.3 * scale, temperature=1.7 * scale)
     out, dx = _contraction_run(x, up, **params)
     assert rel_err(out, ref.norm_contraction(x, **params)) <= 1e-14
     assert rel_err(dx, ref_grads.norm_contraction_backward(up, x, **params)) <= 1e-13

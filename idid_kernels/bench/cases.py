@@ -21,6 +21,8 @@ from typing import Callable
 import torch
 
 SUITES = ("cm", "idid", "primitives")
+# Named case lists outside "all": "gpu-goals" holds the sizes a GPU run is judged by.
+GOAL_SUITES = ("gpu-goals",)
 PRESETS = ("tiny", "default", "full")
 
 
@@ -252,11 +254,22 @@ def primitive_cases(preset: str = "default", device_type: str = "cpu") -> list[C
     return [_pairwise_case(n, m, d), _density_case(b, d2, c), _norm_case(n3, d3)]
 
 
+def gpu_goal_cases(preset: str = "default", device_type: str = "cuda") -> list[Case]:
+    """The GPU targets: cm_margin_loss CosFace+sigmoid at N=8192, d=512, C=100,000 (meant for
+    ``--dtype bfloat16``) and idid_loss at B=4096, d=256, C=4096 and 16384, whatever the preset
+    except ``tiny`` (``--quick``: the first tiny case of each, a smoke test of the suite)."""
+    if preset == "tiny":
+        return [_cm_case("cosface", 0.4, *_sizes(_CM_SIZES, preset, device_type)[0]),
+                _idid_case(*_sizes(_IDID_SIZES, preset, device_type)[0])]
+    return [_cm_case("cosface", 0.4, 8192, 512, 100_000), _idid_case(4096, 256, 4096), _idid_case(4096, 256, 16384)]
+
+
 def suite_cases(suite: str = "all", preset: str = "default", device_type: str = "cpu") -> list[Case]:
-    """The cases of ``suite`` ("cm" | "idid" | "primitives" | "all") at ``preset`` sizes."""
-    makers = {"cm": cm_cases, "idid": idid_cases, "primitives": primitive_cases}
+    """The cases of ``suite`` ("cm" | "idid" | "primitives" | "all", or "gpu-goals", which "all"
+    leaves out) at ``preset`` sizes."""
+    makers = {"cm": cm_cases, "idid": idid_cases, "primitives": primitive_cases, "gpu-goals": gpu_goal_cases}
     if suite == "all":
         return [case for name in SUITES for case in makers[name](preset, device_type)]
     if suite not in makers:
-        raise ValueError(f"suite must be one of {SUITES + ('all',)}, got {suite!r}")
+        raise ValueError(f"suite must be one of {SUITES + ('all',) + GOAL_SUITES}, got {suite!r}")
     return makers[suite](preset, device_type)

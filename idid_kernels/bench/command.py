@@ -7,7 +7,7 @@ import sys
 import torch
 
 from .._backends import BACKENDS
-from .cases import SUITES, suite_cases
+from .cases import GOAL_SUITES, SUITES, suite_cases
 from .report import format_header, format_markdown, format_notes, format_table, write_csv, write_json, write_plots
 from .runner import BenchConfig, run_bench
 
@@ -21,7 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sizes.add_argument("--quick", action="store_true",
                        help="tiny sizes: a smoke test of the runner in seconds (timings meaningless)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--suite", choices=SUITES + ("all",), default="all")
+    p.add_argument("--suite", choices=SUITES + ("all",) + GOAL_SUITES, default="all",
+                   help="gpu-goals: cm_margin_loss N=8192 d=512 C=100000 (use --dtype bfloat16) and idid_loss "
+                        "B=4096; not part of all")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     p.add_argument("--backends", default=None,
                    help=f"comma-separated backends to time besides eager/compile, from {','.join(BACKENDS[1:])} "

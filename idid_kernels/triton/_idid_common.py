@@ -8,6 +8,16 @@ positions [offsets[c], offsets[c + 1]) and offsets[C] is the number of rows taki
 kernel reads the batch through ``perm`` (no permuted copy of x), and every per-class sum walks its
 class's contiguous positions in order: reductions have a fixed order and need no atomics.
 
+Labels out of range. functional.py rejects a label outside [0, C) (other than ignore_index) before
+any launch, but that check reads the labels on the host and is skipped under torch.compile, during
+CUDA-graph capture and with ``IDID_KERNELS_CHECK_LABELS=0``. The kernels then never index with such
+a label: it sorts last, with the key C + 1, after the ignored rows (key C), so it belongs to no class
+and takes no part. It poisons the results instead (:func:`bad_labels`): idid_loss returns NaN for
+the loss and every term, class_density NaN for every class, and both backward passes NaN for every
+gradient element, whatever the upstream gradient. Nothing is read out of bounds and nothing is left
+unwritten. (The reference and cpp backends raise on such labels; the cuda backend drops the rows,
+with NaN for idid_loss's loss and L_IC.)
+
 Same-class pairs. The diversity kernel kappa_ij = exp(t (<u_i, u_j> - 1)) is needed only for pairs
 of one class. A block of sorted rows [r0, r0 + BLOCK_M) spans the classes y(r0) .. y(r_last), whose
 partners lie in the contiguous range [offsets[y(r0)], offsets[y(r_last) + 1]); the kernels tile that
@@ -45,7 +55,8 @@ import triton
 import triton.language as tl
 
 from .._autograd import no_double_backward  # noqa: F401  (re-exported: one refusal for every backend)
-from ._rows import nrm2_finish, nrm2_step, scaled_rows  # noqa: F401  (scaled_rows: re-exported)
+from . import _rows
+from ._rows import nrm2_finish, nrm2_step, scaled_rows, trim_configs  # noqa: F401  (scaled_rows: re-exported)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -92,8 +103,9 @@ def split_f64(value: float) -> tuple[float, float, float]:
 
 def configs(gpu: list[tuple], interp: tuple, names: tuple[str, ...]) -> list[triton.Config]:
     """Autotune configurations: tuples of block sizes (``names``) then num_warps and num_stages.
-    Under the interpreter only ``interp``."""
-    rows = [interp] if INTERPRET else gpu
+    Under the interpreter only ``interp``; on a GPU the first ``IDID_KERNELS_TRITON_MAX_CONFIGS``
+    entries of ``gpu`` when that variable is set (:func:`._rows.max_configs`, read at import)."""
+    rows = [interp] if INTERPRET else trim_configs(gpu)
     n = len(names)
     return [triton.Config(dict(zip(names, r[:n])), num_warps=r[n], num_stages=r[n + 1]) for r in rows]
 
@@ -106,11 +118,17 @@ def pick(gpu, interp):
 def bucket_rows(labels: torch.Tensor, num_classes: int, ignore_index: int | None = None):
     """(layout, offsets) of the module docstring, on the labels' device, without a host sync.
 
-    layout: (2, B) int64, row 0 ``perm`` (sorted position -> batch row), row 1 the sorted labels
-    (C for ignored rows). offsets: (C + 1,) int64 class starts in sorted order; offsets[C] = rows
-    taking part. The sort is stable, so rows of one class keep their batch order.
+    layout: (2, B) int64, row 0 ``perm`` (sorted position -> batch row), row 1 the sorted keys: the
+    label, C for ignored rows, C + 1 for a label out of range (see "Labels out of range" in the
+    module docstring). offsets: (C + 1,) int64 class starts in sorted order; offsets[C] = rows
+    taking part, every one with a key in [0, C). The sort is stable, so rows of one class keep their
+    batch order.
     """
-    key = labels if ignore_index is None else torch.where(labels == ignore_index, num_classes, labels)
+    # masked_fill takes the fill value as a kernel argument (torch.where with a Python number would
+    # materialise it as a device tensor first: one more launch per call)
+    key = labels.masked_fill((labels < 0) | (labels >= num_classes), num_classes + 1)
+    if ignore_index is not None:
+        key = key.masked_fill(labels == ignore_index, num_classes)
     sorted_key, perm = torch.sort(key, stable=True)
     bounds = torch.arange(num_classes + 1, device=labels.device, dtype=sorted_key.dtype)
     offsets = torch.searchsorted(sorted_key, bounds)
@@ -120,6 +138,12 @@ def bucket_rows(labels: torch.Tensor, num_classes: int, ignore_index: int | None
 # ----------------------------------------------------------------------------------------------
 # @triton.jit helpers
 # ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def bad_labels(lay_ptr, B, C):
+    """Whether some label is out of range: it sorts last with the key C + 1 (:func:`bucket_rows`)."""
+    return tl.load(lay_ptr + 2 * B - 1, mask=B > 0, other=0) > C
 
 
 @triton.jit
@@ -233,8 +257,9 @@ def row_norms(x: torch.Tensor) -> torch.Tensor:
     n, d = x.shape
     out = torch.empty(n, dtype=acc_dtype(x.dtype), device=x.device)
     block_r, block_k = pick(32, 8), pick(128, 32)
-    row_norms_kernel[(triton.cdiv(n, block_r),)](x, out, n, d, ACC=tl_acc(x.dtype), BLOCK_R=block_r,
-                                                 BLOCK_K=block_k)
+    with _rows.on_device(x):
+        row_norms_kernel[(triton.cdiv(n, block_r),)](x, out, n, d, ACC=tl_acc(x.dtype), BLOCK_R=block_r,
+                                                     BLOCK_K=block_k)
     return out
 
 
@@ -268,8 +293,9 @@ def pair_row_sums(x, x_norm, layout, offsets, num_classes, t, out):
     """Launch :func:`pair_row_sums_kernel` writing into ``out`` (B,) (sorted order)."""
     b, d = x.shape
     grid = lambda meta: (triton.cdiv(b, meta["BLOCK_M"]),)  # noqa: E731
-    pair_row_sums_kernel[grid](x, x_norm, layout, offsets, out, b, num_classes, d, *split_f64(t), ACC=tl_acc(x.dtype),
-                               DOT_PREC=dot_precision(x.dtype))
+    with _rows.on_device(x):
+        pair_row_sums_kernel[grid](x, x_norm, layout, offsets, out, b, num_classes, d, *split_f64(t),
+                                   ACC=tl_acc(x.dtype), DOT_PREC=dot_precision(x.dtype))
 
 
 @triton.jit
@@ -312,6 +338,7 @@ def normalize_backward(grad_u: torch.Tensor, x: torch.Tensor, x_norm: torch.Tens
     n, d = x.shape
     out = torch.empty_like(x)
     block_r, block_k = pick(16, 8), pick(128, 32)
-    normalize_backward_kernel[(triton.cdiv(n, block_r),)](grad_u, x, x_norm, out, n, d, nsplit, n * d,
-                                                          ACC=tl_acc(x.dtype), BLOCK_R=block_r, BLOCK_K=block_k)
+    with _rows.on_device(x):
+        normalize_backward_kernel[(triton.cdiv(n, block_r),)](grad_u, x, x_norm, out, n, d, nsplit, n * d,
+                                                              ACC=tl_acc(x.dtype), BLOCK_R=block_r, BLOCK_K=block_k)
     return out

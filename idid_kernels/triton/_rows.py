@@ -15,6 +15,11 @@ triton-lang/triton#11584). The widening is exact (a product of two bfloat16 valu
 float32), so it changes no result beyond summation order. No other arithmetic happens in a half
 dtype: every load is converted to the accumulation dtype first.
 
+Autotuning. ``IDID_KERNELS_TRITON_MAX_CONFIGS=N`` keeps only the first N GPU configs of every
+autotuned kernel (N = 1: no tuning at all), for a quick validation run on a new GPU. It is read when
+the kernel modules are imported (the config lists are built then), so set it before the first
+``import idid_kernels.triton.<op>``; a value that is not a positive integer is a ValueError.
+
 Row kernels and helpers.
 - :func:`row_norms`: r_n = ||x_n|| in the accumulation dtype, with BLAS nrm2 semantics: the squares
   never overflow or underflow (:func:`nrm2_step`, one pass with an online rescale), a zero row gives
@@ -43,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import struct
 
 import torch
 import triton
@@ -53,6 +59,7 @@ from .._autograd import no_double_backward  # noqa: F401  (re-exported: one refu
 # F.normalize's floor on the norm: u = x / max(||x||, NORM_EPS).
 NORM_EPS = 1e-12
 TF32_ENV = "IDID_KERNELS_TRITON_TF32"
+MAX_CONFIGS_ENV = "IDID_KERNELS_TRITON_MAX_CONFIGS"
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16,
@@ -98,12 +105,39 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def max_configs() -> int | None:
+    """The value of ``IDID_KERNELS_TRITON_MAX_CONFIGS`` (a positive int), or None when unset or empty.
+
+    With it set to N, every autotuned kernel keeps only the first N of its GPU configs
+    (:func:`trim_configs`): a quick validation run tunes over fewer candidates, or over none with N = 1.
+    The config lists are built when the kernel modules are imported, so the variable must be set
+    before ``idid_kernels.triton.*`` is first imported; changing it later has no effect."""
+    raw = os.environ.get(MAX_CONFIGS_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{MAX_CONFIGS_ENV} must be a positive integer (the number of autotune configs to keep "
+                         f"per Triton kernel), got {raw!r}")
+    return value
+
+
+def trim_configs(gpu: list) -> list:
+    """The first :func:`max_configs` entries of a kernel's GPU config list (all of them when unset)."""
+    limit = max_configs()
+    return list(gpu) if limit is None else list(gpu)[:limit]
+
+
 def configs(gpu: list[dict], interpreter: dict) -> list[triton.Config]:
-    """Autotune configs: ``gpu`` as (meta, num_warps, num_stages) dicts, or the one interpreter config."""
+    """Autotune configs: ``gpu`` as (meta, num_warps, num_stages) dicts (trimmed by
+    ``IDID_KERNELS_TRITON_MAX_CONFIGS``, :func:`max_configs`), or the one interpreter config."""
     if interpreted():
         return [triton.Config(dict(interpreter), num_warps=1, num_stages=1)]
     out = []
-    for cfg in gpu:
+    for cfg in trim_configs(gpu):
         cfg = dict(cfg)
         warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
         out.append(triton.Config(cfg, num_warps=warps, num_stages=stages))
@@ -122,16 +156,23 @@ def parallel_programs(device: torch.device) -> int:
     return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def scalars(like: torch.Tensor, *values: float) -> torch.Tensor:
-    """``values`` as a (len,) tensor of the accumulation dtype on ``like``'s device.
+def f64_bits(value: float) -> int:
+    """The IEEE-754 bit pattern of ``value`` as a float64, as a signed 64-bit Python int.
 
-    Kernels read scalars from here rather than as float arguments, which Triton passes as float32
-    (rounding them for float64 inputs). Each element is set by a fill on the device: no host-to-device
-    copy, so the call can be captured in a CUDA graph."""
-    out = torch.empty(len(values), dtype=acc_dtype(like.dtype), device=like.device)
-    for i, v in enumerate(values):
-        out[i] = float(v)
-    return out
+    Kernel scalars travel this way, not as float arguments: Triton passes a Python float as a float32
+    (rounding it for float64 inputs, and to inf above float32's range). A kernel rebuilds the value
+    with :func:`f64_value`: exact in float64, and rounded once (correctly, to inf or 0 at the ends of
+    the range) in float32, as a float32 tensor holding the value would be.
+    Mark such arguments ``do_not_specialize`` so that a value that happens to be 1 or a multiple of
+    16 does not compile another kernel. A plain launch argument: no allocation, no host-to-device
+    copy and no fill on the device, so calls can be captured in a CUDA graph."""
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+
+
+@triton.jit
+def f64_value(bits, ACC: tl.constexpr):
+    """The float a :func:`f64_bits` argument holds, in the accumulation dtype."""
+    return bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
 
 
 def on_device(t: torch.Tensor):

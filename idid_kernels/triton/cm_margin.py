@@ -38,15 +38,17 @@ saved probabilities:
 
 dW reduction. By default one kernel over (row blocks x class groups) adds each tile's dX and dW
 contributions with ``tl.atomic_add``: all tiles in flight, but the float32 summation order varies
-run to run. Under ``torch.use_deterministic_algorithms(True)`` there are no atomics: one program
-per row block owns its dX rows and sweeps every class tile, then one program per class block owns
-its dW rows and sweeps every row block, recomputing the cosine tiles (one more GEMM's worth of
-work); results are then bitwise reproducible.
+run to run. The adds are relaxed (``sem="relaxed"``): no program reads the sums, which only later
+kernels read, after the launch boundary, so no acquire/release ordering is needed. Under
+``torch.use_deterministic_algorithms(True)`` there are no atomics: one program per row block owns
+its dX rows and sweeps every class tile, then one program per class block owns its dW rows and
+sweeps every row block, recomputing the cosine tiles (one more GEMM's worth of work); results are
+then bitwise reproducible.
 
 No host synchronisation anywhere (labels are validated by ``functional`` before the call, and an
-out-of-range label reaching the kernel gives a NaN loss row instead of a memory access), so the op
-can be captured in a CUDA graph once the autotuner has run. Precision and TF32 are documented in
-:mod:`._rows`.
+out-of-range label reaching the kernel gives a NaN loss row and no gradient, as on the cuda backend,
+instead of a memory access), so the op can be captured in a CUDA graph once the autotuner has run.
+Precision and TF32 are documented in :mod:`._rows`.
 """
 from __future__ import annotations
 
@@ -256,7 +258,7 @@ def _backward_rows_kernel(x_ptr, w_ptr, labels_ptr, x_norm_ptr, w_norm_ptr, scal
                 out = bx_ptr + r64[:, None] * D + ds[None, :]
                 omask = rmask[:, None] & dmask
                 if ATOMIC:
-                    tl.atomic_add(out, part, mask=omask)
+                    tl.atomic_add(out, part, mask=omask, sem="relaxed")
                 else:
                     tl.store(out, tl.load(out, mask=omask, other=0.0) + part, mask=omask)
             if not ATOMIC:
@@ -270,7 +272,8 @@ def _backward_rows_kernel(x_ptr, w_ptr, labels_ptr, x_norm_ptr, w_norm_ptr, scal
                 xt = tl.load(x_ptr + r64[:, None] * stride_xn + ds[None, :] * stride_xd, mask=rmask[:, None] & dmask,
                              other=0.0)
                 part = tl.dot(gw, xt.to(DOT_DT), input_precision=PREC, out_dtype=ACC)
-                tl.atomic_add(bw_ptr + c64[:, None] * D + ds[None, :], part, mask=cmask[:, None] & dmask)
+                tl.atomic_add(bw_ptr + c64[:, None] * D + ds[None, :], part, mask=cmask[:, None] & dmask,
+                              sem="relaxed")
 
 
 @triton.autotune(configs=_BWD_CONFIGS, key=["C", "D"], reset_to_zero=["bw_ptr"])
@@ -386,8 +389,9 @@ def cm_margin_backward(grad_rows: torch.Tensor, x: torch.Tensor, weight: torch.T
         return empty, empty.clone()
     r, cos, shift, log_sum, mass, mass_cos = row_stats.unbind(0)
     params = _margin_params(kind, m1, m2, m3, sphere_lambda, easy_margin)
-    valid = labels != ignore_index
-    # ignored rows: no gradient, whatever the upstream holds (a mean over no rows gives 0 * inf there)
+    # ignored rows: no gradient, whatever the upstream holds (a mean over no rows gives 0 * inf there);
+    # nor rows whose label is out of range (their loss is NaN; the cuda backend does the same)
+    valid = (labels != ignore_index) & (labels >= 0) & (labels < c)
     g = torch.where(valid, grad_rows.to(acc), torch.zeros((), dtype=acc, device=x.device))
     scale = _scale(r, s, contraction, norm_offset, norm_temperature)
     ag = (scale * g).contiguous()
@@ -488,7 +492,9 @@ def cm_margin_loss(x, weight, labels, params: MarginParams, *, s, contraction, n
     loss_rows, _, _ = torch.ops.idid_triton.cm_margin_forward(x, weight, labels, *cfg)
     acc = loss_rows.dtype
     valid = labels != ignore_index
-    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    # a label out of range (possible when functional's check is skipped) must not index class_weight:
+    # its row's loss is NaN whatever its weight
+    safe = torch.where(valid & (labels >= 0) & (labels < weight.shape[0]), labels, torch.zeros_like(labels))
     w_rows = (torch.ones(labels.shape, dtype=acc, device=x.device) if class_weight is None
               else class_weight.to(acc)[safe])
     w_rows = torch.where(valid, w_rows, torch.zeros_like(w_rows))

@@ -29,8 +29,9 @@ each logits tile from x and the proxies:
     its rows, so dU needs no reduction;
   - columns pass, grid (class tiles, feature chunks, row splits): dV += alpha G^T U over the split's
     rows. With one split it is a plain store; with several, the default adds the splits with
-    ``tl.atomic_add`` and ``torch.use_deterministic_algorithms(True)`` writes one partial buffer per
-    split, summed in a fixed order by the normalisation pass (bitwise reproducible);
+    relaxed ``tl.atomic_add`` (only the next launch reads dV, so no ordering is needed) and
+    ``torch.use_deterministic_algorithms(True)`` writes one partial buffer per split, summed in a
+    fixed order by the normalisation pass (bitwise reproducible);
   - F.normalize backward for x and the proxies;
   - dTheta without atomics: since a_i is constant within a class,
         dPhi_kc = grad_ic r_kc [A_k log r_kc - (alpha / tau) <M_k, v_c> + B'_k],   c != k,
@@ -45,6 +46,15 @@ cores directly and produce gradients in the input dtype.
 Determinism: the forward pass and dx, dTheta use no atomics and fixed reduction orders; only dW's
 cross-split sum uses atomics, and not under ``torch.use_deterministic_algorithms(True)``.
 
+Grids are one-dimensional: the (row block, feature chunk), (class tile, feature chunk, split) and
+(class tile, class tile) grids are folded onto axis 0 (2^31 - 1 programs), since axes 1 and 2 stop
+at 65,535 (reached at d > ~2M with 32-wide chunks).
+
+Labels out of range (reachable only when functional's label check is skipped: torch.compile, graph
+capture, ``IDID_KERNELS_CHECK_LABELS=0``): never used as an index; loss, L_IC, L_ID and lambda are
+NaN, and so is every element of dx, dproxies and dsimilarity (:mod:`._idid_common`, "Labels out of
+range").
+
 No host synchronisation: counts, K_B, K_2, lambda and the loop bounds stay on the device, and every
 launch size depends on (B, C, d) only, so the op can be captured in a CUDA graph once the autotuner
 has run (call it once before capturing).
@@ -56,9 +66,10 @@ import triton
 import triton.language as tl
 
 from .._autograd import DEVICE_AUTOGRAD_KEYS, register_autograd, register_no_double_backward
+from . import _rows
 from ..reference.idid import IDIDTerms
 from ._idid_common import (
-    INTERPRET, acc_dtype, accumulate_pull, bucket_rows, check_dtype, configs, dot_precision, dot_rows,
+    INTERPRET, acc_dtype, accumulate_pull, bad_labels, bucket_rows, check_dtype, configs, dot_precision, dot_rows,
     log_add_exp, no_double_backward, normalize_backward, pair_row_sums, pick, row_norms, scaled_rows, softplus,
     split_f64, tl_acc,
 )
@@ -201,10 +212,11 @@ def _ic_forward_kernel(x_ptr, w_ptr, xn_ptr, wn_ptr, lay_ptr, offs_ptr, cls_ptr,
 
 
 @triton.jit
-def _finalize_kernel(rs_ptr, offs_ptr, cls_ptr, loss_ptr, lic_ptr, lid_ptr, lam_ptr, B, C, eps_hi, eps_mid, eps_lo,
-                     dw_hi, dw_mid, dw_lo, DIVERSITY: tl.constexpr, ADAPTIVE: tl.constexpr, ACC: tl.constexpr,
+def _finalize_kernel(rs_ptr, offs_ptr, cls_ptr, lay_ptr, loss_ptr, lic_ptr, lid_ptr, lam_ptr, B, C, eps_hi, eps_mid,
+                     eps_lo, dw_hi, dw_mid, dw_lo, DIVERSITY: tl.constexpr, ADAPTIVE: tl.constexpr, ACC: tl.constexpr,
                      BLOCK: tl.constexpr):
-    """One program: L_IC, L_ID, lambda and the loss, summed over the rows in a fixed order."""
+    """One program: L_IC, L_ID, lambda and the loss, summed over the rows in a fixed order; all four
+    NaN when a label is out of range."""
     Bv = tl.load(offs_ptr + C)
     l_ic = tl.full((BLOCK,), 0, ACC)
     l_id = tl.full((BLOCK,), 0, ACC)
@@ -228,8 +240,14 @@ def _finalize_kernel(rs_ptr, offs_ptr, cls_ptr, loss_ptr, lic_ptr, lid_ptr, lam_
             lam = tl.cast(dw_hi, ACC) + tl.cast(dw_mid, ACC) + tl.cast(dw_lo, ACC) + 0.0 * ic
     else:
         lam = 0.0 * ic
+    loss = ic + lam * idv
+    bad = bad_labels(lay_ptr, B, C)
+    loss = tl.where(bad, float("nan"), loss)
+    ic = tl.where(bad, float("nan"), ic)
+    idv = tl.where(bad, float("nan"), idv)
+    lam = tl.where(bad, float("nan"), lam)
     out_t = loss_ptr.dtype.element_ty
-    tl.store(loss_ptr, (ic + lam * idv).to(out_t))
+    tl.store(loss_ptr, loss.to(out_t))
     tl.store(lic_ptr, ic.to(out_t))
     tl.store(lid_ptr, idv.to(out_t))
     tl.store(lam_ptr, lam.to(out_t))
@@ -271,9 +289,11 @@ def _grad_rows_kernel(x_ptr, w_ptr, xn_ptr, wn_ptr, lay_ptr, offs_ptr, rs_ptr, l
     alpha = tl.cast(alpha_hi, ACC) + tl.cast(alpha_mid, ACC) + tl.cast(alpha_lo, ACC)  # split_f64 parts
     inv_tau = tl.cast(itau_hi, ACC) + tl.cast(itau_mid, ACC) + tl.cast(itau_lo, ACC)  # split_f64 parts
     t = tl.cast(t_hi, ACC) + tl.cast(t_mid, ACC) + tl.cast(t_lo, ACC)  # split_f64 parts
-    r0 = tl.program_id(0) * BLOCK_M
+    pid = tl.program_id(0)  # (row block, feature chunk) folded onto axis 0 (axes 1, 2 stop at 65,535)
+    row_blocks = tl.cdiv(B, BLOCK_M)
+    r0 = (pid % row_blocks) * BLOCK_M
     rows = r0 + tl.arange(0, BLOCK_M)
-    dcols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dcols = (pid // row_blocks) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = dcols < D
     Bv = tl.load(offs_ptr + C)
     rmask = rows < Bv
@@ -304,6 +324,7 @@ def _grad_rows_kernel(x_ptr, w_ptr, xn_ptr, wn_ptr, lay_ptr, offs_ptr, rs_ptr, l
         coef = 2.0 * t * tl.load(gid_ptr).to(ACC) * tl.load(rs_ptr + 7 * B + rows, mask=rmask, other=0.0)
         acc = accumulate_pull(acc, x_ptr, xn_ptr, lay_ptr, offs_ptr, r0, rows, rmask, src, y, inx, coef, dcols, dmask,
                               B, Bv, D, t, ACC, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc = tl.where(bad_labels(lay_ptr, B, C), float("nan"), acc)
     tl.store(du_ptr + src.to(tl.int64)[:, None] * D + dcols[None, :], acc, mask=inb[:, None] & dmask[None, :])
 
 
@@ -315,16 +336,20 @@ def _grad_cols_kernel(x_ptr, w_ptr, xn_ptr, wn_ptr, lay_ptr, offs_ptr, rs_ptr, l
                       rows_per_split, alpha_hi, alpha_mid, alpha_lo, itau_hi, itau_mid, itau_lo, DISTILL: tl.constexpr,
                       ATOMIC: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dL/dv_c[dcols] = alpha sum_i G_ic u_i over the rows of split ``program_id(2)``: added into dv
+    """dL/dv_c[dcols] = alpha sum_i G_ic u_i over the rows of one split: added into dv
     (ATOMIC) or stored to the split's own (C, D) slice of dv."""
     DT = x_ptr.dtype.element_ty
     alpha = tl.cast(alpha_hi, ACC) + tl.cast(alpha_mid, ACC) + tl.cast(alpha_lo, ACC)  # split_f64 parts
     inv_tau = tl.cast(itau_hi, ACC) + tl.cast(itau_mid, ACC) + tl.cast(itau_lo, ACC)  # split_f64 parts
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # (class tile, feature chunk, split) folded onto axis 0, class tiles fastest
+    pid = tl.program_id(0)
+    class_tiles = tl.cdiv(C, BLOCK_N)
+    chunks = tl.cdiv(D, BLOCK_D)
+    cols = (pid % class_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < C
-    dcols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dcols = ((pid // class_tiles) % chunks) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = dcols < D
-    split = tl.program_id(2)
+    split = pid // (class_tiles * chunks)
     wn = tl.load(wn_ptr + cols, mask=cmask, other=1.0)
     inw = 1.0 / tl.where(wn < 1e-12, 1e-12, wn)
     Bv = tl.load(offs_ptr + C)
@@ -350,10 +375,11 @@ def _grad_cols_kernel(x_ptr, w_ptr, xn_ptr, wn_ptr, lay_ptr, offs_ptr, rs_ptr, l
                      other=0.0)
         u = xv.to(ACC) * inx[:, None]
         acc = tl.dot(tl.trans(g).to(DT), u.to(DT), acc, input_precision=DOT_PREC)
+    acc = tl.where(bad_labels(lay_ptr, B, C), float("nan"), acc)
     out = cols.to(tl.int64)[:, None] * D + dcols[None, :]
     omask = cmask[:, None] & dmask[None, :]
     if ATOMIC:
-        tl.atomic_add(dv_ptr + out, acc, mask=omask)
+        tl.atomic_add(dv_ptr + out, acc, mask=omask, sem="relaxed")
     else:
         tl.store(dv_ptr + split.to(tl.int64) * C * D + out, acc, mask=omask)
 
@@ -394,13 +420,15 @@ def _class_sums_kernel(x_ptr, xn_ptr, lay_ptr, offs_ptr, rs_ptr, m_ptr, ab_ptr, 
 
 
 @triton.jit
-def _dtheta_kernel(m_ptr, ab_ptr, w_ptr, wn_ptr, lr_ptr, gic_ptr, out_ptr, C, D, alpha_hi, alpha_mid, alpha_lo,
-                   itau_hi, itau_mid, itau_lo, ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_T: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
+def _dtheta_kernel(m_ptr, ab_ptr, w_ptr, wn_ptr, lr_ptr, gic_ptr, lay_ptr, out_ptr, B, C, D, alpha_hi, alpha_mid,
+                   alpha_lo, itau_hi, itau_mid, itau_lo, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+                   BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
     """dTheta tile (K, Cc) = (f(k, c) + f(c, k)) / 2, f(k, c) = grad_ic r_kc [A_k log r_kc
-    - (alpha / tau) <M_k, v_c> + B'_k] for c != k (module docstring)."""
-    ks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cs = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    - (alpha / tau) <M_k, v_c> + B'_k] for c != k (module docstring); NaN when a label is out of range."""
+    pid = tl.program_id(0)  # (row tile, column tile) folded onto axis 0
+    tiles = tl.cdiv(C, BLOCK_T)
+    ks = (pid % tiles) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cs = (pid // tiles) * BLOCK_T + tl.arange(0, BLOCK_T)
     km = ks < C
     cm = cs < C
     mw = tl.full((BLOCK_T, BLOCK_T), 0, ACC)   # <M_k, w_c>
@@ -434,6 +462,7 @@ def _dtheta_kernel(m_ptr, ab_ptr, w_ptr, wn_ptr, lr_ptr, gic_ptr, out_ptr, C, D,
     f_kc = tl.exp(lr_kc) * (a_k[:, None] * lr_kc - mv + b_k[:, None])
     f_ck = tl.exp(lr_ck) * (a_c[None, :] * lr_ck - vm + b_c[None, :])
     out = tl.where(off, (0.5 * tl.load(gic_ptr).to(ACC)) * (f_kc + f_ck), 0.0)
+    out = tl.where(bad_labels(lay_ptr, B, C), float("nan"), out)
     tl.store(out_ptr + ks.to(tl.int64)[:, None] * C + cs[None, :], out.to(out_ptr.dtype.element_ty),
              mask=km[:, None] & cm[None, :])
 
@@ -467,80 +496,83 @@ def _column_splits(b: int, c: int, d: int, device: torch.device) -> tuple[int, i
 def _forward_impl(x, proxies, similarity, labels, alpha, tau, t, eps, distillation, diversity, adaptive_weight,
                   diversity_weight, class_balanced, ignore_index):
     check_dtype("idid_loss", x)
-    x, w = x.contiguous(), proxies.contiguous()
-    b, d = x.shape
-    c = w.shape[0]
-    acc, ACC, prec = acc_dtype(x.dtype), tl_acc(x.dtype), dot_precision(x.dtype)
-    layout, offsets = bucket_rows(labels, c, ignore_index)
-    x_norm, w_norm = row_norms(x), row_norms(w)
-    xs, xs_norm = scaled_rows(x, x_norm)  # the rows every cosine kernel reads (see _idid_common)
-    cls = torch.empty(2, dtype=torch.int64, device=x.device)
-    _class_stats_kernel[(1,)](offsets, cls, c, BLOCK=pick(1024, 8))
-    if distillation:
-        teacher = torch.empty((c, c), dtype=acc, device=x.device)
-        block_r = pick(8, 8)
-        _teacher_kernel[(triton.cdiv(c, block_r),)](similarity.contiguous(), teacher, c, ACC=ACC, BLOCK_R=block_r,
-                                                    BLOCK_C=pick(128, 8))
-    else:
-        teacher = torch.empty((0, 0), dtype=acc, device=x.device)
-    row_stats = torch.empty((ROW_STATS, b), dtype=acc, device=x.device)
-    grid = lambda meta: (triton.cdiv(b, meta["BLOCK_M"]),)  # noqa: E731
-    _ic_forward_kernel[grid](xs, w, xs_norm, w_norm, layout, offsets, cls, teacher if distillation else w_norm,
-                             row_stats, b, c, d, *split_f64(alpha), *split_f64(1.0 / tau), DISTILL=distillation,
-                             UNIT_TAU=tau == 1.0, BALANCED=class_balanced, ACC=ACC, DOT_PREC=prec)
-    if diversity:
-        pair_row_sums(xs, xs_norm, layout, offsets, c, t, row_stats[PAIR_SUM])
-    loss, l_ic, l_id, lam = (torch.empty((), dtype=x.dtype, device=x.device) for _ in range(4))
-    _finalize_kernel[(1,)](row_stats, offsets, cls, loss, l_ic, l_id, lam, b, c, *split_f64(eps),
-                           *split_f64(diversity_weight), DIVERSITY=diversity, ADAPTIVE=adaptive_weight, ACC=ACC,
-                           BLOCK=pick(1024, 8))
-    return loss, l_ic, l_id, lam, row_stats, x_norm, w_norm, teacher, layout, offsets
+    with _rows.on_device(x):  # Triton launches on the current device, not the tensors'
+        x, w = x.contiguous(), proxies.contiguous()
+        b, d = x.shape
+        c = w.shape[0]
+        acc, ACC, prec = acc_dtype(x.dtype), tl_acc(x.dtype), dot_precision(x.dtype)
+        layout, offsets = bucket_rows(labels, c, ignore_index)
+        x_norm, w_norm = row_norms(x), row_norms(w)
+        xs, xs_norm = scaled_rows(x, x_norm)  # the rows every cosine kernel reads (see _idid_common)
+        cls = torch.empty(2, dtype=torch.int64, device=x.device)
+        _class_stats_kernel[(1,)](offsets, cls, c, BLOCK=pick(1024, 8))
+        if distillation:
+            teacher = torch.empty((c, c), dtype=acc, device=x.device)
+            block_r = pick(8, 8)
+            _teacher_kernel[(triton.cdiv(c, block_r),)](similarity.contiguous(), teacher, c, ACC=ACC, BLOCK_R=block_r,
+                                                        BLOCK_C=pick(128, 8))
+        else:
+            teacher = torch.empty((0, 0), dtype=acc, device=x.device)
+        row_stats = torch.empty((ROW_STATS, b), dtype=acc, device=x.device)
+        grid = lambda meta: (triton.cdiv(b, meta["BLOCK_M"]),)  # noqa: E731
+        _ic_forward_kernel[grid](xs, w, xs_norm, w_norm, layout, offsets, cls, teacher if distillation else w_norm,
+                                 row_stats, b, c, d, *split_f64(alpha), *split_f64(1.0 / tau), DISTILL=distillation,
+                                 UNIT_TAU=tau == 1.0, BALANCED=class_balanced, ACC=ACC, DOT_PREC=prec)
+        if diversity:
+            pair_row_sums(xs, xs_norm, layout, offsets, c, t, row_stats[PAIR_SUM])
+        loss, l_ic, l_id, lam = (torch.empty((), dtype=x.dtype, device=x.device) for _ in range(4))
+        _finalize_kernel[(1,)](row_stats, offsets, cls, layout, loss, l_ic, l_id, lam, b, c, *split_f64(eps),
+                               *split_f64(diversity_weight), DIVERSITY=diversity, ADAPTIVE=adaptive_weight, ACC=ACC,
+                               BLOCK=pick(1024, 8))
+        return loss, l_ic, l_id, lam, row_stats, x_norm, w_norm, teacher, layout, offsets
 
 
 def _backward_impl(grad_ic, grad_id, x, proxies, row_stats, x_norm, w_norm, teacher, layout, offsets, alpha, tau, t,
                    distillation, diversity, similarity_grad):
     check_dtype("idid_loss", x)
-    x, w = x.contiguous(), proxies.contiguous()
-    b, d = x.shape
-    c = w.shape[0]
-    acc, ACC, prec = acc_dtype(x.dtype), tl_acc(x.dtype), dot_precision(x.dtype)
-    gic = grad_ic.to(acc).reshape(1)
-    gid = grad_id.to(acc).reshape(1)
-    lr = teacher if distillation else w_norm
-    scalars = (*split_f64(alpha), *split_f64(1.0 / tau))
+    with _rows.on_device(x):  # Triton launches on the current device, not the tensors'
+        x, w = x.contiguous(), proxies.contiguous()
+        b, d = x.shape
+        c = w.shape[0]
+        acc, ACC, prec = acc_dtype(x.dtype), tl_acc(x.dtype), dot_precision(x.dtype)
+        gic = grad_ic.to(acc).reshape(1)
+        gid = grad_id.to(acc).reshape(1)
+        lr = teacher if distillation else w_norm
+        scalars = (*split_f64(alpha), *split_f64(1.0 / tau))
 
-    xs, xs_norm = scaled_rows(x, x_norm)  # recomputed (O(B d)), as in the forward
-    du = torch.empty((b, d), dtype=acc, device=x.device)
-    grid = lambda meta: (triton.cdiv(b, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
-    _grad_rows_kernel[grid](xs, w, xs_norm, w_norm, layout, offsets, row_stats, lr, gic, gid, du, b, c, d, *scalars,
-                            *split_f64(t), DISTILL=distillation, DIVERSITY=diversity, ACC=ACC, DOT_PREC=prec)
-    dx = normalize_backward(du, x, x_norm)
+        xs, xs_norm = scaled_rows(x, x_norm)  # recomputed (O(B d)), as in the forward
+        du = torch.empty((b, d), dtype=acc, device=x.device)
+        grid = lambda meta: (triton.cdiv(b, meta["BLOCK_M"]) * triton.cdiv(d, meta["BLOCK_D"]),)  # noqa: E731
+        _grad_rows_kernel[grid](xs, w, xs_norm, w_norm, layout, offsets, row_stats, lr, gic, gid, du, b, c, d, *scalars,
+                                *split_f64(t), DISTILL=distillation, DIVERSITY=diversity, ACC=ACC, DOT_PREC=prec)
+        dx = normalize_backward(du, x, x_norm)
 
-    splits, rows_per_split = _column_splits(b, c, d, x.device)
-    atomic = splits > 1 and not torch.are_deterministic_algorithms_enabled()
-    dv = (torch.zeros if atomic else torch.empty)((1 if atomic else splits, c, d), dtype=acc, device=x.device)
-    grid = lambda meta: (triton.cdiv(c, meta["BLOCK_N"]), triton.cdiv(d, meta["BLOCK_D"]), splits)  # noqa: E731
-    _grad_cols_kernel[grid](xs, w, xs_norm, w_norm, layout, offsets, row_stats, lr, gic, dv, b, c, d, rows_per_split,
-                            *scalars, DISTILL=distillation, ATOMIC=atomic, ACC=ACC, DOT_PREC=prec)
-    dw = normalize_backward(dv, w, w_norm, nsplit=1 if atomic else splits)
+        splits, rows_per_split = _column_splits(b, c, d, x.device)
+        atomic = splits > 1 and not torch.are_deterministic_algorithms_enabled()
+        dv = (torch.zeros if atomic else torch.empty)((1 if atomic else splits, c, d), dtype=acc, device=x.device)
+        grid = lambda m: (triton.cdiv(c, m["BLOCK_N"]) * triton.cdiv(d, m["BLOCK_D"]) * splits,)  # noqa: E731
+        _grad_cols_kernel[grid](xs, w, xs_norm, w_norm, layout, offsets, row_stats, lr, gic, dv, b, c, d,
+                                rows_per_split, *scalars, DISTILL=distillation, ATOMIC=atomic, ACC=ACC, DOT_PREC=prec)
+        dw = normalize_backward(dv, w, w_norm, nsplit=1 if atomic else splits)
 
-    if not (distillation and similarity_grad):  # no (C, C) buffer for a similarity that takes no gradient
-        dsim = torch.empty((0, 0), dtype=x.dtype, device=x.device)
-    # With C = 2 the teacher distribution over the one non-target class is the constant 1: no gradient.
-    elif c > 2:
-        sums = torch.empty((c, d), dtype=acc, device=x.device)
-        ab = torch.empty((2, c), dtype=acc, device=x.device)
-        _class_sums_kernel[(c,)](xs, xs_norm, layout, offsets, row_stats, sums, ab, b, c, d, ACC=ACC,
-                                 BLOCK_M=pick(32, 8), BLOCK_D=pick(128, 32))
-        dsim = torch.empty((c, c), dtype=x.dtype, device=x.device)
-        block_t = pick(32, 8)
-        _dtheta_kernel[(triton.cdiv(c, block_t), triton.cdiv(c, block_t))](
-            sums, ab, w, w_norm, teacher, gic, dsim, c, d, *scalars, ACC=ACC,
-            DOT_PREC="ieee" if ACC == tl.float32 and prec == "ieee" else "tf32", BLOCK_T=block_t,
-            BLOCK_K=pick(32, 32))
-    else:
-        dsim = torch.zeros((c, c), dtype=x.dtype, device=x.device)
-    return dx, dw, dsim
+        if not (distillation and similarity_grad):  # no (C, C) buffer for a similarity that takes no gradient
+            dsim = torch.empty((0, 0), dtype=x.dtype, device=x.device)
+        # With C = 2 the teacher distribution over the one non-target class is the constant 1: no gradient.
+        elif c > 2:
+            sums = torch.empty((c, d), dtype=acc, device=x.device)
+            ab = torch.empty((2, c), dtype=acc, device=x.device)
+            _class_sums_kernel[(c,)](xs, xs_norm, layout, offsets, row_stats, sums, ab, b, c, d, ACC=ACC,
+                                     BLOCK_M=pick(32, 8), BLOCK_D=pick(128, 32))
+            dsim = torch.empty((c, c), dtype=x.dtype, device=x.device)
+            block_t = pick(32, 8)
+            _dtheta_kernel[(triton.cdiv(c, block_t) ** 2,)](
+                sums, ab, w, w_norm, teacher, gic, layout, dsim, b, c, d, *scalars, ACC=ACC,
+                DOT_PREC="ieee" if ACC == tl.float32 and prec == "ieee" else "tf32", BLOCK_T=block_t,
+                BLOCK_K=pick(32, 32))
+        else:
+            dsim = torch.zeros((c, c), dtype=x.dtype, device=x.device)
+            dsim.masked_fill_(layout[1, -1] > c, float("nan"))  # a label out of range (see bad_labels)
+        return dx, dw, dsim
 
 
 # ----------------------------------------------------------------------------------------------

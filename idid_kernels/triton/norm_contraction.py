@@ -10,8 +10,10 @@ Ops (``torch.library`` custom ops, so autograd and ``torch.compile(fullgraph=Tru
   dx_n = grad_n g'(r_n) u_n with u_n = x_n / r_n (0 for a zero row), with g'(r) = sig(z) sig(-z) / T evaluated as
   e / (1 + e)^2 / T, e = exp(-|z|): both factors keep full precision where sig(z) rounds to 1.
 
-The scalars offset and 1/T reach the kernels in a small tensor of the accumulation dtype
-(:func:`~idid_kernels.triton._rows.scalars`), not as float arguments.
+The scalars offset and 1/T (computed in double on the host) reach the kernels as the bit patterns of
+their float64 values (:func:`~idid_kernels.triton._rows.f64_bits`): plain launch arguments, exact for
+float64 inputs and rounded once for the others, with no per-call allocation, fill or host-to-device
+copy (the op can be captured in a CUDA graph).
 """
 from __future__ import annotations
 
@@ -21,13 +23,13 @@ import triton.language as tl
 
 from .._autograd import DEVICE_AUTOGRAD_KEYS, register_autograd, register_no_double_backward
 from . import _rows
-from ._rows import no_double_backward, nrm2_finish, nrm2_step
+from ._rows import f64_value, no_double_backward, nrm2_finish, nrm2_step
 
 _NS = "idid_triton"
 
 
-@triton.jit
-def _forward_kernel(x_ptr, out_ptr, norm_ptr, param_ptr, N, D, stride_n, stride_d,
+@triton.jit(do_not_specialize=["offset_bits", "inv_t_bits"])
+def _forward_kernel(x_ptr, out_ptr, norm_ptr, offset_bits, inv_t_bits, N, D, stride_n, stride_d,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
@@ -39,8 +41,8 @@ def _forward_kernel(x_ptr, out_ptr, norm_ptr, param_ptr, N, D, stride_n, stride_
         v = tl.load(base + cols[None, :] * stride_d, mask=rmask[:, None] & (cols[None, :] < D), other=0.0).to(ACC)
         scale, ssq = nrm2_step(scale, ssq, v)
     r = nrm2_finish(scale, ssq)
-    offset = tl.load(param_ptr)
-    inv_t = tl.load(param_ptr + 1)
+    offset = f64_value(offset_bits, ACC)
+    inv_t = f64_value(inv_t_bits, ACC)
     z = (r - offset) * inv_t
     # overflow-free logistic: exp of a non-positive argument only
     e = tl.exp(-tl.abs(z))
@@ -49,16 +51,16 @@ def _forward_kernel(x_ptr, out_ptr, norm_ptr, param_ptr, N, D, stride_n, stride_
     tl.store(out_ptr + rows, sig.to(out_ptr.dtype.element_ty), mask=rmask)
 
 
-@triton.jit
-def _backward_kernel(grad_ptr, x_ptr, norm_ptr, param_ptr, dx_ptr, N, D, stride_n, stride_d,
+@triton.jit(do_not_specialize=["offset_bits", "inv_t_bits"])
+def _backward_kernel(grad_ptr, x_ptr, norm_ptr, offset_bits, inv_t_bits, dx_ptr, N, D, stride_n, stride_d,
                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     r64 = rows.to(tl.int64)
     r = tl.load(norm_ptr + rows, mask=rmask, other=1.0)
     g = tl.load(grad_ptr + rows, mask=rmask, other=0.0).to(ACC)
-    offset = tl.load(param_ptr)
-    inv_t = tl.load(param_ptr + 1)
+    offset = f64_value(offset_bits, ACC)
+    inv_t = f64_value(inv_t_bits, ACC)
     e = tl.exp(-tl.abs((r - offset) * inv_t))
     one_e = 1.0 + e
     coef = g * (e / (one_e * one_e) * inv_t)
@@ -73,9 +75,9 @@ def _backward_kernel(grad_ptr, x_ptr, norm_ptr, param_ptr, dx_ptr, N, D, stride_
         tl.store(dx_ptr + r64[:, None] * D + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m)
 
 
-def _params(x: torch.Tensor, offset: float, temperature: float) -> torch.Tensor:
-    # [offset, 1/T], 1/T computed in double on the host and rounded once to the accumulation dtype
-    return _rows.scalars(x, offset, 1.0 / temperature)
+def _params(offset: float, temperature: float) -> tuple[int, int]:
+    # (offset, 1/T) as float64 bit patterns, 1/T computed in double on the host
+    return _rows.f64_bits(offset), _rows.f64_bits(1.0 / temperature)
 
 
 @torch.library.custom_op(f"{_NS}::norm_contraction_forward", mutates_args=())
@@ -85,7 +87,7 @@ def norm_contraction_forward(x: torch.Tensor, offset: float, temperature: float)
     norm = torch.empty(n, dtype=_rows.acc_dtype(x.dtype), device=x.device)
     block_n, block_d = _rows.row_block(d)
     with _rows.on_device(x):
-        _forward_kernel[(triton.cdiv(n, block_n),)](x, out, norm, _params(x, offset, temperature), n, d, x.stride(0),
+        _forward_kernel[(triton.cdiv(n, block_n),)](x, out, norm, *_params(offset, temperature), n, d, x.stride(0),
                                                     x.stride(1), BLOCK_N=block_n, BLOCK_D=block_d,
                                                     ACC=_rows.tl_acc(x.dtype))
     return out, norm
@@ -104,7 +106,7 @@ def norm_contraction_backward(grad_out: torch.Tensor, x: torch.Tensor, norm: tor
     dx = torch.empty((n, d), dtype=x.dtype, device=x.device)
     block_n, block_d = _rows.row_block(d)
     with _rows.on_device(x):
-        _backward_kernel[(triton.cdiv(n, block_n),)](grad_out.contiguous(), x, norm, _params(x, offset, temperature),
+        _backward_kernel[(triton.cdiv(n, block_n),)](grad_out.contiguous(), x, norm, *_params(offset, temperature),
                                                      dx, n, d, x.stride(0), x.stride(1), BLOCK_N=block_n,
                                                      BLOCK_D=block_d, ACC=_rows.tl_acc(x.dtype))
     return dx

@@ -15,6 +15,10 @@ Ops (``torch.library`` custom ops; autograd and fake kernels registered below):
   not asked for is an empty (0, d) tensor.
 
 No atomics: every output tile has one owner, so results are bitwise reproducible.
+
+Grids are one-dimensional: the (row tile, column tile) and (row tile, feature chunk) pairs are
+folded onto axis 0 (limit 2^31 - 1 programs), since axes 1 and 2 stop at 65,535, which a 2-D grid
+of column tiles passes at M > ~2.1M (32-wide tiles).
 """
 from __future__ import annotations
 
@@ -49,8 +53,11 @@ _BWD_CONFIGS = _rows.configs(
 def _forward_kernel(x_ptr, y_ptr, norm_x_ptr, norm_y_ptr, out_ptr, N, M, D, stride_xn, stride_xd, stride_yn,
                     stride_yd, PREC: tl.constexpr, DOT_DT: tl.constexpr, ACC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # (row tile, column tile) folded onto grid axis 0, row tiles fastest (the order of a 2-D grid)
+    pid = tl.program_id(0)
+    row_tiles = tl.cdiv(N, BLOCK_M)
+    rows = (pid % row_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (pid // row_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask, cmask = rows < N, cols < M
     x_base = x_ptr + rows.to(tl.int64)[:, None] * stride_xn
     y_base = y_ptr + cols.to(tl.int64)[:, None] * stride_yn
@@ -79,8 +86,10 @@ def _grad_matmul_kernel(g_ptr, stride_gi, stride_gk, v_ptr, stride_vk, stride_vd
                         SYM: tl.constexpr, PREC: tl.constexpr, IN_DT: tl.constexpr, DOT_DT: tl.constexpr,
                         ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """out[i, :] = sum_k A_ik v_k / max(||v_k||, eps), A = G (or G + G^T when SYM), float32 out."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    pid = tl.program_id(0)  # (row tile, feature chunk) folded onto axis 0, row tiles fastest
+    row_tiles = tl.cdiv(N, BLOCK_M)
+    rows = (pid % row_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ds = (pid // row_tiles) * BLOCK_D + tl.arange(0, BLOCK_D)
     rmask, dmask = rows < N, ds < D
     r64 = rows.to(tl.int64)
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
@@ -109,7 +118,7 @@ def _grad_wrt(g: torch.Tensor, transpose: bool, sym: bool, other: torch.Tensor, 
     k = other.shape[0]
     stride_gi, stride_gk = (g.stride(1), g.stride(0)) if transpose else (g.stride(0), g.stride(1))
     buf = torch.empty((n, d), dtype=_rows.acc_dtype(x.dtype), device=x.device)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(d, meta["BLOCK_D"]),)  # noqa: E731
     with _rows.on_device(x):
         _grad_matmul_kernel[grid](g, stride_gi, stride_gk, other, other.stride(0), other.stride(1), other_norm, buf,
                                   n, k, d, SYM=sym, PREC=_rows.dot_precision(x.dtype), IN_DT=_rows.tl_dtype(x.dtype),
@@ -130,7 +139,7 @@ def pairwise_cosine_forward(x: torch.Tensor, y: torch.Tensor | None) -> tuple[to
         norm_y = norm_o = _rows.row_norms(y)
     m = other.shape[0]
     out = torch.empty((n, m), dtype=x.dtype, device=x.device)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(m, meta["BLOCK_N"]))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(m, meta["BLOCK_N"]),)  # noqa: E731
     with _rows.on_device(x):
         # left operand scaled per row by a power of two near 1 / ||x_i||: the dots are O(||y_j||)
         xs, xs_norm = _rows.scaled_rows(x, norm_x)
