@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from .._autograd import no_double_backward  # noqa: F401  (re-exported: one refusal for every backend)
-from ._rows import nrm2_finish, nrm2_step, scaled_rows  # noqa: F401  (scaled_rows: re-exported)
+from ._rows import by_dtype, nrm2_finish, nrm2_step, per_dtype, scaled_rows  # noqa: F401  (re-exported)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -90,12 +90,21 @@ def split_f64(value: float) -> tuple[float, float, float]:
     return hi, mid, float(np.float32(value - hi - mid))
 
 
-def configs(gpu: list[tuple], interp: tuple, names: tuple[str, ...]) -> list[triton.Config]:
+def configs(gpu: list[tuple] | dict, interp: tuple, names: tuple[str, ...]) -> list[triton.Config]:
     """Autotune configurations: tuples of block sizes (``names``) then num_warps and num_stages.
-    Under the interpreter only ``interp``."""
-    rows = [interp] if INTERPRET else gpu
+    Under the interpreter only ``interp``. ``gpu`` may map input dtypes (a torch dtype or a tuple of
+    them) to such lists, for kernels autotuned with ``prune_configs_by=by_dtype(arg)``
+    (:func:`._rows.per_dtype`)."""
     n = len(names)
-    return [triton.Config(dict(zip(names, r[:n])), num_warps=r[n], num_stages=r[n + 1]) for r in rows]
+
+    def make(rows):
+        return [triton.Config(dict(zip(names, r[:n])), num_warps=r[n], num_stages=r[n + 1]) for r in rows]
+
+    if INTERPRET:
+        return make([interp])
+    if isinstance(gpu, dict):
+        return per_dtype({dtypes: make(rows) for dtypes, rows in gpu.items()})
+    return make(gpu)
 
 
 def pick(gpu, interp):
