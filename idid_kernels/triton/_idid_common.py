@@ -247,8 +247,17 @@ def row_norms(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@triton.autotune(configs=configs([(64, 64, 32, 4, 3), (32, 64, 64, 4, 3), (128, 64, 32, 8, 3), (64, 32, 64, 4, 3)],
-                                 (8, 8, 32, 1, 1), ("BLOCK_M", "BLOCK_N", "BLOCK_K")), key=["C", "D"])
+# Autotune configs per input dtype (_rows.per_dtype), none of which spills registers on sm_90 or
+# sm_80 (`python -m idid_kernels compile-check`): bf16/fp16 tiles go to the tensor cores; float32
+# (exact products: FMA) and float64 (two registers an element) hold smaller tiles in 255 registers.
+_PAIR_ROW_SUMS_CONFIGS = configs({
+    (torch.bfloat16, torch.float16): [(64, 64, 32, 4, 3), (32, 64, 64, 4, 3), (128, 64, 32, 8, 3), (64, 32, 64, 4, 3)],
+    torch.float32: [(128, 64, 32, 8, 3), (64, 64, 16, 8, 3), (32, 64, 32, 4, 3), (64, 32, 32, 4, 3)],
+    torch.float64: [(64, 64, 16, 8, 3), (64, 32, 32, 8, 3), (32, 64, 32, 4, 3), (32, 32, 32, 4, 3)],
+}, (8, 8, 32, 1, 1), ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+
+
+@triton.autotune(configs=_PAIR_ROW_SUMS_CONFIGS, key=["C", "D"], prune_configs_by=by_dtype("x_ptr"))
 @triton.jit
 def pair_row_sums_kernel(x_ptr, xn_ptr, lay_ptr, offs_ptr, out_ptr, B, C, D, t_hi, t_mid, t_lo, ACC: tl.constexpr,
                          DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
