@@ -37,8 +37,9 @@ Compiles run in worker subprocesses (``--jobs``), started with ``TRITON_INTERPRE
 ``IDID_KERNELS_TRITON_TF32`` removed from their environment: the kernel modules pick their configs
 when imported, and the interpreter's config is not what a GPU runs. Results are cached under
 ``$IDID_KERNELS_CACHE/compile_check`` (default ``~/.cache/idid_kernels/compile_check``), keyed by
-triton's own hash of the kernel source and its dependencies, the signature, constexprs, options,
-target, ptxas version and triton version; ``--no-cache`` compiles everything again.
+triton's own hash of the kernel source and its dependencies, the signature, constexprs, the parsed
+compile options, the target, the ptxas version, the triton version and the environment variables
+triton treats as cache-invalidating; ``--no-cache`` compiles everything again.
 """
 from __future__ import annotations
 
@@ -609,6 +610,13 @@ def _cache_dir() -> str:
     return os.path.join(root, "compile_check")
 
 
+def _env_key() -> str:
+    """The environment variables triton itself treats as invalidating its cache, as a string."""
+    from triton.compiler import compiler
+    env = getattr(compiler, "get_cache_invalidating_env_vars", dict)()
+    return json.dumps(env, sort_keys=True, default=str)
+
+
 def compile_job(job: Job, cache_dir: str | None) -> Result:
     """Compile one job for its target and measure it (in a worker)."""
     import triton
@@ -632,8 +640,8 @@ def compile_job(job: Job, cache_dir: str | None) -> Result:
         options = dict(num_warps=job.num_warps, num_stages=job.num_stages, **job.extra_options)
         spec_t = specialize_with_triton(fn, values, backend, options) or specialize_here(fn, values)
         src = _ast_source(fn, *spec_t)
-        key = hashlib.sha256("|".join([src.hash(), json.dumps(options, sort_keys=True), str(job.arch),
-                                       backend.hash(), triton.__version__]).encode()).hexdigest()
+        key = hashlib.sha256("|".join([src.hash(), backend.parse_options(dict(options)).hash(), str(job.arch),
+                                       backend.hash(), triton.__version__, _env_key()]).encode()).hexdigest()
         path = os.path.join(cache_dir, key[:2], key + ".json") if cache_dir else None
         if path and os.path.exists(path):
             with open(path) as f:

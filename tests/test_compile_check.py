@@ -97,13 +97,17 @@ def _job(kernel, dtype, meta, warps, stages, arch=90, variant="default"):
     return cc.Job(kernel, variant, dtype, arch, meta, warps, stages)
 
 
-def test_one_real_compile_for_sm90():
-    """One autotune config of one kernel compiled to a cubin for sm_90 (a few seconds)."""
+def test_one_real_compile_for_sm90_and_its_cached_result(tmp_path):
+    """One autotune config of one kernel compiled to a cubin for sm_90 (a few seconds); compiled
+    again, the result comes from the cache, unchanged."""
     job = _job("pairwise_cosine._forward_kernel", "bfloat16", dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32), 4, 2)
-    (res,) = cc.compile_jobs([job], workers=1, cache_dir=None, timeout=300)
+    res, again = cc.compile_jobs([job, job], workers=1, cache_dir=str(tmp_path), timeout=300)
     assert res.status == "OK", res.error
     assert res.registers > 0 and res.shared > 0
     assert res.spill_stores == 0 and res.spill_loads == 0 and res.stack is not None
+    assert not res.cached and again.cached
+    assert (again.status, again.registers, again.shared, again.spill_stores) == (
+        res.status, res.registers, res.shared, res.spill_stores)
 
 
 def test_a_broken_config_fails_with_exit_status_1(tmp_path):
