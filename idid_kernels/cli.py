@@ -1,4 +1,4 @@
-"""Command line: ``python -m idid_kernels {bench,check,info,train}``."""
+"""Command line: ``python -m idid_kernels {bench,check,compile-check,info,train}``."""
 from __future__ import annotations
 
 import argparse
@@ -52,6 +52,11 @@ def _cmd_check(args) -> int:
     return 1 if bad else 0
 
 
+def _cmd_compile_check(args) -> int:
+    from .compile_check import main as run_compile_check
+    return run_compile_check(args)
+
+
 def _cmd_train(args) -> int:
     from .train.runner import main as run_train
     return run_train(args)
@@ -76,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     check.add_argument("--seed", type=int, default=0)
     check.set_defaults(func=_cmd_check)
+    from .compile_check import add_arguments as add_compile_check_arguments
+    compile_check = sub.add_parser("compile-check", help="compile every Triton kernel x autotune config x dtype "
+                                                         "for NVIDIA targets without a GPU; registers, spills")
+    add_compile_check_arguments(compile_check)
+    compile_check.set_defaults(func=_cmd_compile_check)
     info = sub.add_parser("info", help="versions and which backends can run here")
     info.set_defaults(func=_cmd_info)
     from .train.runner import add_arguments as add_train_arguments

@@ -46,20 +46,23 @@ def test_max_configs_rejects_what_is_not_a_positive_int(monkeypatch, raw):
 
 
 _COUNT_CONFIGS = textwrap.dedent("""
-    import triton
+    import torch, triton
     from idid_kernels.triton import _idid_common, class_density, cm_margin, idid_loss, pairwise_cosine
     counts = {}
     for module in (_idid_common, class_density, cm_margin, idid_loss, pairwise_cosine):
         for name, obj in vars(module).items():
             if isinstance(obj, triton.runtime.Autotuner):
-                counts[module.__name__ + "." + name] = len(obj.configs)
+                for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+                    # configs tagged per dtype (_rows.per_dtype) are tuned per dtype; untagged ones for all
+                    mine = [c for c in obj.configs if dtype in getattr(c, "dtypes", (dtype,))]
+                    counts[module.__name__ + "." + name + ":" + str(dtype)] = len(mine)
     print(repr(counts))
 """)
 
 
 def _config_counts(max_configs: str | None) -> dict[str, int]:
-    """{kernel: number of autotune configs} in a fresh interpreter, on the GPU config lists (no
-    TRITON_INTERPRET: importing the kernels needs no GPU)."""
+    """{kernel:dtype: number of autotune configs the autotuner tries for that input dtype} in a fresh
+    interpreter, on the GPU config lists (no TRITON_INTERPRET: importing the kernels needs no GPU)."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", ENV)}
     if max_configs is not None:
         env[ENV] = max_configs
@@ -71,9 +74,10 @@ def _config_counts(max_configs: str | None) -> dict[str, int]:
 
 def test_max_configs_trims_every_autotuned_kernel_at_import():
     full = _config_counts(None)
-    assert len(full) >= 9 and all(n >= 2 for n in full.values()), full
+    assert len(full) >= 4 * 9 and all(n >= 1 for n in full.values()), full
+    assert any(n >= 2 for n in full.values())
     assert _config_counts("1") == {k: 1 for k in full}
-    assert _config_counts("2") == {k: 2 for k in full}
+    assert _config_counts("2") == {k: min(2, n) for k, n in full.items()}
 
 
 def test_max_configs_invalid_value_fails_the_import_naming_the_variable():

@@ -56,7 +56,9 @@ import triton.language as tl
 
 from .._autograd import no_double_backward  # noqa: F401  (re-exported: one refusal for every backend)
 from . import _rows
-from ._rows import nrm2_finish, nrm2_step, scaled_rows, trim_configs  # noqa: F401  (scaled_rows: re-exported)
+from ._rows import (  # noqa: F401  (by_dtype, scaled_rows: re-exported)
+    by_dtype, nrm2_finish, nrm2_step, per_dtype, scaled_rows, trim_configs,
+)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -101,13 +103,22 @@ def split_f64(value: float) -> tuple[float, float, float]:
     return hi, mid, float(np.float32(value - hi - mid))
 
 
-def configs(gpu: list[tuple], interp: tuple, names: tuple[str, ...]) -> list[triton.Config]:
+def configs(gpu: list[tuple] | dict, interp: tuple, names: tuple[str, ...]) -> list[triton.Config]:
     """Autotune configurations: tuples of block sizes (``names``) then num_warps and num_stages.
     Under the interpreter only ``interp``; on a GPU the first ``IDID_KERNELS_TRITON_MAX_CONFIGS``
-    entries of ``gpu`` when that variable is set (:func:`._rows.max_configs`, read at import)."""
-    rows = [interp] if INTERPRET else trim_configs(gpu)
+    entries of each list when that variable is set (:func:`._rows.max_configs`, read at import).
+    ``gpu`` may map input dtypes (a torch dtype or a tuple of them) to such lists, for kernels
+    autotuned with ``prune_configs_by=by_dtype(arg)`` (:func:`._rows.per_dtype`)."""
     n = len(names)
-    return [triton.Config(dict(zip(names, r[:n])), num_warps=r[n], num_stages=r[n + 1]) for r in rows]
+
+    def make(rows):
+        return [triton.Config(dict(zip(names, r[:n])), num_warps=r[n], num_stages=r[n + 1]) for r in rows]
+
+    if INTERPRET:
+        return make([interp])
+    if isinstance(gpu, dict):
+        return per_dtype({dtypes: make(trim_configs(rows)) for dtypes, rows in gpu.items()})
+    return make(trim_configs(gpu))
 
 
 def pick(gpu, interp):
@@ -263,8 +274,17 @@ def row_norms(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@triton.autotune(configs=configs([(64, 64, 32, 4, 3), (32, 64, 64, 4, 3), (128, 64, 32, 8, 3), (64, 32, 64, 4, 3)],
-                                 (8, 8, 32, 1, 1), ("BLOCK_M", "BLOCK_N", "BLOCK_K")), key=["C", "D"])
+# Autotune configs per input dtype (_rows.per_dtype), none of which spills registers on sm_90 or
+# sm_80 (`python -m idid_kernels compile-check`): bf16/fp16 tiles go to the tensor cores; float32
+# (exact products: FMA) and float64 (two registers an element) hold smaller tiles in 255 registers.
+_PAIR_ROW_SUMS_CONFIGS = configs({
+    (torch.bfloat16, torch.float16): [(64, 64, 32, 4, 3), (32, 64, 64, 4, 3), (128, 64, 32, 8, 3), (64, 32, 64, 4, 3)],
+    torch.float32: [(128, 64, 32, 8, 3), (64, 64, 16, 8, 3), (32, 64, 32, 4, 3), (64, 32, 32, 4, 3)],
+    torch.float64: [(64, 64, 16, 8, 3), (64, 32, 32, 8, 3), (32, 64, 32, 4, 3), (32, 32, 32, 4, 3)],
+}, (8, 8, 32, 1, 1), ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+
+
+@triton.autotune(configs=_PAIR_ROW_SUMS_CONFIGS, key=["C", "D"], prune_configs_by=by_dtype("x_ptr"))
 @triton.jit
 def pair_row_sums_kernel(x_ptr, xn_ptr, lay_ptr, offs_ptr, out_ptr, B, C, D, t_hi, t_mid, t_lo, ACC: tl.constexpr,
                          DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,

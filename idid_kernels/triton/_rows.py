@@ -131,17 +131,58 @@ def trim_configs(gpu: list) -> list:
     return list(gpu) if limit is None else list(gpu)[:limit]
 
 
-def configs(gpu: list[dict], interpreter: dict) -> list[triton.Config]:
-    """Autotune configs: ``gpu`` as (meta, num_warps, num_stages) dicts (trimmed by
-    ``IDID_KERNELS_TRITON_MAX_CONFIGS``, :func:`max_configs`), or the one interpreter config."""
+def configs(gpu: list[dict] | dict, interpreter: dict) -> list[triton.Config]:
+    """Autotune configs: ``gpu`` as (meta, num_warps, num_stages) dicts, or the one interpreter config;
+    each list trimmed by ``IDID_KERNELS_TRITON_MAX_CONFIGS`` (:func:`max_configs`).
+
+    ``gpu`` may also map input dtypes (a torch dtype, or a tuple of them) to such lists: the configs
+    are then tagged with their dtypes (:func:`per_dtype`), and a kernel autotuned with
+    ``prune_configs_by=by_dtype(arg)`` tunes each dtype over its own list."""
     if interpreted():
         return [triton.Config(dict(interpreter), num_warps=1, num_stages=1)]
-    out = []
-    for cfg in trim_configs(gpu):
+
+    def make(cfg):
         cfg = dict(cfg)
         warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-        out.append(triton.Config(cfg, num_warps=warps, num_stages=stages))
-    return out
+        return triton.Config(cfg, num_warps=warps, num_stages=stages)
+
+    if isinstance(gpu, dict):
+        return per_dtype({dtypes: [make(c) for c in trim_configs(cfgs)] for dtypes, cfgs in gpu.items()})
+    return [make(c) for c in trim_configs(gpu)]
+
+
+def per_dtype(lists: dict) -> list[triton.Config]:
+    """One list of the configs of ``lists`` ({dtype or tuple of dtypes: [triton.Config]}), each tagged
+    with the set ``dtypes`` it is for (a config listed for several dtypes appears once).
+
+    Why per dtype: registers, not shared memory, bound these tiles. A float32 tile multiplied with
+    exact products (``input_precision="ieee"``, FMA, no tensor cores) or a float64 tile (two
+    registers per element) spills at sizes a bf16/fp16 tile on the tensor cores holds easily, so
+    one list either spills for float32/float64 or gives up bf16's large tiles."""
+    merged: dict = {}
+    for key, cfgs in lists.items():
+        dtypes = key if isinstance(key, tuple) else (key,)
+        for cfg in cfgs:
+            ident = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages, getattr(cfg, "num_ctas", 1),
+                     getattr(cfg, "maxnreg", None))
+            if ident in merged:
+                merged[ident].dtypes |= set(dtypes)
+            else:
+                cfg.dtypes = set(dtypes)
+                merged[ident] = cfg
+    return list(merged.values())
+
+
+def by_dtype(arg: str) -> dict:
+    """``prune_configs_by`` for triton.autotune: keep the configs tagged (:func:`per_dtype`) with the
+    dtype of the tensor argument ``arg``, or all of them when none is (an untagged list, or a dtype
+    with no list). The autotuner's cache key holds the dtype of every tensor argument besides the
+    ``key`` arguments, so each dtype is tuned, and remembered, separately."""
+    def prune(configs, named_args, **kwargs):
+        dtype = getattr(named_args.get(arg), "dtype", None)
+        mine = [c for c in configs if dtype in getattr(c, "dtypes", ())]
+        return mine or list(configs)
+    return {"early_config_prune": prune}
 
 
 @functools.lru_cache(maxsize=None)

@@ -29,7 +29,7 @@ import triton.language as tl
 from .._autograd import DEVICE_AUTOGRAD_KEYS, register_autograd, register_no_double_backward
 from . import _rows
 from ._idid_common import (
-    acc_dtype, accumulate_pull, bad_labels, bucket_rows, check_dtype, configs, dot_precision,
+    acc_dtype, accumulate_pull, bad_labels, bucket_rows, by_dtype, check_dtype, configs, dot_precision,
     no_double_backward, normalize_backward, pair_row_sums, pick, row_norms, scaled_rows, split_f64, tl_acc,
 )
 
@@ -54,9 +54,18 @@ def _class_sum_kernel(rowsum_ptr, offs_ptr, lay_ptr, out_ptr, B, C, ACC: tl.cons
     tl.store(out_ptr + c, density.to(out_ptr.dtype.element_ty))
 
 
-@triton.autotune(configs=configs([(64, 64, 32, 64, 4, 2), (64, 64, 32, 128, 4, 2), (32, 64, 64, 128, 4, 2),
-                                  (128, 64, 32, 128, 8, 2)], (8, 8, 32, 32, 1, 1),
-                                 ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_D")), key=["C", "D"])
+# Autotune configs per input dtype (_rows.per_dtype), none of which spills registers on sm_90 or
+# sm_80 (`python -m idid_kernels compile-check`): bf16/fp16 tiles go to the tensor cores; float32
+# (exact products: FMA) and float64 (two registers an element) hold smaller tiles in 255 registers.
+_PULL_ROWS_CONFIGS = configs({
+    (torch.bfloat16, torch.float16): [(64, 64, 32, 64, 8, 2), (64, 64, 32, 128, 8, 2), (32, 64, 64, 128, 8, 2)],
+    torch.float32: [(64, 32, 32, 64, 8, 2), (64, 64, 16, 32, 8, 2), (32, 32, 32, 128, 8, 2), (32, 64, 32, 64, 8, 2),
+                    (32, 32, 16, 128, 8, 2)],
+    torch.float64: [(64, 32, 16, 64, 8, 2), (32, 64, 16, 64, 8, 2), (32, 32, 32, 64, 8, 2), (32, 32, 16, 32, 4, 2)],
+}, (8, 8, 32, 32, 1, 1), ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_D"))
+
+
+@triton.autotune(configs=_PULL_ROWS_CONFIGS, key=["C", "D"], prune_configs_by=by_dtype("x_ptr"))
 @triton.jit
 def _pull_rows_kernel(x_ptr, xn_ptr, lay_ptr, offs_ptr, g_ptr, du_ptr, B, C, D, t_hi, t_mid, t_lo, ACC: tl.constexpr,
                       DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,

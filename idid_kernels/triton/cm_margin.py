@@ -66,19 +66,43 @@ _NS = "idid_triton"
 _R, _COS, _SHIFT, _LOG_SUM, _MASS, _MASS_COS = range(6)
 _NUM_STATS = 6
 
+# Autotune configs per input dtype (_rows.per_dtype), none of which spills registers on sm_90 or sm_80
+# (`python -m idid_kernels compile-check`): bf16/fp16 tiles go to the tensor cores and take the
+# large tiles; float32 (exact products: FMA, no tensor cores) and float64 (two registers an element)
+# hold smaller tiles in a thread's 255 registers.
+_HALF = (torch.bfloat16, torch.float16)
 _FWD_CONFIGS = _rows.configs(
-    gpu=[dict(BLOCK_N=128, BLOCK_C=128, BLOCK_D=32, num_warps=8, num_stages=3),
-         dict(BLOCK_N=128, BLOCK_C=64, BLOCK_D=64, num_warps=8, num_stages=3),
-         dict(BLOCK_N=64, BLOCK_C=128, BLOCK_D=64, num_warps=4, num_stages=3),
-         dict(BLOCK_N=64, BLOCK_C=64, BLOCK_D=64, num_warps=4, num_stages=4),
-         dict(BLOCK_N=64, BLOCK_C=64, BLOCK_D=32, num_warps=4, num_stages=2)],
+    gpu={_HALF: [dict(BLOCK_N=128, BLOCK_C=128, BLOCK_D=32, num_warps=8, num_stages=2),
+                 dict(BLOCK_N=128, BLOCK_C=64, BLOCK_D=64, num_warps=8, num_stages=3),
+                 dict(BLOCK_N=64, BLOCK_C=128, BLOCK_D=64, num_warps=8, num_stages=3),
+                 dict(BLOCK_N=64, BLOCK_C=64, BLOCK_D=64, num_warps=4, num_stages=4),
+                 dict(BLOCK_N=64, BLOCK_C=64, BLOCK_D=32, num_warps=4, num_stages=2)],
+         torch.float32: [dict(BLOCK_N=128, BLOCK_C=64, BLOCK_D=32, num_warps=8, num_stages=3),
+                         dict(BLOCK_N=64, BLOCK_C=128, BLOCK_D=16, num_warps=8, num_stages=3),
+                         dict(BLOCK_N=64, BLOCK_C=32, BLOCK_D=32, num_warps=8, num_stages=3),
+                         dict(BLOCK_N=64, BLOCK_C=64, BLOCK_D=16, num_warps=4, num_stages=3),
+                         dict(BLOCK_N=32, BLOCK_C=64, BLOCK_D=32, num_warps=4, num_stages=2)],
+         torch.float64: [dict(BLOCK_N=64, BLOCK_C=64, BLOCK_D=16, num_warps=8, num_stages=3),
+                         dict(BLOCK_N=64, BLOCK_C=32, BLOCK_D=32, num_warps=8, num_stages=3),
+                         dict(BLOCK_N=32, BLOCK_C=64, BLOCK_D=32, num_warps=8, num_stages=3),
+                         dict(BLOCK_N=32, BLOCK_C=32, BLOCK_D=32, num_warps=4, num_stages=3),
+                         dict(BLOCK_N=64, BLOCK_C=32, BLOCK_D=16, num_warps=4, num_stages=2)]},
     interpreter=dict(BLOCK_N=16, BLOCK_C=16, BLOCK_D=16))
 # The backward holds a tile of G besides the GEMM operands: smaller tiles than the forward.
 _BWD_CONFIGS = _rows.configs(
-    gpu=[dict(BLOCK_N=128, BLOCK_C=64, BLOCK_D=64, num_warps=8, num_stages=3),
-         dict(BLOCK_N=64, BLOCK_C=128, BLOCK_D=64, num_warps=8, num_stages=3),
-         dict(BLOCK_N=64, BLOCK_C=64, BLOCK_D=64, num_warps=4, num_stages=3),
-         dict(BLOCK_N=64, BLOCK_C=64, BLOCK_D=32, num_warps=4, num_stages=2)],
+    gpu={_HALF: [dict(BLOCK_N=128, BLOCK_C=64, BLOCK_D=32, num_warps=8, num_stages=3),
+                 dict(BLOCK_N=64, BLOCK_C=128, BLOCK_D=32, num_warps=8, num_stages=3),
+                 dict(BLOCK_N=64, BLOCK_C=64, BLOCK_D=64, num_warps=8, num_stages=3),
+                 dict(BLOCK_N=64, BLOCK_C=64, BLOCK_D=32, num_warps=4, num_stages=2)],
+         torch.float32: [dict(BLOCK_N=64, BLOCK_C=64, BLOCK_D=16, num_warps=8, num_stages=3),
+                         dict(BLOCK_N=32, BLOCK_C=64, BLOCK_D=32, num_warps=8, num_stages=3),
+                         dict(BLOCK_N=32, BLOCK_C=64, BLOCK_D=16, num_warps=4, num_stages=3),
+                         dict(BLOCK_N=32, BLOCK_C=32, BLOCK_D=16, num_warps=8, num_stages=3),
+                         dict(BLOCK_N=32, BLOCK_C=32, BLOCK_D=32, num_warps=8, num_stages=2)],
+         torch.float64: [dict(BLOCK_N=64, BLOCK_C=64, BLOCK_D=16, num_warps=8, num_stages=3),
+                         dict(BLOCK_N=64, BLOCK_C=32, BLOCK_D=32, num_warps=8, num_stages=3),
+                         dict(BLOCK_N=32, BLOCK_C=64, BLOCK_D=32, num_warps=8, num_stages=3),
+                         dict(BLOCK_N=32, BLOCK_C=32, BLOCK_D=16, num_warps=4, num_stages=2)]},
     interpreter=dict(BLOCK_N=16, BLOCK_C=16, BLOCK_D=16))
 
 
@@ -130,7 +154,7 @@ def _cosine_tile(x_ptr, w_ptr, rows, cls, rmask, cmask, inv_x, inv_w, D, stride_
     return acc * inv_x[:, None] * inv_w[None, :]
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["C", "D"])
+@triton.autotune(configs=_FWD_CONFIGS, key=["C", "D"], prune_configs_by=_rows.by_dtype("x_ptr"))
 @triton.jit
 def _forward_kernel(x_ptr, w_ptr, labels_ptr, x_norm_ptr, w_norm_ptr, scale_ptr, target_ptr,
                     loss_ptr, shift_ptr, log_sum_ptr, mass_ptr, mass_cos_ptr, N, C, D, ignore_index,
@@ -220,7 +244,8 @@ def _load_rows(labels_ptr, x_norm_ptr, scale_ptr, shift_ptr, log_sum_ptr, ag_ptr
     return y, inv_x, a, shift, log_sum, ag, g_target
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["C", "D"], reset_to_zero=["bx_ptr", "bw_ptr"])
+@triton.autotune(configs=_BWD_CONFIGS, key=["C", "D"], reset_to_zero=["bx_ptr", "bw_ptr"],
+                 prune_configs_by=_rows.by_dtype("x_ptr"))
 @triton.jit
 def _backward_rows_kernel(x_ptr, w_ptr, labels_ptr, x_norm_ptr, w_norm_ptr, scale_ptr, shift_ptr, log_sum_ptr, ag_ptr,
                           g_target_ptr, bx_ptr, bw_ptr, N, C, D, stride_xn, stride_xd, stride_wc, stride_wd,
@@ -276,7 +301,8 @@ def _backward_rows_kernel(x_ptr, w_ptr, labels_ptr, x_norm_ptr, w_norm_ptr, scal
                               sem="relaxed")
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["C", "D"], reset_to_zero=["bw_ptr"])
+@triton.autotune(configs=_BWD_CONFIGS, key=["C", "D"], reset_to_zero=["bw_ptr"],
+                 prune_configs_by=_rows.by_dtype("x_ptr"))
 @triton.jit
 def _backward_classes_kernel(x_ptr, w_ptr, labels_ptr, x_norm_ptr, w_norm_ptr, scale_ptr, shift_ptr, log_sum_ptr,
                              ag_ptr,

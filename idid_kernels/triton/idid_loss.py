@@ -69,9 +69,9 @@ from .._autograd import DEVICE_AUTOGRAD_KEYS, register_autograd, register_no_dou
 from . import _rows
 from ..reference.idid import IDIDTerms
 from ._idid_common import (
-    INTERPRET, acc_dtype, accumulate_pull, bad_labels, bucket_rows, check_dtype, configs, dot_precision, dot_rows,
-    log_add_exp, no_double_backward, normalize_backward, pair_row_sums, pick, row_norms, scaled_rows, softplus,
-    split_f64, tl_acc,
+    INTERPRET, acc_dtype, accumulate_pull, bad_labels, bucket_rows, by_dtype, check_dtype, configs, dot_precision,
+    dot_rows, log_add_exp, no_double_backward, normalize_backward, pair_row_sums, pick, row_norms, scaled_rows,
+    softplus, split_f64, tl_acc,
 )
 
 _FWD = "idid_kernels::triton_idid_loss_forward"
@@ -83,6 +83,7 @@ ROW_STATS = 8
 
 _TILE_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
 _GRAD_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_D")
+_HALF = (torch.bfloat16, torch.float16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,8 +133,17 @@ def _teacher_kernel(th_ptr, lr_ptr, C, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
                  mask=inb)
 
 
-@triton.autotune(configs=configs([(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (128, 128, 32, 8, 3),
-                                  (32, 64, 64, 4, 3)], (8, 8, 32, 1, 1), _TILE_NAMES), key=["C", "D"])
+# Autotune configs per input dtype (_rows.per_dtype), none of which spills registers on sm_90 or
+# sm_80 (`python -m idid_kernels compile-check`): bf16/fp16 tiles go to the tensor cores; float32
+# (exact products: FMA) and float64 (two registers an element) hold smaller tiles in 255 registers.
+_IC_FORWARD_CONFIGS = configs({
+    _HALF: [(64, 64, 32, 8, 3), (64, 64, 64, 8, 3), (64, 128, 32, 8, 3), (128, 64, 64, 8, 3), (32, 64, 64, 4, 3)],
+    torch.float32: [(64, 64, 32, 8, 3), (64, 64, 16, 8, 3), (32, 32, 16, 4, 3)],
+    torch.float64: [(64, 32, 32, 8, 3), (32, 64, 32, 8, 3), (64, 32, 16, 8, 3), (32, 32, 32, 4, 3), (32, 32, 16, 4, 3)],
+}, (8, 8, 32, 1, 1), _TILE_NAMES)
+
+
+@triton.autotune(configs=_IC_FORWARD_CONFIGS, key=["C", "D"], prune_configs_by=by_dtype("x_ptr"))
 @triton.jit
 def _ic_forward_kernel(x_ptr, w_ptr, xn_ptr, wn_ptr, lay_ptr, offs_ptr, cls_ptr, lr_ptr, rs_ptr, B, C, D,
                        alpha_hi, alpha_mid, alpha_lo, itau_hi, itau_mid, itau_lo, DISTILL: tl.constexpr,
@@ -275,9 +285,16 @@ def _ic_logit_grad(z, y, cols, cmask, rmask, lse, lnt, lse_t, lr_ptr, C, inv_tau
 
 # BLOCK_D is the feature chunk of dU each program owns: the logits tile is recomputed once per chunk,
 # so wide chunks trade registers for fewer recomputations (configs that do not fit are skipped).
-@triton.autotune(configs=configs([(64, 64, 32, 64, 4, 2), (64, 64, 32, 128, 4, 2), (128, 64, 32, 128, 8, 2),
-                                  (32, 64, 32, 256, 4, 2), (64, 32, 64, 128, 4, 2), (32, 32, 32, 512, 8, 2)],
-                                 (8, 8, 32, 32, 1, 1), _GRAD_NAMES), key=["C", "D"])
+_GRAD_ROWS_CONFIGS = configs({
+    _HALF: [(64, 64, 32, 64, 8, 2), (64, 64, 32, 128, 8, 2), (64, 32, 64, 128, 8, 2), (32, 64, 32, 256, 8, 2),
+            (64, 32, 32, 256, 8, 2), (32, 32, 32, 256, 8, 2)],
+    torch.float32: [(32, 32, 32, 128, 8, 2), (64, 32, 32, 64, 8, 2), (32, 32, 16, 128, 4, 2), (64, 64, 16, 32, 8, 2),
+                    (32, 64, 16, 64, 8, 2)],
+    torch.float64: [(32, 32, 32, 64, 8, 2), (32, 32, 32, 32, 8, 2), (16, 32, 16, 64, 8, 2), (32, 32, 16, 64, 8, 2)],
+}, (8, 8, 32, 32, 1, 1), _GRAD_NAMES)
+
+
+@triton.autotune(configs=_GRAD_ROWS_CONFIGS, key=["C", "D"], prune_configs_by=by_dtype("x_ptr"))
 @triton.jit
 def _grad_rows_kernel(x_ptr, w_ptr, xn_ptr, wn_ptr, lay_ptr, offs_ptr, rs_ptr, lr_ptr, gic_ptr, gid_ptr, du_ptr,
                       B, C, D, alpha_hi, alpha_mid, alpha_lo, itau_hi, itau_mid, itau_lo, t_hi, t_mid, t_lo,
@@ -328,9 +345,17 @@ def _grad_rows_kernel(x_ptr, w_ptr, xn_ptr, wn_ptr, lay_ptr, offs_ptr, rs_ptr, l
     tl.store(du_ptr + src.to(tl.int64)[:, None] * D + dcols[None, :], acc, mask=inb[:, None] & dmask[None, :])
 
 
-@triton.autotune(configs=configs([(64, 64, 32, 64, 4, 2), (64, 64, 32, 128, 4, 2), (64, 128, 32, 128, 8, 2),
-                                  (64, 32, 32, 256, 4, 2), (32, 64, 64, 128, 4, 2), (32, 32, 32, 512, 8, 2)],
-                                 (8, 8, 32, 32, 1, 1), _GRAD_NAMES), key=["C", "D"], reset_to_zero=["dv_ptr"])
+_GRAD_COLS_CONFIGS = configs({
+    _HALF: [(64, 64, 32, 64, 8, 2), (64, 64, 32, 128, 8, 2), (32, 64, 64, 128, 8, 2), (64, 32, 64, 128, 8, 2),
+            (32, 32, 32, 512, 8, 2)],
+    torch.float32: [(64, 64, 16, 32, 8, 2), (32, 64, 32, 64, 8, 2), (64, 32, 32, 64, 8, 2), (32, 32, 32, 128, 8, 2),
+                    (32, 32, 16, 128, 8, 2)],
+    torch.float64: [(32, 64, 16, 64, 8, 2), (32, 32, 32, 64, 8, 2), (16, 32, 16, 64, 8, 2), (32, 32, 32, 32, 4, 2)],
+}, (8, 8, 32, 32, 1, 1), _GRAD_NAMES)
+
+
+@triton.autotune(configs=_GRAD_COLS_CONFIGS, key=["C", "D"], reset_to_zero=["dv_ptr"],
+                 prune_configs_by=by_dtype("x_ptr"))
 @triton.jit
 def _grad_cols_kernel(x_ptr, w_ptr, xn_ptr, wn_ptr, lay_ptr, offs_ptr, rs_ptr, lr_ptr, gic_ptr, dv_ptr, B, C, D,
                       rows_per_split, alpha_hi, alpha_mid, alpha_lo, itau_hi, itau_mid, itau_lo, DISTILL: tl.constexpr,

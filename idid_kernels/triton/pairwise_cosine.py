@@ -32,23 +32,45 @@ from ._rows import dot_operand, no_double_backward
 
 _NS = "idid_triton"
 
+# Autotune configs per input dtype (_rows.per_dtype), none of which spills registers on sm_90 or sm_80
+# (`python -m idid_kernels compile-check`); float64 takes two registers an element: smaller tiles.
+_HALF = (torch.bfloat16, torch.float16)
 _FWD_CONFIGS = _rows.configs(
-    gpu=[dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=32, num_warps=8, num_stages=3),
-         dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=32, num_warps=4, num_stages=4),
-         dict(BLOCK_M=64, BLOCK_N=128, BLOCK_D=32, num_warps=4, num_stages=4),
-         dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, num_warps=4, num_stages=3),
-         dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=64, num_warps=4, num_stages=2)],
+    gpu={_HALF: [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=32, num_warps=8, num_stages=3),
+                 dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=32, num_warps=4, num_stages=4),
+                 dict(BLOCK_M=64, BLOCK_N=128, BLOCK_D=32, num_warps=4, num_stages=4),
+                 dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, num_warps=4, num_stages=3),
+                 dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=64, num_warps=4, num_stages=2)],
+         torch.float32: [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=32, num_warps=8, num_stages=3),
+                         dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=32, num_warps=8, num_stages=4),
+                         dict(BLOCK_M=64, BLOCK_N=128, BLOCK_D=32, num_warps=8, num_stages=4),
+                         dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=4, num_stages=3),
+                         dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=64, num_warps=4, num_stages=2)],
+         torch.float64: [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=8, num_stages=3),
+                         dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=16, num_warps=4, num_stages=3),
+                         dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=32, num_warps=4, num_stages=3),
+                         dict(BLOCK_M=32, BLOCK_N=64, BLOCK_D=32, num_warps=4, num_stages=3),
+                         dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=32, num_warps=4, num_stages=2)]},
     interpreter=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=16))
 
 _BWD_CONFIGS = _rows.configs(
-    gpu=[dict(BLOCK_M=128, BLOCK_K=32, BLOCK_D=64, num_warps=8, num_stages=3),
-         dict(BLOCK_M=64, BLOCK_K=64, BLOCK_D=64, num_warps=4, num_stages=3),
-         dict(BLOCK_M=64, BLOCK_K=32, BLOCK_D=128, num_warps=4, num_stages=3),
-         dict(BLOCK_M=32, BLOCK_K=32, BLOCK_D=64, num_warps=4, num_stages=2)],
+    gpu={_HALF: [dict(BLOCK_M=128, BLOCK_K=32, BLOCK_D=64, num_warps=8, num_stages=3),
+                 dict(BLOCK_M=64, BLOCK_K=64, BLOCK_D=64, num_warps=4, num_stages=3),
+                 dict(BLOCK_M=64, BLOCK_K=32, BLOCK_D=128, num_warps=4, num_stages=3),
+                 dict(BLOCK_M=32, BLOCK_K=32, BLOCK_D=64, num_warps=4, num_stages=2)],
+         torch.float32: [dict(BLOCK_M=128, BLOCK_K=32, BLOCK_D=64, num_warps=8, num_stages=3),
+                         dict(BLOCK_M=64, BLOCK_K=64, BLOCK_D=32, num_warps=8, num_stages=3),
+                         dict(BLOCK_M=32, BLOCK_K=32, BLOCK_D=128, num_warps=4, num_stages=3),
+                         dict(BLOCK_M=32, BLOCK_K=32, BLOCK_D=64, num_warps=4, num_stages=2)],
+         torch.float64: [dict(BLOCK_M=64, BLOCK_K=32, BLOCK_D=64, num_warps=8, num_stages=3),
+                         dict(BLOCK_M=128, BLOCK_K=32, BLOCK_D=32, num_warps=8, num_stages=3),
+                         dict(BLOCK_M=32, BLOCK_K=32, BLOCK_D=128, num_warps=8, num_stages=3),
+                         dict(BLOCK_M=64, BLOCK_K=16, BLOCK_D=64, num_warps=8, num_stages=3),
+                         dict(BLOCK_M=32, BLOCK_K=32, BLOCK_D=64, num_warps=4, num_stages=2)]},
     interpreter=dict(BLOCK_M=16, BLOCK_K=16, BLOCK_D=16))
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["N", "M", "D"])
+@triton.autotune(configs=_FWD_CONFIGS, key=["N", "M", "D"], prune_configs_by=_rows.by_dtype("x_ptr"))
 @triton.jit
 def _forward_kernel(x_ptr, y_ptr, norm_x_ptr, norm_y_ptr, out_ptr, N, M, D, stride_xn, stride_xd, stride_yn,
                     stride_yd, PREC: tl.constexpr, DOT_DT: tl.constexpr, ACC: tl.constexpr,
@@ -80,7 +102,7 @@ def _forward_kernel(x_ptr, y_ptr, norm_x_ptr, norm_y_ptr, out_ptr, N, M, D, stri
              mask=rmask[:, None] & cmask[None, :])
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["N", "K", "D"])
+@triton.autotune(configs=_BWD_CONFIGS, key=["N", "K", "D"], prune_configs_by=_rows.by_dtype("v_ptr"))
 @triton.jit
 def _grad_matmul_kernel(g_ptr, stride_gi, stride_gk, v_ptr, stride_vk, stride_vd, norm_v_ptr, out_ptr, N, K, D,
                         SYM: tl.constexpr, PREC: tl.constexpr, IN_DT: tl.constexpr, DOT_DT: tl.constexpr,
