@@ -14,12 +14,17 @@ Environment switches (read at build time):
 
     IDID_KERNELS_NO_EXT=1     build no extension: a pure-Python install on the reference backend
     IDID_KERNELS_NO_CUDA=1    build the CPU extension even when torch has CUDA and nvcc is found
+    IDID_KERNELS_NO_CUDA_EMULATOR=1
+                              leave the CUDA-execution emulator out of the CPU build (by default the
+                              CPU build also compiles csrc/cuda/*.cu as host C++ against csrc/emu, so
+                              IDID_KERNELS_CUDA_EMULATE=1 runs those kernels on CPU tensors)
     IDID_KERNELS_CUDA_ARCH    nvcc architectures, e.g. "80;90" (default: TORCH_CUDA_ARCH_LIST or "80;90")
     IDID_KERNELS_DEBUG=1      -O0 -g builds
     MAX_JOBS                  parallel compile jobs for ninja (torch.utils.cpp_extension reads it)
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -51,6 +56,20 @@ the build must see it:
 `pip install .` without --no-build-isolation builds in a fresh environment that has no torch.
 For a pure-Python install (reference backend only, no fused kernels) set IDID_KERNELS_NO_EXT=1.
 """
+
+
+def _emulated_cuda_sources():
+    """csrc/cuda/*.cu with their <<<>>> launches rewritten for the emulator (build/cuda_emu/*.cu.cpp,
+    rewritten only when they change), the emulator's scheduler, and the CUDA bindings."""
+    spec = importlib.util.spec_from_file_location("_idid_launch_rewrite", CSRC / "emu" / "launch_rewrite.py")
+    rewrite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rewrite)
+    generated = []
+    for cu in sorted((CSRC / "cuda").glob("*.cu")):
+        out = ROOT / "build" / "cuda_emu" / f"{cu.stem}.cu.cpp"
+        rewrite.rewrite_file(cu.relative_to(ROOT), out)
+        generated.append(out)
+    return generated + [CSRC / "emu" / "idid_emu.cpp"] + sorted((CSRC / "cuda").glob("*_binding.cpp"))
 
 
 def _extensions():
@@ -95,8 +114,18 @@ def _extensions():
             **common,
         )
     else:
+        emulator = not _flag("IDID_KERNELS_NO_CUDA_EMULATOR")
+        if emulator:
+            sources += _emulated_cuda_sources()
+            cxx += ["-DIDID_KERNELS_CUDA_EMULATOR", "-Wno-unknown-pragmas"]  # #pragma unroll in .cu
+            # The emulator's cuda_runtime.h, cuda_fp16.h, cuda_bf16.h and cub first; csrc/cuda for the
+            # rewritten sources' quoted includes.
+            common["include_dirs"] = [str(CSRC / "emu" / "include"), str(CSRC / "cuda"), str(CSRC)]
         ext = cpp_extension.CppExtension(sources=_rel(sources), extra_compile_args={"cxx": cxx}, **common)
-    print(f"idid_kernels: building {'CUDA' if with_cuda else 'CPU'} extension", file=sys.stderr)
+        with_cuda = False
+    kind = "CUDA" if with_cuda else ("CPU (with the CUDA emulator)" if not _flag("IDID_KERNELS_NO_CUDA_EMULATOR")
+                                     else "CPU")
+    print(f"idid_kernels: building {kind} extension", file=sys.stderr)
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 

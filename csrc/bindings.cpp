@@ -1,10 +1,16 @@
 // Op schemas of the idid_kernels library. Implementations register per dispatch key in
 // cpu/*.cpp and cuda/*_binding.cpp; autograd and fake (meta) kernels are registered from Python
 // in idid_kernels/ops/, so the plumbing is written once for every backend.
+//
+// The CPU build with the CUDA-execution emulator (IDID_KERNELS_CUDA_EMULATOR, csrc/emu) also
+// defines the same schemas in the idid_kernels_emu library, whose CPU kernels are the CUDA kernels
+// of cuda/*.cu run by the emulator (backend="cuda" on CPU tensors, IDID_KERNELS_CUDA_EMULATE=1).
 #include <Python.h>
 #include <torch/library.h>
 
-TORCH_LIBRARY(idid_kernels, m) {
+namespace {
+
+void define_ops(torch::Library& m) {
   // out_n = sigmoid((||x_n|| - offset) / temperature) in x's dtype; norm_n = ||x_n|| in the
   // accumulation dtype (float32, float64 for float64 x), saved for backward.
   m.def("norm_contraction_forward(Tensor x, float offset, float temperature) -> (Tensor out, Tensor norm)");
@@ -74,8 +80,17 @@ TORCH_LIBRARY(idid_kernels, m) {
       "Tensor dsimilarity)");
 }
 
+}  // namespace
+
+TORCH_LIBRARY(idid_kernels, m) { define_ops(m); }
+
+#ifdef IDID_KERNELS_CUDA_EMULATOR
+TORCH_LIBRARY(idid_kernels_emu, m) { define_ops(m); }
+#endif
+
 // A plain extension module so that `import idid_kernels._C` loads the library and runs the
-// registrations above; it also reports whether CUDA kernels were compiled in.
+// registrations above; it also reports whether CUDA kernels were compiled in, natively or for the
+// emulator.
 namespace {
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "idid_kernels C++/CUDA kernels", -1, nullptr};
 }
@@ -88,7 +103,13 @@ PyMODINIT_FUNC PyInit__C(void) {
 #else
   const int with_cuda = 0;
 #endif
-  if (PyModule_AddIntConstant(module, "with_cuda", with_cuda) != 0) {
+#ifdef IDID_KERNELS_CUDA_EMULATOR
+  const int with_cuda_emulator = 1;
+#else
+  const int with_cuda_emulator = 0;
+#endif
+  if (PyModule_AddIntConstant(module, "with_cuda", with_cuda) != 0 ||
+      PyModule_AddIntConstant(module, "with_cuda_emulator", with_cuda_emulator) != 0) {
     Py_DECREF(module);
     return nullptr;
   }

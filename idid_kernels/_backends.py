@@ -1,8 +1,9 @@
 """Which backends exist, which are usable here, and which one runs a given op.
 
 Backends: ``reference`` (pure PyTorch, always there), ``cpp`` (the C++ CPU kernels of the
-``idid_kernels._C`` extension), ``cuda`` (its CUDA kernels, where built with CUDA) and ``triton``
-(fused Triton kernels). A backend is *available* when it can run here at all and *implements* an op
+``idid_kernels._C`` extension), ``cuda`` (its CUDA kernels, where built with CUDA; or, in a CPU
+build, the same kernels on CPU tensors under the CUDA-execution emulator when
+``IDID_KERNELS_CUDA_EMULATE=1``) and ``triton`` (fused Triton kernels). A backend is *available* when it can run here at all and *implements* an op
 when it has kernels for it; ``backend="auto"`` takes the first backend in the device's preference
 order that is available, implements the op and runs on the tensors' device.
 """
@@ -30,6 +31,27 @@ def triton_interpreted() -> bool:
     native code, so ``backend="auto"`` never picks it on the CPU; ``backend="triton"`` runs it.
     """
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def cuda_emulated() -> bool:
+    """Whether ``backend="cuda"`` runs the CUDA kernels on CPU tensors under the emulator
+    (``IDID_KERNELS_CUDA_EMULATE=1`` and an extension built with it, csrc/emu).
+
+    Like Triton's interpreter this is for testing the kernels without a GPU: every GPU thread
+    becomes a fiber on one CPU core, so ``backend="auto"`` never picks it; ``backend="cuda"`` runs it.
+    The order in which the emulator runs blocks and threads is set by
+    ``IDID_KERNELS_CUDA_EMULATE_ORDER`` (forward, reverse, random or random:SEED).
+    """
+    if os.environ.get("IDID_KERNELS_CUDA_EMULATE") != "1":
+        return False
+    ext = extension()
+    return ext is not None and bool(getattr(ext, "with_cuda_emulator", 0))
+
+
+def op_namespace(backend: str, device: torch.device) -> str:
+    """The torch.ops library whose kernels run ``backend`` on ``device``: the emulated CUDA kernels
+    have their own (same schemas, CPU kernels); everything else is ``idid_kernels``."""
+    return "idid_kernels_emu" if backend == "cuda" and device.type == "cpu" else "idid_kernels"
 
 # op name -> backends with kernels for it. Grows as kernels land; the reference has everything.
 IMPLEMENTED: dict[str, set[str]] = {
@@ -97,11 +119,18 @@ def missing(backend: str) -> str | None:
                     f"({_ext_state.get('error')}); build it with torch installed first: "
                     "`pip install --no-build-isolation -e '.[test]'`")
         if backend == "cuda":
+            if getattr(ext, "with_cuda", 0) and torch.cuda.is_available():
+                return None
+            if cuda_emulated():
+                return None
+            if os.environ.get("IDID_KERNELS_CUDA_EMULATE") == "1":
+                return ("IDID_KERNELS_CUDA_EMULATE=1 is set but idid_kernels._C was built without the CUDA "
+                        "emulator (a CUDA build, or IDID_KERNELS_NO_CUDA_EMULATOR=1)")
             if not getattr(ext, "with_cuda", 0):
                 return ("idid_kernels._C was built without CUDA (CPU torch, no nvcc, or IDID_KERNELS_NO_CUDA=1); "
-                        "rebuild with a CUDA build of torch and nvcc on PATH")
-            if not torch.cuda.is_available():
-                return "no CUDA device is visible to torch"
+                        "rebuild with a CUDA build of torch and nvcc on PATH, or set IDID_KERNELS_CUDA_EMULATE=1 "
+                        "to run the CUDA kernels on CPU tensors in the emulator")
+            return "no CUDA device is visible to torch"
         return None
     if backend == "triton":
         return _triton_missing()
@@ -128,6 +157,8 @@ def runs_on(backend: str, device: torch.device) -> bool:
     devices = _DEVICE_TYPES[backend]
     if backend == "triton" and device.type == "cpu" and triton_interpreted():
         return True
+    if backend == "cuda" and device.type == "cpu" and cuda_emulated():
+        return True
     return devices is None or device.type in devices
 
 
@@ -151,5 +182,7 @@ def select_backend(op: str, backend: str, device: torch.device) -> str:
         where = "/".join(_DEVICE_TYPES[backend])
         if backend == "triton":
             where += " (cpu too under TRITON_INTERPRET=1)"
+        if backend == "cuda":
+            where += " (cpu too under IDID_KERNELS_CUDA_EMULATE=1)"
         raise ValueError(f"backend {backend!r} runs on {where} tensors, but the inputs are on {device}")
     return backend

@@ -9,10 +9,12 @@ has no kernel for that op yet). The math of each op is in its reference implemen
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import reference as ref
-from ._backends import select_backend
+from ._backends import op_namespace, select_backend
 from ._validation import (
     check_bool, check_choice, check_class_weight, check_finite, check_int, check_labels, check_matrix,
     check_nonnegative, check_positive, check_same,
@@ -21,19 +23,22 @@ from .reference.cm_margin import CONTRACTIONS, REDUCTIONS
 from .reference.margins import MARGIN_GRADS, check_margin_numbers, resolve_margin
 
 
-def _norm_contraction_ext(x, offset, temperature):
+# The cpp and cuda backends share these wrappers of the C++ ops; ``ns`` is the library whose
+# kernels run (_backends.op_namespace: the emulated CUDA kernels on CPU tensors have their own).
+def _norm_contraction_ext(x, offset, temperature, ns="idid_kernels"):
     from .ops.norm_contraction import norm_contraction as op
-    return op(x, offset, temperature)
+    return op(x, offset, temperature, ns=ns)
 
 
-def _cm_margin_loss_ext(x, weight, labels, *, margin, m, m1, m2, m3, sphere_lambda, easy_margin, **kwargs):
+def _cm_margin_loss_ext(x, weight, labels, *, margin, m, m1, m2, m3, sphere_lambda, easy_margin, ns="idid_kernels",
+                        **kwargs):
     from .ops.cm_margin import cm_margin_loss as op
-    return op(x, weight, labels, resolve_margin(margin, m, m1, m2, m3, sphere_lambda, easy_margin), **kwargs)
+    return op(x, weight, labels, resolve_margin(margin, m, m1, m2, m3, sphere_lambda, easy_margin), ns=ns, **kwargs)
 
 
-def _pairwise_cosine_ext(x, y):
+def _pairwise_cosine_ext(x, y, ns="idid_kernels"):
     from .ops.pairwise_cosine import pairwise_cosine as op
-    return op(x, y)
+    return op(x, y, ns=ns)
 
 
 def _norm_contraction_triton(x, offset, temperature):
@@ -51,9 +56,9 @@ def _pairwise_cosine_triton(x, y):
     return op(x, y)
 
 
-def _class_density_ext(x, labels, num_classes, t):
+def _class_density_ext(x, labels, num_classes, t, ns="idid_kernels"):
     from .ops.class_density import class_density as op
-    return op(x, labels, num_classes, t)
+    return op(x, labels, num_classes, t, ns=ns)
 
 
 def _class_density_triton(x, labels, num_classes, t):
@@ -61,9 +66,9 @@ def _class_density_triton(x, labels, num_classes, t):
     return op(x, labels, num_classes, t)
 
 
-def _idid_loss_ext(x, proxies, similarity, labels, **kw):
+def _idid_loss_ext(x, proxies, similarity, labels, ns="idid_kernels", **kw):
     from .ops.idid_loss import idid_loss as op
-    return op(x, proxies, similarity, labels, **kw)
+    return op(x, proxies, similarity, labels, ns=ns, **kw)
 
 
 def _idid_loss_triton(x, proxies, similarity, labels, **kw):
@@ -87,7 +92,12 @@ _KERNELS = {
 
 
 def _kernel(op: str, backend: str, device: torch.device):
-    return _KERNELS[op][select_backend(op, backend, device)]
+    chosen = select_backend(op, backend, device)
+    kernel = _KERNELS[op][chosen]
+    ns = op_namespace(chosen, device)
+    if ns != "idid_kernels":
+        return functools.partial(kernel, ns=ns)
+    return kernel
 
 
 def validate_cm_config(*, s, margin, m, m1, m2, m3, sphere_lambda, easy_margin, contraction, norm_offset,

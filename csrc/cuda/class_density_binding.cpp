@@ -1,10 +1,8 @@
 // Torch-side CUDA registration of class_density: checks, the label sort and class offsets (ATen on
 // the current stream), allocation, then the pointer-only launchers of class_density.cu. No host
-// synchronisation: every shape follows from n, d and C. Built only when torch has CUDA.
+// synchronisation: every shape follows from n, d and C. Built with CUDA, and in the CPU build under the emulator (binding_utils.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <torch/library.h>
@@ -61,7 +59,8 @@ SortedLabels sort_by_label(const at::Tensor& labels_in, const at::Tensor& x, int
 
 void check_x(const at::Tensor& x) {
   check_2d_float("x", x);
-  TORCH_CHECK(x.is_cuda(), "class_density (cuda): x must be a CUDA tensor, got one on ", x.device());
+  TORCH_CHECK(cuda::on_kernel_device(x), "class_density (cuda): x must be ", cuda::kKernelDevice, ", got one on ",
+              x.device());
 }
 
 // -> (D (C,) in x's dtype, norm (B,) in the accumulation dtype), as the CPU op.
@@ -69,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor> class_density_forward_cuda(const at::Tensor& 
                                                               int64_t num_classes, double t) {
   check_x(x_in);
   TORCH_CHECK(num_classes >= 1, "class_density: num_classes must be >= 1, got ", num_classes);
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const cuda::DeviceGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const int64_t n = x.size(0), d = x.size(1);
   check_grid(n, num_classes);
@@ -79,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor> class_density_forward_cuda(const at::Tensor& 
   at::Tensor density = at::empty({num_classes}, x.options());
   at::Tensor us = at::empty({n, d}, x.options().dtype(acc_dtype));
   at::Tensor row_sum = at::empty({n}, x.options().dtype(acc_dtype));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = cuda::current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "class_density_forward_cuda", [&] {
     using T = typename cuda::CudaType<scalar_t>::type;
     using acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -101,7 +100,7 @@ at::Tensor class_density_backward_cuda(const at::Tensor& grad_in, const at::Tens
   check_x(x_in);
   TORCH_CHECK(grad_in.dim() == 1 && grad_in.size(0) >= 1, "class_density_backward: grad must be (C,), got ",
               grad_in.sizes());
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const cuda::DeviceGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const int64_t n = x.size(0), d = x.size(1), num_classes = grad_in.size(0);
   TORCH_CHECK(norm_in.dim() == 1 && norm_in.size(0) == n, "class_density_backward: norm must be (", n, ",), got ",
@@ -116,7 +115,7 @@ at::Tensor class_density_backward_cuda(const at::Tensor& grad_in, const at::Tens
   at::Tensor dx = at::empty({n, d}, x.options());  // the kernel writes every row
   at::Tensor us = at::empty({n, d}, x.options().dtype(acc_dtype));
   at::Tensor pull = at::empty({n, d}, x.options().dtype(acc_dtype));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = cuda::current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "class_density_backward_cuda", [&] {
     using T = typename cuda::CudaType<scalar_t>::type;
     using acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -133,7 +132,7 @@ at::Tensor class_density_backward_cuda(const at::Tensor& grad_in, const at::Tens
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(idid_kernels, CUDA, m) {
+IDK_CUDA_LIBRARY_IMPL(m) {
   m.impl("class_density_forward", &class_density_forward_cuda);
   m.impl("class_density_backward", &class_density_backward_cuda);
 }

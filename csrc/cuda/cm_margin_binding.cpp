@@ -1,8 +1,6 @@
 // Torch-side CUDA registration of the cm_margin ops: the shared driver
 // (csrc/driver/cm_margin_driver.h, cuBLAS GEMMs through ATen) with the CUDA row epilogue of
-// cm_margin.cu. Built only when torch has CUDA.
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+// cm_margin.cu. Built with CUDA, and in the CPU build under the emulator (binding_utils.h).
 #include <torch/library.h>
 
 #include "../driver/cm_margin_driver.h"
@@ -13,9 +11,13 @@ namespace idid_kernels {
 namespace {
 
 struct CudaEpilogue {
+  // The kernel turns a label outside [0, C) into a NaN row itself; the driver reads no label on the
+  // host (on a GPU that would be a synchronisation), emulated or not.
+  static constexpr bool kHostLabelCheck = false;
+
   template <typename A>
   void operator()(const CmRowJob<A>& job, int64_t rows) const {
-    cuda::check_launch(cuda::cm_epilogue<A>(job, rows, c10::cuda::getCurrentCUDAStream()), "cm_margin CUDA epilogue");
+    cuda::check_launch(cuda::cm_epilogue<A>(job, rows, cuda::current_stream()), "cm_margin CUDA epilogue");
   }
 };
 
@@ -32,7 +34,7 @@ using Ops = CmOps<CudaEpilogue>;
 // The device guard makes the epilogue launch on the inputs' device.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                                         const at::Tensor& labels, IDK_CM_PARAMS) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const cuda::DeviceGuard guard(x.device());
   return Ops::forward(x, weight, labels, IDK_CM_FORWARD_ARGS);
 }
 
@@ -40,27 +42,27 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_rows, co
                                                  const at::Tensor& weight, const at::Tensor& labels,
                                                  const at::Tensor& lse, const at::Tensor& x_norm,
                                                  const at::Tensor& w_norm, IDK_CM_PARAMS) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const cuda::DeviceGuard guard(x.device());
   return Ops::backward(grad_rows, x, weight, labels, lse, x_norm, w_norm, IDK_CM_FORWARD_ARGS);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                           const at::Tensor& labels, const at::Tensor& row_weight,
                                                           IDK_CM_PARAMS) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const cuda::DeviceGuard guard(x.device());
   return Ops::fused(x, weight, labels, row_weight, IDK_CM_FORWARD_ARGS);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shard_forward_cuda(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels, int64_t class_offset, IDK_CM_PARAMS) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const cuda::DeviceGuard guard(x.device());
   return Ops::shard_forward(x, weight, labels, class_offset, IDK_CM_FORWARD_ARGS);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> shard_backward_cuda(
     const at::Tensor& grad_rows, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels,
     int64_t class_offset, const at::Tensor& lse, const at::Tensor& x_norm, const at::Tensor& w_norm, IDK_CM_PARAMS) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const cuda::DeviceGuard guard(x.device());
   return Ops::shard_backward(grad_rows, x, weight, labels, class_offset, lse, x_norm, w_norm, IDK_CM_FORWARD_ARGS);
 }
 
@@ -69,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> shard_backward_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(idid_kernels, CUDA, m) {
+IDK_CUDA_LIBRARY_IMPL(m) {
   m.impl("cm_margin_forward", &forward_cuda);
   m.impl("cm_margin_backward", &backward_cuda);
   m.impl("cm_margin_fused", &fused_cuda);

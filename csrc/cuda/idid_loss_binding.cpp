@@ -2,9 +2,7 @@
 // chunk loop, cuBLAS GEMMs through ATen, outputs) with its ATen policy members, the row epilogues of
 // idid_loss.cu and the diversity kernels of class_density.cu. Nothing here reads device memory on the
 // host: the upstream coefficients, K_2 and the class runs reach the kernels as device pointers.
-// Built only when torch has CUDA.
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+// Built with CUDA, and in the CPU build under the emulator (binding_utils.h).
 #include <torch/library.h>
 
 #include <cstdint>
@@ -20,19 +18,17 @@ namespace {
 
 using at::Tensor;
 
-cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
-
 // The ATen members of the driver (layout, sample weights, unit rows, teacher, loss terms,
 // normalisation backward) plus the CUDA kernels for the passes over rows and classes.
 struct CudaPolicy : idid::AtenPolicy {
   template <typename A>
   static void forward_rows(const IdidChunk<A>& job) {
-    cuda::check_launch(cuda::idid_forward_rows<A>(job, current_stream()), "idid_loss CUDA forward epilogue");
+    cuda::check_launch(cuda::idid_forward_rows<A>(job, cuda::current_stream()), "idid_loss CUDA forward epilogue");
   }
 
   template <typename A>
   static void grad_rows(const IdidChunk<A>& job) {
-    cuda::check_launch(cuda::idid_grad_rows<A>(job, current_stream()), "idid_loss CUDA gradient epilogue");
+    cuda::check_launch(cuda::idid_grad_rows<A>(job, cuda::current_stream()), "idid_loss CUDA gradient epilogue");
   }
 
   // D_c over the sorted unit rows (ignored positions carry the label C: they belong to no class).
@@ -44,7 +40,7 @@ struct CudaPolicy : idid::AtenPolicy {
     cuda::check_launch(cuda::class_density_sorted_forward<A>(U.const_data_ptr<A>(), L.key.const_data_ptr<int64_t>(),
                                                              L.start.const_data_ptr<int64_t>(), B, d, C, t,
                                                              row_sum.mutable_data_ptr<A>(),
-                                                             density.mutable_data_ptr<A>(), current_stream()),
+                                                             density.mutable_data_ptr<A>(), cuda::current_stream()),
                        "idid_loss CUDA class density");
     return density;
   }
@@ -61,7 +57,7 @@ struct CudaPolicy : idid::AtenPolicy {
     cuda::check_launch(cuda::class_density_sorted_pull<A>(per_class.const_data_ptr<A>(), U.const_data_ptr<A>(),
                                                           L.key.const_data_ptr<int64_t>(),
                                                           L.start.const_data_ptr<int64_t>(), B, d, C, t,
-                                                          dU.mutable_data_ptr<A>(), current_stream()),
+                                                          dU.mutable_data_ptr<A>(), cuda::current_stream()),
                        "idid_loss CUDA diversity pull");
   }
 };
@@ -81,7 +77,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
     const Tensor& x, const Tensor& proxies, const Tensor& similarity, const Tensor& labels, double alpha, double tau,
     double t, double eps, bool distillation, bool diversity, bool adaptive_weight, double diversity_weight,
     bool class_balanced, int64_t ignore_index, int64_t chunk_rows) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const cuda::DeviceGuard guard(x.device());
   check_grid(x, proxies);
   return Ops::forward(x, proxies, similarity, labels, alpha, tau, t, eps, distillation, diversity, adaptive_weight,
                       diversity_weight, class_balanced, ignore_index, chunk_rows);
@@ -93,7 +89,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad_ic, const Te
                                                  const Tensor& teacher_log_prob, double alpha, double tau, double t,
                                                  bool distillation, bool diversity, int64_t ignore_index,
                                                  int64_t chunk_rows) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const cuda::DeviceGuard guard(x.device());
   check_grid(x, proxies);
   return Ops::backward(grad_ic, grad_id, x, proxies, labels, row_stats, x_norm, w_norm, teacher_log_prob, alpha, tau,
                        t, distillation, diversity, ignore_index, chunk_rows);
@@ -101,7 +97,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad_ic, const Te
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(idid_kernels, CUDA, m) {
+IDK_CUDA_LIBRARY_IMPL(m) {
   m.impl("idid_loss_forward", &forward_cuda);
   m.impl("idid_loss_backward", &backward_cuda);
 }

@@ -1,9 +1,7 @@
 // Torch-side CUDA registration of norm_contraction: checks, allocation, stream, then the
-// pointer-only launchers of norm_contraction.cu. Built only when torch has CUDA.
+// pointer-only launchers of norm_contraction.cu. Built with CUDA, and in the CPU build under the emulator (binding_utils.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <torch/library.h>
@@ -21,13 +19,13 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> norm_contraction_forward_cuda(const at::Tensor& x_in, double offset,
                                                                   double temperature) {
   check_2d_float("x", x_in);
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const cuda::DeviceGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const int64_t n = x.size(0), d = x.size(1);
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = at::empty({n}, x.options());
   at::Tensor norm = at::empty({n}, x.options().dtype(acc_dtype));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = cuda::current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_contraction_forward_cuda", [&] {
     using T = typename cuda::CudaType<scalar_t>::type;
     using acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -44,7 +42,7 @@ at::Tensor norm_contraction_backward_cuda(const at::Tensor& grad_out_in, const s
                                           const at::Tensor& x_in, const at::Tensor& norm_in, double offset,
                                           double temperature) {
   check_2d_float("x", x_in);
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const cuda::DeviceGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const int64_t n = x.size(0), d = x.size(1);
   TORCH_CHECK(grad_out_in.dim() == 1 && grad_out_in.size(0) == n, "norm_contraction_backward: grad_out must be (",
@@ -56,7 +54,7 @@ at::Tensor norm_contraction_backward_cuda(const at::Tensor& grad_out_in, const s
   const bool has_gn = grad_norm_in.has_value() && grad_norm_in->defined();
   const at::Tensor grad_norm = has_gn ? grad_norm_in->to(acc_dtype).contiguous() : at::Tensor();
   at::Tensor dx = at::empty_like(x);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = cuda::current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_contraction_backward_cuda", [&] {
     using T = typename cuda::CudaType<scalar_t>::type;
     using acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -72,7 +70,7 @@ at::Tensor norm_contraction_backward_cuda(const at::Tensor& grad_out_in, const s
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(idid_kernels, CUDA, m) {
+IDK_CUDA_LIBRARY_IMPL(m) {
   m.impl("norm_contraction_forward", &norm_contraction_forward_cuda);
   m.impl("norm_contraction_backward", &norm_contraction_backward_cuda);
 }

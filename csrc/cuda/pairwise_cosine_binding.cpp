@@ -1,11 +1,11 @@
 // CUDA registration of pairwise_cosine: the ops of csrc/driver/pairwise_cosine_driver.h with the
-// ATen row helpers (normalisation is O(N d) beside the O(N M d) cuBLAS GEMMs). Built only when
-// torch has CUDA.
-#include <c10/cuda/CUDAGuard.h>
+// ATen row helpers (normalisation is O(N d) beside the O(N M d) cuBLAS GEMMs). Built with CUDA, and
+// in the CPU build under the emulator (binding_utils.h).
 #include <torch/library.h>
 
 #include "../driver/normalize_aten.h"
 #include "../driver/pairwise_cosine_driver.h"
+#include "binding_utils.h"
 
 namespace idid_kernels {
 namespace {
@@ -24,20 +24,20 @@ struct AtenRows {
 using Ops = PairwiseCosineOps<AtenRows>;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& x, const std::optional<at::Tensor>& y) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const cuda::DeviceGuard guard(x.device());
   return Ops::forward(x, y);
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad, const at::Tensor& x,
                                                  const std::optional<at::Tensor>& y, const at::Tensor& norm_x,
                                                  const at::Tensor& norm_y, std::array<bool, 2> output_mask) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const cuda::DeviceGuard guard(x.device());
   return Ops::backward(grad, x, y, norm_x, norm_y, output_mask);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(idid_kernels, CUDA, m) {
+IDK_CUDA_LIBRARY_IMPL(m) {
   m.impl("pairwise_cosine_forward", &forward_cuda);
   m.impl("pairwise_cosine_backward", &backward_cuda);
 }

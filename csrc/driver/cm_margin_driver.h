@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 
 #include "../common/cm_row.h"
 #include "../cpu/checks.h"
@@ -56,8 +57,10 @@ CmConfig<A> make_cm_config(const CmArgs& a) {
 }
 
 // shard: w holds some of the classes; a label is then any class >= 0 (its shard may be another).
+// host_labels: whether to check the label range here (CPU labels only: on a GPU this would be a
+// sync; functional.py checked the range already).
 inline void cm_check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
-                            int64_t ignore_index, bool shard) {
+                            int64_t ignore_index, bool shard, bool host_labels) {
   check_2d_float("x", x);
   check_2d_float("weight", w);
   TORCH_CHECK(x.size(1) == w.size(1), "cm_margin: x and weight feature dims differ: ", x.size(1), " vs ", w.size(1));
@@ -65,7 +68,7 @@ inline void cm_check_inputs(const at::Tensor& x, const at::Tensor& w, const at::
   TORCH_CHECK(x.device() == w.device() && x.device() == labels.device(), "cm_margin: tensors on different devices");
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == x.size(0) && labels.scalar_type() == at::kLong,
               "cm_margin: labels must be int64 of shape (", x.size(0), ",)");
-  if (labels.is_cpu()) {  // on a GPU this would be a sync; functional.py checked the range already
+  if (host_labels && labels.is_cpu()) {
     const int64_t c = w.size(0);
     const int64_t* lp = labels.const_data_ptr<int64_t>();
     for (int64_t i = 0; i < labels.numel(); ++i) {
@@ -157,6 +160,13 @@ void cm_drive(CmMode mode, const at::Tensor& xa, const at::Tensor& wa, const at:
   o.dw = dw_acc - cm_radial_dot(dw_acc, w_hat, o.w_norm).unsqueeze(1) * w_hat;
 }
 
+// Whether the driver checks CPU labels for the epilogue E (E::kHostLabelCheck, default true): an
+// epilogue that handles bad labels itself (the CUDA kernel, also when emulated on CPU tensors) opts out.
+template <typename E, typename = void>
+struct HostLabelCheck : std::true_type {};
+template <typename E>
+struct HostLabelCheck<E, std::void_t<decltype(E::kHostLabelCheck)>> : std::bool_constant<E::kHostLabelCheck> {};
+
 // stats_in: the (2, N) forward statistics (backward), or the global lse (N,) (shard backward).
 template <typename Epilogue>
 CmOutputs cm_run(CmMode mode, const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& labels_in,
@@ -165,7 +175,7 @@ CmOutputs cm_run(CmMode mode, const at::Tensor& x_in, const at::Tensor& w_in, co
   const at::Tensor labels = labels_in.contiguous();
   const bool shard = mode == kCmShardForward || mode == kCmShardBackward;
   TORCH_CHECK(class_offset >= 0, "cm_margin: class_offset must be >= 0, got ", class_offset);
-  cm_check_inputs(x_in, w_in, labels, args.ignore_index, shard);
+  cm_check_inputs(x_in, w_in, labels, args.ignore_index, shard, HostLabelCheck<Epilogue>::value);
   const auto acc = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const HalfGemm gemm = HalfGemm::for_input(x_in, acc);
   const at::Tensor xa = x_in.to(acc).contiguous();

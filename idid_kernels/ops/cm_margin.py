@@ -14,6 +14,8 @@ The class weights and the reduction live here, on O(N) vectors; the kernels see 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import _chunks
@@ -21,8 +23,6 @@ from ..reference.margins import MarginParams
 from .._autograd import functorch_active, no_double_backward, register_autograd, register_no_double_backward
 
 _KIND = {"none": 0, "cosface": 1, "angular": 2, "sphere": 3}
-_FWD, _BWD, _FUSED = ("idid_kernels::cm_margin_forward", "idid_kernels::cm_margin_backward",
-                      "idid_kernels::cm_margin_fused")
 
 
 def chunk_rows(num_classes: int, itemsize: int = 4, device_type: str = "cpu") -> int:
@@ -43,7 +43,6 @@ def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@torch.library.register_fake(_FWD)
 def _forward_fake(x, weight, labels, *cfg):
     acc = _acc(x.dtype)
     n, c = x.shape[0], weight.shape[0]
@@ -52,26 +51,22 @@ def _forward_fake(x, weight, labels, *cfg):
             x.new_empty(c, dtype=acc))
 
 
-@torch.library.register_fake(_BWD)
 def _backward_fake(grad_rows, x, weight, labels, row_stats, x_norm, w_norm, *cfg):
     return torch.empty_like(x, memory_format=torch.contiguous_format), \
         torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
-@torch.library.register_fake(_FUSED)
 def _fused_fake(x, weight, labels, row_weight, *cfg):
     return (x.new_empty((), dtype=_acc(x.dtype)), torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(weight, memory_format=torch.contiguous_format))
 
 
-@torch.library.register_fake("idid_kernels::cm_margin_shard_forward")
 def _shard_forward_fake(x, weight, labels, class_offset, *cfg):
     acc = _acc(x.dtype)
     n, c = x.shape[0], weight.shape[0]
     return tuple(x.new_empty(n, dtype=acc) for _ in range(4)) + (x.new_empty(c, dtype=acc),)
 
 
-@torch.library.register_fake("idid_kernels::cm_margin_shard_backward")
 def _shard_backward_fake(grad_rows, x, weight, labels, class_offset, lse, x_norm, w_norm, *cfg):
     acc = _acc(x.dtype)
     n = x.shape[0]
@@ -86,13 +81,13 @@ def _forward_setup(ctx, inputs, output):
     ctx.cfg = cfg
 
 
-def _forward_backward(ctx, grad_rows, grad_stats, grad_x_norm, grad_w_norm):
+def _forward_backward(ns, ctx, grad_rows, grad_stats, grad_x_norm, grad_w_norm):
     # Only loss_rows is meant to be differentiated; the statistics are saved state.
     no_double_backward("cm_margin_loss")
     x, weight, labels, row_stats, x_norm, w_norm = ctx.saved_tensors
     if grad_rows is None:
         grad_rows = torch.zeros_like(x_norm)
-    dx, dw = torch.ops.idid_kernels.cm_margin_backward(grad_rows, x, weight, labels, row_stats, x_norm, w_norm,
+    dx, dw = getattr(torch.ops, ns).cm_margin_backward(grad_rows, x, weight, labels, row_stats, x_norm, w_norm,
                                                        *ctx.cfg)
     return (dx, dw, None) + (None,) * len(ctx.cfg)
 
@@ -110,13 +105,21 @@ def _fused_backward(ctx, grad_loss, grad_dx, grad_dw):
     return (g.to(dx.dtype) * dx, g.to(dw.dtype) * dw, None, None) + (None,) * ctx.num_cfg
 
 
-register_autograd(_FWD, _forward_backward, setup_context=_forward_setup, public_name="cm_margin_loss")
-register_autograd(_FUSED, _fused_backward, setup_context=_fused_setup, public_name="cm_margin_loss")
-register_no_double_backward(_BWD, "cm_margin_loss")
+def register(ns: str) -> None:
+    """The fake kernels and autograd of the ops in the library ``ns`` ("idid_kernels", or
+    "idid_kernels_emu" for the CUDA kernels under the emulator: ops/__init__.py)."""
+    for name, fake in (("forward", _forward_fake), ("backward", _backward_fake), ("fused", _fused_fake),
+                       ("shard_forward", _shard_forward_fake), ("shard_backward", _shard_backward_fake)):
+        torch.library.register_fake(f"{ns}::cm_margin_{name}")(fake)
+    register_autograd(f"{ns}::cm_margin_forward", functools.partial(_forward_backward, ns),
+                      setup_context=_forward_setup, public_name="cm_margin_loss")
+    register_autograd(f"{ns}::cm_margin_fused", _fused_backward, setup_context=_fused_setup,
+                      public_name="cm_margin_loss")
+    register_no_double_backward(f"{ns}::cm_margin_backward", "cm_margin_loss")
 
 
 def cm_margin_loss(x, weight, labels, params: MarginParams, *, s, contraction, norm_offset, norm_temperature,
-                   detach_norm, margin_grad, class_weight, ignore_index, reduction):
+                   detach_norm, margin_grad, class_weight, ignore_index, reduction, ns="idid_kernels"):
     """The loss through the C++/CUDA ops; arguments already validated by ``functional``."""
     cfg = config_args(params, s=s, contraction=contraction, norm_offset=norm_offset,
                       norm_temperature=norm_temperature, detach_norm=detach_norm, margin_grad=margin_grad,
@@ -135,9 +138,9 @@ def cm_margin_loss(x, weight, labels, params: MarginParams, *, s, contraction, n
             and not functorch_active()):
         # mean: w / sum(w), 0/0 = NaN for a batch with no weight, exactly F.cross_entropy.
         row_weight = w_rows / w_rows.sum() if reduction == "mean" else w_rows
-        loss, _, _ = torch.ops.idid_kernels.cm_margin_fused(x, weight, labels, row_weight, *cfg)
+        loss, _, _ = getattr(torch.ops, ns).cm_margin_fused(x, weight, labels, row_weight, *cfg)
         return loss.to(x.dtype)
-    loss_rows = torch.ops.idid_kernels.cm_margin_forward(x, weight, labels, *cfg)[0]
+    loss_rows = getattr(torch.ops, ns).cm_margin_forward(x, weight, labels, *cfg)[0]
     weighted = loss_rows * w_rows
     if reduction == "none":
         return weighted.to(x.dtype)

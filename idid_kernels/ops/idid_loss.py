@@ -30,6 +30,7 @@ on a GPU). Tests force tiny chunks with :func:`chunk_rows`.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -37,9 +38,6 @@ from .. import _chunks
 from .._autograd import no_double_backward, register_autograd, register_no_double_backward
 
 from ..reference.idid import IDIDTerms
-
-_FWD = "idid_kernels::idid_loss_forward"
-_BWD = "idid_kernels::idid_loss_backward"
 
 _chunk_rows = 0  # a positive value set by chunk_rows() overrides the budget
 
@@ -71,7 +69,6 @@ def _rows_per_chunk(batch: int, num_classes: int, dtype: torch.dtype, device_typ
     return _chunks.rows_for(max(int(batch), int(num_classes)), itemsize, device_type)
 
 
-@torch.library.register_fake(_FWD)
 def _forward_fake(x, proxies, similarity, labels, alpha, tau, t, eps, distillation, diversity, adaptive_weight,
                   diversity_weight, class_balanced, ignore_index, chunk_rows):
     b, c = x.shape[0], proxies.shape[0]
@@ -82,7 +79,6 @@ def _forward_fake(x, proxies, similarity, labels, alpha, tau, t, eps, distillati
             teacher)
 
 
-@torch.library.register_fake(_BWD)
 def _backward_fake(grad_ic, grad_id, x, proxies, labels, row_stats, x_norm, w_norm, teacher_log_prob, alpha, tau,
                    t, distillation, diversity, ignore_index, chunk_rows):
     c = proxies.shape[0]
@@ -99,7 +95,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lam, row_stats, x_norm, w_norm, teacher)
 
 
-def _backward(ctx, g_loss, g_ic, g_id, *_):
+def _backward(ns, ctx, g_loss, g_ic, g_id, *_):
     no_double_backward("idid_loss")
     x, proxies, labels, lam, row_stats, x_norm, w_norm, teacher = ctx.saved_tensors
     acc = _acc_dtype(x.dtype)
@@ -107,7 +103,7 @@ def _backward(ctx, g_loss, g_ic, g_id, *_):
     g_loss, g_ic, g_id = (zero if g is None else g.to(acc) for g in (g_loss, g_ic, g_id))
     grad_ic = g_loss + g_ic
     grad_id = g_loss * lam.to(acc) + g_id
-    dx, dw, ds = torch.ops.idid_kernels.idid_loss_backward(grad_ic, grad_id, x, proxies, labels, row_stats, x_norm,
+    dx, dw, ds = getattr(torch.ops, ns).idid_loss_backward(grad_ic, grad_id, x, proxies, labels, row_stats, x_norm,
                                                            w_norm, teacher, *ctx.config)
     # Without distillation the similarity is not read: no gradient flows to it (None, as the reference
     # and the triton backend give), rather than zeros an optimizer's weight decay would act on.
@@ -115,14 +111,20 @@ def _backward(ctx, g_loss, g_ic, g_id, *_):
     return (dx, dw, ds if distillation and ctx.needs_input_grad[2] else None) + (None,) * 12
 
 
-register_autograd(_FWD, _backward, setup_context=_setup_context, public_name="idid_loss")
-register_no_double_backward(_BWD, "idid_loss")
+def register(ns: str) -> None:
+    """The fake kernels and autograd of the ops in the library ``ns`` ("idid_kernels", or
+    "idid_kernels_emu" for the CUDA kernels under the emulator: ops/__init__.py)."""
+    torch.library.register_fake(f"{ns}::idid_loss_forward")(_forward_fake)
+    torch.library.register_fake(f"{ns}::idid_loss_backward")(_backward_fake)
+    register_autograd(f"{ns}::idid_loss_forward", functools.partial(_backward, ns), setup_context=_setup_context,
+                      public_name="idid_loss")
+    register_no_double_backward(f"{ns}::idid_loss_backward", "idid_loss")
 
 
 def idid_loss(x, proxies, similarity, labels, *, alpha, tau, t, eps, distillation, diversity, adaptive_weight,
-              diversity_weight, class_balanced, ignore_index, return_terms):
+              diversity_weight, class_balanced, ignore_index, return_terms, ns="idid_kernels"):
     """The public outputs of the op: the loss, or :class:`IDIDTerms` with ``return_terms``."""
-    loss, l_ic, l_id, lam, *_ = torch.ops.idid_kernels.idid_loss_forward(
+    loss, l_ic, l_id, lam, *_ = getattr(torch.ops, ns).idid_loss_forward(
         x, proxies, similarity, labels, float(alpha), float(tau), float(t), float(eps), bool(distillation),
         bool(diversity), bool(adaptive_weight), float(diversity_weight), bool(class_balanced), int(ignore_index),
         _rows_per_chunk(x.shape[0], proxies.shape[0], x.dtype, x.device.type))
