@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <deque>
 #include <random>
 #include <string>
 #include <vector>
@@ -88,6 +89,7 @@ struct Block {
   const std::function<void()>* body = nullptr;
   Order order = Order::kForward;
   std::mt19937_64 rng;
+  std::deque<int> ready;  // the threads to run next, front first
   bool failed = false;
   std::string error;
 };
@@ -138,6 +140,38 @@ std::vector<int> in_state(const Block& b, State s) {
   b.failed = true;
   b.error = "CUDA emulator: " + where(b) + ": " + what;
   _longjmp(t_scheduler, 1);
+}
+
+// Threads released by a barrier join the back of the queue: all of them, in the block's order.
+void release_barrier(Block& b) {
+  std::vector<int> ids(static_cast<std::size_t>(b.n));
+  for (int i = 0; i < b.n; ++i) ids[i] = i;
+  if (b.order == Order::kReverse) std::reverse(ids.begin(), ids.end());
+  if (b.order == Order::kRandom) std::shuffle(ids.begin(), ids.end(), b.rng);
+  for (int i : ids) {
+    b.fibers[i].state = State::kReady;
+    b.ready.push_back(i);
+  }
+  b.at_barrier = 0;
+}
+
+// Lanes released by a warp collective go to the front of the queue (in forward and reverse order):
+// the warp runs on ahead of the rest of the block, as a warp may on a GPU, which exposes a missing
+// barrier that a thread-by-thread interleaving would hide. In random order they go to the front or
+// the back at random.
+void release_lanes(Block& b, int warp, unsigned mask) {
+  std::vector<int> ids;
+  for (int l = 0; l < kWarpSize; ++l)
+    if ((mask >> l) & 1u) ids.push_back(warp * kWarpSize + l);
+  if (b.order == Order::kReverse) std::reverse(ids.begin(), ids.end());
+  const bool front = b.order != Order::kRandom || (b.rng() & 1u) != 0;
+  if (b.order == Order::kRandom) std::shuffle(ids.begin(), ids.end(), b.rng);
+  for (int i : ids) b.fibers[i].state = State::kReady;
+  if (front) {
+    b.ready.insert(b.ready.begin(), ids.begin(), ids.end());
+  } else {
+    b.ready.insert(b.ready.end(), ids.begin(), ids.end());
+  }
 }
 
 void yield_to_scheduler() {
@@ -224,23 +258,23 @@ void run_block(Block& b) {
     makecontext(&f.uc, fiber_main, 0);
   }
   for (Warp& w : b.warps) w = Warp();
-  std::vector<int> order(static_cast<std::size_t>(b.n));
-  for (int i = 0; i < b.n; ++i) order[i] = i;
-  if (b.order == Order::kReverse) std::reverse(order.begin(), order.end());
+  // Every thread starts ready, queued in the block's order; each runs until it blocks or returns.
+  b.ready.clear();
+  std::vector<int> start(static_cast<std::size_t>(b.n));
+  for (int i = 0; i < b.n; ++i) start[i] = i;
+  if (b.order == Order::kReverse) std::reverse(start.begin(), start.end());
+  if (b.order == Order::kRandom) std::shuffle(start.begin(), start.end(), b.rng);
+  b.ready.assign(start.begin(), start.end());
   while (b.done < b.n) {
-    if (b.order == Order::kRandom) std::shuffle(order.begin(), order.end(), b.rng);
-    bool ran = false;
-    for (int i : order) {
-      if (b.fibers[i].state != State::kReady) continue;
-      ran = true;
-      run_fiber(b, i);
-      if (b.failed) return;
-    }
-    if (!ran) {
+    if (b.ready.empty()) {
       b.failed = true;
       b.error = "CUDA emulator: " + where(b) + ": " + deadlock_message(b);
       return;
     }
+    const int i = b.ready.front();
+    b.ready.pop_front();
+    run_fiber(b, i);
+    if (b.failed) return;
   }
 }
 
@@ -297,10 +331,7 @@ void syncthreads() {
           ranges(in_state(b, State::kDone)) + " returned (a barrier in divergent code)");
   }
   b.fibers[t].state = State::kBarrier;
-  if (++b.at_barrier == b.n) {
-    for (Fiber& f : b.fibers) f.state = State::kReady;
-    b.at_barrier = 0;
-  }
+  if (++b.at_barrier == b.n) release_barrier(b);
   yield_to_scheduler();
 }
 
@@ -363,9 +394,9 @@ void warp_collective(WarpOp op, unsigned mask, void* value, int size, int arg, i
               " in " + name + ", which is outside the mask " + hex(mask));
       }
       w.out[l] = op == WarpOp::kBallot ? ballot : w.in[src];
-      b.fibers[wi * kWarpSize + l].state = State::kReady;
     }
     w.pending = false;
+    release_lanes(b, wi, mask);
   }
   yield_to_scheduler();
   std::memcpy(value, &w.out[lane], static_cast<std::size_t>(size));

@@ -6,11 +6,16 @@
 // - A launch runs its blocks one after another; the threads of a block are user-space fibers on one
 //   OS thread, each with its own stack. A fiber runs until it reaches a synchronisation point
 //   (__syncthreads, a warp collective such as __shfl_xor_sync) or returns; the scheduler then runs
-//   the next fiber. Between synchronisation points, shared memory therefore sees the threads' writes
-//   in scheduling order, and a missing barrier changes results when the order changes.
-// - The order of blocks and of threads within each scheduling pass is selectable with
-//   IDID_KERNELS_CUDA_EMULATE_ORDER (read at every launch): "forward" (default), "reverse", or
-//   "random" / "random:SEED" (a fresh seeded permutation for every pass).
+//   the next ready fiber. Between synchronisation points, shared memory therefore sees the threads'
+//   writes in scheduling order, and a missing barrier changes results when the order changes.
+// - Scheduling: a queue of ready threads. The threads released by a barrier join its back, in the
+//   block's order; the lanes released by a warp collective go to its front, so a warp runs on ahead
+//   of the others (as a warp may on a GPU; a thread-by-thread interleaving would hide a missing
+//   barrier before shared memory is overwritten).
+// - The order is selectable with IDID_KERNELS_CUDA_EMULATE_ORDER (read at every launch): "forward"
+//   (default: blocks and threads in index order), "reverse", or "random" / "random:SEED" (seeded
+//   permutations of the blocks and of every release, released lanes to the front or the back at
+//   random).
 // - __syncthreads() is a counted barrier over all the block's threads. A thread that returns while
 //   others wait at a barrier, or reaches a barrier after another thread returned, is an error
 //   naming the block and the threads (CUDA requires block-uniform control flow at barriers).
