@@ -358,6 +358,31 @@ def test_mutant_is_caught(builder, order, mutant):
     print(f"{mutant}: caught in {sorted(caught)}; e.g. {next(iter(caught.values()))[:160]}")
 
 
+@pytest.mark.parametrize("rows,num_classes,sms", [(64, 1_000_000, 132), (67, 1_000_000, 132), (8, 100_000, 114),
+                                                  (1, 3_000_000, 132)])
+def test_cm_epilogue_fills_the_gpu_when_a_chunk_has_few_rows(builder, rows, num_classes, sms):
+    """A 256 MiB chunk holds only 64 rows at C = 1M: one block per row would leave an H100/H200 with
+    64 of 528 block slots busy. The epilogue splits each row's classes so the grid reaches four
+    blocks per multiprocessor, each block sweeping at least 2048 classes."""
+    lib = _shim(builder, None)
+    lib.shim_cm_epilogue_splits.restype = ctypes.c_int64
+    target = 4 * sms
+    splits = lib.shim_cm_epilogue_splits(ctypes.c_int64(rows), ctypes.c_int64(num_classes), ctypes.c_int64(target),
+                                         ctypes.c_int64(2048))
+    # Four blocks per multiprocessor, unless the rows are too short to give every block 2048 classes.
+    assert rows * splits >= min(target, rows * (num_classes // 2048))
+    assert num_classes // splits >= 2048 and splits <= 65535
+
+
+@pytest.mark.parametrize("rows,num_classes,expected", [(528, 1_000_000, 1), (10_000, 100, 1), (4, 3000, 1), (4, 5000, 2),
+                                                       (4, 100, 1)])
+def test_cm_epilogue_splits_only_where_it_pays(builder, rows, num_classes, expected):
+    lib = _shim(builder, None)
+    lib.shim_cm_epilogue_splits.restype = ctypes.c_int64
+    assert lib.shim_cm_epilogue_splits(ctypes.c_int64(rows), ctypes.c_int64(num_classes), ctypes.c_int64(528),
+                                       ctypes.c_int64(2048)) == expected
+
+
 def test_emulated_backend_runs_the_same_kernels(order):
     """The installed extension's emulated cuda backend is bitwise stable across orders too (end to end
     through the driver), and equals the reference in float64."""

@@ -55,6 +55,10 @@ struct DeviceGuard {
 inline cudaStream_t current_stream() { return nullptr; }
 inline bool on_kernel_device(const at::Tensor& t) { return t.is_cpu(); }
 constexpr const char* kKernelDevice = "a CPU tensor (the emulated CUDA backend)";
+inline c10::Device kernel_device() { return c10::Device(c10::kCPU); }
+// Blocks that fill "the GPU" in grid-size heuristics: a small fixed figure, so that test shapes run
+// the multi-block paths a large GPU takes at large shapes.
+inline int64_t target_blocks() { return 16; }
 #else
 constexpr bool kEmulated = false;
 // Allocations and launches on the inputs' device, launches on its current stream.
@@ -62,6 +66,17 @@ using DeviceGuard = c10::cuda::CUDAGuard;
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
 inline bool on_kernel_device(const at::Tensor& t) { return t.is_cuda(); }
 constexpr const char* kKernelDevice = "a CUDA tensor";
+inline c10::Device kernel_device() { return c10::Device(c10::kCUDA, c10::cuda::current_device()); }
+// Blocks that fill the current GPU in grid-size heuristics: four per multiprocessor.
+inline int64_t target_blocks() {
+  int sms = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()) != cudaSuccess ||
+      sms <= 0) {
+    (void)cudaGetLastError();
+    sms = 132;
+  }
+  return 4 * static_cast<int64_t>(sms);
+}
 #endif
 
 }  // namespace cuda

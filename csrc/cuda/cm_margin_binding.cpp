@@ -17,8 +17,20 @@ struct CudaEpilogue {
 
   template <typename A>
   void operator()(const CmRowJob<A>& job, int64_t rows) const {
-    cuda::check_launch(cuda::cm_epilogue<A>(job, rows, cuda::current_stream()), "cm_margin CUDA epilogue");
+    const int64_t splits = cuda::cm_epilogue_splits(rows, job.num_classes, cuda::target_blocks(),
+                                                    cuda::kEmulated ? kEmulatedMinColumns : kMinColumns);
+    // From the caching allocator on a GPU: no synchronisation, reused across chunks.
+    const at::Tensor scratch =
+        at::empty({cuda::cm_epilogue_scratch(rows, splits)},
+                  at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value).device(cuda::kernel_device()));
+    cuda::check_launch(cuda::cm_epilogue<A>(job, rows, splits, scratch.mutable_data_ptr<A>(), cuda::current_stream()),
+                       "cm_margin CUDA epilogue");
   }
+
+  // Columns per block of the split epilogue: 8 per thread on a GPU; a few per thread under the
+  // emulator, so that small test shapes run the multi-block path.
+  static constexpr int64_t kMinColumns = 2048;
+  static constexpr int64_t kEmulatedMinColumns = 48;
 };
 
 using Ops = CmOps<CudaEpilogue>;

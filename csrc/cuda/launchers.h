@@ -23,9 +23,25 @@ template <typename T, typename Acc>
 cudaError_t norm_contraction_backward(const Acc* grad_out, const Acc* grad_norm, const T* x, const Acc* norm, T* dx,
                                       int64_t n, int64_t d, Acc offset, Acc inv_temperature, cudaStream_t stream);
 
-// cm_margin row epilogue over rows [0, rows) of job.s (one block per row); see cm_margin.cu.
+// cm_margin row epilogue over rows [0, rows) of job.s; see cm_margin.cu. Forward, backward and fused
+// modes split each row's classes over `splits` blocks (cm_epilogue_splits), with scratch holding
+// cm_epilogue_scratch(rows, splits) values of A; the shard modes run one block per row (splits and
+// scratch unused).
 template <typename A>
-cudaError_t cm_epilogue(const CmRowJob<A>& job, int64_t rows, cudaStream_t stream);
+cudaError_t cm_epilogue(const CmRowJob<A>& job, int64_t rows, int64_t splits, A* scratch, cudaStream_t stream);
+
+// Blocks per row: enough that rows x splits reaches target_blocks (a few per multiprocessor), with at
+// least min_columns classes per block (a block's sweep must outweigh its reductions), at most 65535.
+inline int64_t cm_epilogue_splits(int64_t rows, int64_t num_classes, int64_t target_blocks, int64_t min_columns) {
+  if (rows <= 0 || num_classes <= 0 || rows >= target_blocks) return 1;
+  int64_t splits = (target_blocks + rows - 1) / rows;
+  const int64_t by_width = num_classes / min_columns;  // every block gets at least min_columns classes
+  if (splits > by_width) splits = by_width;
+  if (splits > 65535) splits = 65535;
+  return splits < 1 ? 1 : splits;
+}
+
+inline int64_t cm_epilogue_scratch(int64_t rows, int64_t splits) { return rows * splits * 2; }
 
 // class_density (see class_density.cu). The rows are taken in label-sorted order: order (n,) is a
 // stable argsort of the labels, sorted_labels (n,) the sorted labels and offsets (C + 1,) the first

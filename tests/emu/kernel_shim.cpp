@@ -1,4 +1,5 @@
-// C entry points to the float64 launchers of csrc/cuda/class_density.cu and norm_contraction.cu,
+// C entry points to the float64 launchers of csrc/cuda/class_density.cu and norm_contraction.cu
+// (and to the launch heuristics of launchers.h),
 // built with the CUDA-execution emulator, for the emulator's negative controls
 // (tests/test_cuda_emulator.py): the tests build this with mutated copies of the kernels and check
 // the results against the package's reference.
@@ -42,6 +43,10 @@ int shim_class_density_backward(const double* grad, const double* x, const int64
   cudaError_t e = class_density_backward<double, double>(grad, x, order, sorted_labels, offsets, norm, n, d, c, t,
                                                          us, pull, dx, nullptr);
   return e != cudaSuccess ? e : cudaGetLastError();
+}
+
+int64_t shim_cm_epilogue_splits(int64_t rows, int64_t num_classes, int64_t target_blocks, int64_t min_columns) {
+  return idid_kernels::cuda::cm_epilogue_splits(rows, num_classes, target_blocks, min_columns);
 }
 
 const char* shim_error_string(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }
