@@ -24,13 +24,17 @@ def warn_if_no_extension() -> bool:
 
 def _cmd_info(args) -> int:
     from . import __version__
-    from ._backends import BACKENDS, missing
+    from ._backends import BACKENDS, cuda_emulated, extension, missing
     print(f"idid_kernels {__version__}  torch {torch.__version__}  python {platform.python_version()}  "
           f"{platform.machine()}")
     print(f"CUDA devices: {torch.cuda.device_count() if torch.cuda.is_available() else 0}")
     for name in BACKENDS:
         why = missing(name)
         print(f"  {name:<10} {'available' if why is None else 'unavailable: ' + why}")
+    ext = extension()
+    if ext is not None and getattr(ext, "with_cuda_emulator", 0):
+        state = "on (backend='cuda' runs on CPU tensors)" if cuda_emulated() else "off (IDID_KERNELS_CUDA_EMULATE=1 to use)"
+        print(f"CUDA emulator: built, {state}")
     warn_if_no_extension()
     return 0
 
