@@ -231,6 +231,7 @@ def test_launch_limits_are_cudas(probes, grid_x, grid_y, block, ok):
 
 CLASS_DENSITY = CSRC / "cuda" / "class_density.cu"
 NORM_CONTRACTION = CSRC / "cuda" / "norm_contraction.cu"
+CM_MARGIN = CSRC / "cuda" / "cm_margin.cu"
 
 # name -> (file, (old text, new text)): each a plausible bug.
 MUTANTS = {
@@ -250,6 +251,13 @@ MUTANTS = {
     "backward: pair factor 2 dropped (changed constant)": (
         CLASS_DENSITY, ("  const A scale = A(2) * grad[c] * pair_weight<A>(nc);\n  const A inv",
                         "  const A scale = A(1) * grad[c] * pair_weight<A>(nc);\n  const A inv")),
+    "cm partial: barrier before reading the block's max removed": (
+        CM_MARGIN, ("  if (tid == 0) shared_max = m;\n  __syncthreads();  // the max visible to every thread; the reduction's "
+                    "storage free again\n", "  if (tid == 0) shared_max = m;\n")),
+    "cm gradient: barrier between the two block reductions removed": (
+        CM_MARGIN, ("  __syncthreads();  // the storage is reused at once\n", "")),
+    "cm: split width rounded down, the last classes of a row dropped (changed constant)": (
+        CM_MARGIN, ("  const int64_t width = (c + splits - 1) / splits;", "  const int64_t width = c / splits;")),
     "norm_contraction: lane 31 leaves before the shuffle reduction": (
         NORM_CONTRACTION, ("  if (row >= n) return;\n  const T* xr = x + row * d;\n",
                            "  if (row >= n || lane == kWarp - 1) return;\n  const T* xr = x + row * d;\n")),
@@ -259,7 +267,7 @@ MUTANTS = {
 def _shim(builder, mutant: str | None):
     objs = [builder.cuda_object(ROOT / "tests" / "emu" / "kernel_shim.cpp")]
     mutated_file, mutation = MUTANTS[mutant] if mutant else (None, None)
-    for path in (CLASS_DENSITY, NORM_CONTRACTION):
+    for path in (CLASS_DENSITY, NORM_CONTRACTION, CM_MARGIN):
         objs.append(builder.cuda_object(path, mutation if path == mutated_file else None))
     lib = builder.library("shim_" + str(abs(hash(mutant))), objs)
     lib.shim_error_string.restype = ctypes.c_char_p
@@ -306,6 +314,56 @@ def _run_norm(lib, x):
     return out, norm, (lib.shim_error_string(err).decode() if err else None)
 
 
+CM_SCALE, CM_M3, CM_SPLITS = 30.0, 0.35, 3
+
+
+def _cm_inputs():
+    g = torch.Generator().manual_seed(5)
+    n, c, d = 7, 701, 12  # 701 classes in 3 splits: the last split is narrower
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) * 2
+    w = torch.randn(c, d, generator=g, dtype=torch.float64)
+    y = torch.randint(0, c, (n,), generator=g)
+    y[1] = -100  # ignored
+    weight = torch.rand(n, generator=g, dtype=torch.float64)
+    weight[2] = 0.0  # a zero row weight: statistics but no gradient
+    return x, w, y, weight
+
+
+def _run_cm(lib, x, w, y, weight):
+    """(loss rows, G' rows, radial, error message or None) of the fused epilogue."""
+    n, c = x.shape[0], w.shape[0]
+    r = row_norm(x)
+    dots = ((x / r[:, None]) @ w.T).contiguous()
+    inv_wn = 1.0 / row_norm(w)
+    loss, shift, log_sum, radial = (torch.zeros(n, dtype=x.dtype) for _ in range(4))
+    scratch = torch.empty(n * CM_SPLITS * 2, dtype=x.dtype)
+    lib.shim_cm_fused.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_double,
+                                                          ctypes.c_double, ctypes.c_int64, ctypes.c_void_p]
+    err = lib.shim_cm_fused(_ptr(dots), _ptr(inv_wn), _ptr(r), _ptr(y), _ptr(weight), _ptr(loss), _ptr(shift),
+                            _ptr(log_sum), _ptr(radial), n, c, CM_SCALE, CM_M3, CM_SPLITS, _ptr(scratch))
+    if err:
+        return None, None, None, lib.shim_error_string(err).decode()
+    return loss, dots, radial, None
+
+
+def _cm_reference(x, w, y, weight):
+    """Per-row CosFace losses with the contraction scale, G' = (dL/dcos) / ||w_j|| and the radial
+    coefficient dL/d||x|| (through the scale), by autograd in float64."""
+    r = row_norm(x)
+    inv_wn = 1.0 / row_norm(w)
+    cos = (((x / r[:, None]) @ w.T) * inv_wn).requires_grad_(True)
+    rr = r.clone().requires_grad_(True)
+    valid = y != -100
+    safe = torch.where(valid, y, 0)
+    a = CM_SCALE * torch.sigmoid(rr)
+    onehot = torch.nn.functional.one_hot(safe, w.shape[0]).to(x.dtype)
+    logits = a[:, None] * (cos - CM_M3 * onehot)
+    rows = torch.logsumexp(logits, dim=1) - (logits * onehot).sum(1)
+    rows = torch.where(valid, rows, torch.zeros_like(rows))
+    dcos, dr = torch.autograd.grad((weight * rows).sum(), (cos, rr))
+    return rows.detach(), dcos * inv_wn, dr
+
+
 def _density_reference(x, labels, c, grad, t=2.0):
     xr = x.clone().requires_grad_(True)
     density = reference.class_density(xr, labels, c, t=t)
@@ -324,19 +382,23 @@ def _verdicts(lib, order):
     xn = torch.randn(21, 70, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     ref_norm = row_norm(xn)
     ref_out = reference.norm_contraction(xn, offset=0.5, temperature=1.5)
+    cm_in = _cm_inputs()
+    ref_cm = _cm_reference(*cm_in)
     verdicts, outputs = {}, {}
     for mode in ORDERS:
         order(mode)
         density, dx, error = _run_density(lib, x, labels, c, grad)
         out, norm, nerror = _run_norm(lib, xn)
-        if error or nerror:
-            verdicts[mode] = f"emulator error: {error or nerror}"
+        cm_loss, cm_grad, cm_radial, cerror = _run_cm(lib, *cm_in)
+        if error or nerror or cerror:
+            verdicts[mode] = f"emulator error: {error or nerror or cerror}"
             continue
         errs = {"density": _rel(density, ref_density), "dx": _rel(dx, ref_dx), "norm": _rel(norm, ref_norm),
-                "contraction": _rel(out, ref_out)}
+                "contraction": _rel(out, ref_out), "cm loss": _rel(cm_loss, ref_cm[0]),
+                "cm G'": _rel(cm_grad, ref_cm[1]), "cm radial": _rel(cm_radial, ref_cm[2])}
         bad = {k: v for k, v in errs.items() if not v <= 1e-10}  # NaN counts as bad
         verdicts[mode] = f"mismatch vs reference: {bad}" if bad else None
-        outputs[mode] = (density, dx, out, norm)
+        outputs[mode] = (density, dx, out, norm, cm_loss, cm_grad, cm_radial)
     return verdicts, outputs
 
 
