@@ -141,7 +141,7 @@ def _floats(*prefixes) -> dict:
 def _row_block(limit=256):
     def fixed(t):
         from .triton import _rows
-        bn, bd = _rows.row_block(D, limit)
+        bn, bd = _rows.row_block(D, limit, dtype=t.dt)
         return dict(BLOCK_N=bn, BLOCK_D=bd)
     return fixed
 
@@ -321,8 +321,8 @@ SPECS: tuple[KernelSpec, ...] = (
     KernelSpec(_M + "idid_loss", "_teacher_kernel", _teacher, fixed=lambda t: dict(BLOCK_R=8, BLOCK_C=128)),
     KernelSpec(_M + "idid_loss", "_finalize_kernel", _finalize, fixed=lambda t: dict(BLOCK=1024)),
     KernelSpec(_M + "idid_loss", "_class_sums_kernel", _class_sums, fixed=lambda t: dict(BLOCK_M=32, BLOCK_D=128)),
-    KernelSpec(_M + "idid_loss", "_dtheta_kernel", _dtheta, fixed=lambda t: dict(BLOCK_T=32, BLOCK_K=32)),
-    KernelSpec(_M + "_idid_common", "row_norms_kernel", _idid_row_norms, fixed=lambda t: dict(BLOCK_R=32, BLOCK_K=128)),
+    KernelSpec(_M + "idid_loss", "_dtheta_kernel", _dtheta, fixed=lambda t: dict(BLOCK_T=32, BLOCK_K=16)),
+    KernelSpec(_M + "_idid_common", "row_norms_kernel", _idid_row_norms, fixed=lambda t: dict(BLOCK_R=8 if t.dt == torch.float64 else 32, BLOCK_K=128)),
     KernelSpec(_M + "_idid_common", "normalize_backward_kernel", _normalize_backward,
                fixed=lambda t: dict(BLOCK_R=16, BLOCK_K=128)),
     KernelSpec(_M + "class_density", "_class_sum_kernel", _class_sum, fixed=lambda t: dict(BLOCK=256)),

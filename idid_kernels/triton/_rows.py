@@ -221,12 +221,15 @@ def on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def row_block(d: int, limit: int = 256) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_D) of the memory-bound row kernels: d tiles of up to ``limit`` columns."""
+def row_block(d: int, limit: int = 256, dtype: torch.dtype | None = None) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_D) of the memory-bound row kernels: d tiles of up to ``limit`` columns, 4096
+    elements a tile (1024 for float64, whose 4096-element tiles spill registers on sm_90 once the
+    norm's rescaling temporaries are live: 520-732 B per thread)."""
     if interpreted():
         return 16, 16
     block_d = min(triton.next_power_of_2(max(d, 16)), limit)
-    return max(1, 4096 // block_d), block_d
+    elements = 1024 if dtype == torch.float64 else 4096
+    return max(1, elements // block_d), block_d
 
 
 @triton.jit
@@ -290,7 +293,7 @@ def row_norms(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     n, d = x.shape
     if out is None:
         out = torch.empty(n, dtype=acc_dtype(x.dtype), device=x.device)
-    block_n, block_d = row_block(d)
+    block_n, block_d = row_block(d, dtype=x.dtype)
     with on_device(x):
         _row_norms_kernel[(triton.cdiv(n, block_n),)](x, out, n, d, x.stride(0), x.stride(1), BLOCK_N=block_n,
                                                       BLOCK_D=block_d, ACC=tl_acc(x.dtype))
@@ -342,7 +345,7 @@ def scaled_rows(x: torch.Tensor, norm: torch.Tensor) -> tuple[torch.Tensor, torc
     n, d = x.shape
     out = torch.empty((n, d), dtype=x.dtype, device=x.device)
     out_norm = torch.empty_like(norm)
-    block_n, block_d = row_block(d)
+    block_n, block_d = row_block(d, dtype=x.dtype)
     with on_device(x):
         _scale_rows_kernel[(triton.cdiv(n, block_n),)](x, norm, out, out_norm, n, d, x.stride(0), x.stride(1),
                                                        F64=x.dtype == torch.float64, BLOCK_N=block_n,
@@ -391,7 +394,7 @@ def project_rows(b: torch.Tensor, x: torch.Tensor, norm: torch.Tensor,
     Returns a contiguous tensor of x's shape and dtype (formula in the module docstring)."""
     n, d = x.shape
     out = torch.empty((n, d), dtype=x.dtype, device=x.device)
-    block_n, block_d = row_block(d, limit=128)
+    block_n, block_d = row_block(d, limit=128, dtype=x.dtype)
     with on_device(x):
         _project_rows_kernel[(triton.cdiv(n, block_n),)](
             b, x, norm, radial if radial is not None else norm, out, n, d, x.stride(0), x.stride(1),

@@ -59,8 +59,7 @@ def _class_sum_kernel(rowsum_ptr, offs_ptr, lay_ptr, out_ptr, B, C, ACC: tl.cons
 # (exact products: FMA) and float64 (two registers an element) hold smaller tiles in 255 registers.
 _PULL_ROWS_CONFIGS = configs({
     (torch.bfloat16, torch.float16): [(64, 64, 32, 64, 8, 2), (64, 64, 32, 128, 8, 2), (32, 64, 64, 128, 8, 2)],
-    torch.float32: [(64, 32, 32, 64, 8, 2), (64, 64, 16, 32, 8, 2), (32, 32, 32, 128, 8, 2), (32, 64, 32, 64, 8, 2),
-                    (32, 32, 16, 128, 8, 2)],
+    torch.float32: [(64, 32, 32, 64, 8, 2), (32, 32, 32, 128, 8, 2), (32, 64, 32, 64, 8, 2)],
     torch.float64: [(64, 32, 16, 64, 8, 2), (32, 64, 16, 64, 8, 2), (32, 32, 32, 64, 8, 2), (32, 32, 16, 32, 4, 2)],
 }, (8, 8, 32, 32, 1, 1), ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_D"))
 

@@ -373,7 +373,7 @@ def cm_margin_forward(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
     labels = labels.contiguous()
     stats = torch.empty((_NUM_STATS, n), dtype=acc, device=x.device)
     loss = torch.empty(n, dtype=acc, device=x.device)
-    block_n, block_d = _rows.row_block(d)
+    block_n, block_d = _rows.row_block(d, dtype=x.dtype)
     with _rows.on_device(x):
         w_norm = _rows.row_norms(weight)
         r = _rows.row_norms(x, out=stats[_R])

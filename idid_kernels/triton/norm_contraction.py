@@ -85,7 +85,7 @@ def norm_contraction_forward(x: torch.Tensor, offset: float, temperature: float)
     n, d = x.shape
     out = torch.empty(n, dtype=x.dtype, device=x.device)
     norm = torch.empty(n, dtype=_rows.acc_dtype(x.dtype), device=x.device)
-    block_n, block_d = _rows.row_block(d)
+    block_n, block_d = _rows.row_block(d, dtype=x.dtype)
     with _rows.on_device(x):
         _forward_kernel[(triton.cdiv(n, block_n),)](x, out, norm, *_params(offset, temperature), n, d, x.stride(0),
                                                     x.stride(1), BLOCK_N=block_n, BLOCK_D=block_d,
@@ -104,7 +104,7 @@ def norm_contraction_backward(grad_out: torch.Tensor, x: torch.Tensor, norm: tor
                               temperature: float) -> torch.Tensor:
     n, d = x.shape
     dx = torch.empty((n, d), dtype=x.dtype, device=x.device)
-    block_n, block_d = _rows.row_block(d)
+    block_n, block_d = _rows.row_block(d, dtype=x.dtype)
     with _rows.on_device(x):
         _backward_kernel[(triton.cdiv(n, block_n),)](grad_out.contiguous(), x, norm, *_params(offset, temperature),
                                                      dx, n, d, x.stride(0), x.stride(1), BLOCK_N=block_n,

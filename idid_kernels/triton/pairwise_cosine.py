@@ -65,8 +65,7 @@ _BWD_CONFIGS = _rows.configs(
          torch.float64: [dict(BLOCK_M=64, BLOCK_K=32, BLOCK_D=64, num_warps=8, num_stages=3),
                          dict(BLOCK_M=128, BLOCK_K=32, BLOCK_D=32, num_warps=8, num_stages=3),
                          dict(BLOCK_M=32, BLOCK_K=32, BLOCK_D=128, num_warps=8, num_stages=3),
-                         dict(BLOCK_M=64, BLOCK_K=16, BLOCK_D=64, num_warps=8, num_stages=3),
-                         dict(BLOCK_M=32, BLOCK_K=32, BLOCK_D=64, num_warps=4, num_stages=2)]},
+                         dict(BLOCK_M=64, BLOCK_K=16, BLOCK_D=64, num_warps=8, num_stages=3)]},
     interpreter=dict(BLOCK_M=16, BLOCK_K=16, BLOCK_D=16))
 
 
