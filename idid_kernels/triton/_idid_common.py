@@ -174,6 +174,12 @@ def log_add_exp(a, b):
     return hi + softplus(tl.minimum(a, b) - hi)
 
 
+# Triton's interpreter multiplies bfloat16 tiles wrongly in tl.dot (off by orders of magnitude; the
+# same tiles cast to float32 are exact): there the bfloat16 products run in float32, as in
+# _rows.dot_dtype. Compiled kernels multiply in bfloat16 (the branch is folded away).
+BF16_DOT_AS_F32: tl.constexpr = tl.constexpr(_rows.interpreted())
+
+
 @triton.jit
 def dot_rows(a_ptr, a_rows, a_mask, b_ptr, b_rows, b_mask, D, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
              BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -187,6 +193,9 @@ def dot_rows(a_ptr, a_rows, a_mask, b_ptr, b_rows, b_mask, D, ACC: tl.constexpr,
         km = ks < D
         a = tl.load(a_base + ks[None, :], mask=a_mask[:, None] & km[None, :], other=0.0)
         b = tl.load(b_base + ks[None, :], mask=b_mask[:, None] & km[None, :], other=0.0)
+        if BF16_DOT_AS_F32 and a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PREC)
     return acc
 
@@ -231,6 +240,8 @@ def accumulate_pull(acc, x_ptr, xn_ptr, lay_ptr, offs_ptr, r0, rows, rmask, src,
     """acc_i += coef_i sum_{j same class, j != i} kappa_ij u_j[dcols] (the diversity pull of
     dD_c/du_i, spec/idid.md: dD_c/du_i = 2t / (n_c (n_c - 1)) sum_j kappa_ij u_j)."""
     DT = x_ptr.dtype.element_ty
+    if BF16_DOT_AS_F32 and DT == tl.bfloat16:
+        DT = tl.float32
     start, end = same_class_span(lay_ptr, offs_ptr, r0, B, Bv, BLOCK_M)
     for j0 in range(start, end, BLOCK_N):
         kappa, srcj, inxj, jm = pair_kernel_tile(x_ptr, xn_ptr, lay_ptr, rows, rmask, src, y, inx, j0, end, B, D,

@@ -69,7 +69,7 @@ from .._autograd import DEVICE_AUTOGRAD_KEYS, register_autograd, register_no_dou
 from . import _rows
 from ..reference.idid import IDIDTerms
 from ._idid_common import (
-    INTERPRET, acc_dtype, accumulate_pull, bad_labels, bucket_rows, by_dtype, check_dtype, configs, dot_precision,
+    BF16_DOT_AS_F32, INTERPRET, acc_dtype, accumulate_pull, bad_labels, bucket_rows, by_dtype, check_dtype, configs, dot_precision,
     dot_rows, log_add_exp, no_double_backward, normalize_backward, pair_row_sums, pick, row_norms, scaled_rows,
     softplus, split_f64, tl_acc,
 )
@@ -303,6 +303,8 @@ def _grad_rows_kernel(x_ptr, w_ptr, xn_ptr, wn_ptr, lay_ptr, offs_ptr, rs_ptr, l
     """dL/du_i[dcols] = alpha sum_c G_ic v_c + grad_id coef_i sum_j kappa_ij u_j, written in batch row
     order (0 for ignored rows)."""
     DT = x_ptr.dtype.element_ty
+    if BF16_DOT_AS_F32 and DT == tl.bfloat16:
+        DT = tl.float32
     alpha = tl.cast(alpha_hi, ACC) + tl.cast(alpha_mid, ACC) + tl.cast(alpha_lo, ACC)  # split_f64 parts
     inv_tau = tl.cast(itau_hi, ACC) + tl.cast(itau_mid, ACC) + tl.cast(itau_lo, ACC)  # split_f64 parts
     t = tl.cast(t_hi, ACC) + tl.cast(t_mid, ACC) + tl.cast(t_lo, ACC)  # split_f64 parts
@@ -363,6 +365,8 @@ def _grad_cols_kernel(x_ptr, w_ptr, xn_ptr, wn_ptr, lay_ptr, offs_ptr, rs_ptr, l
     """dL/dv_c[dcols] = alpha sum_i G_ic u_i over the rows of one split: added into dv
     (ATOMIC) or stored to the split's own (C, D) slice of dv."""
     DT = x_ptr.dtype.element_ty
+    if BF16_DOT_AS_F32 and DT == tl.bfloat16:
+        DT = tl.float32
     alpha = tl.cast(alpha_hi, ACC) + tl.cast(alpha_mid, ACC) + tl.cast(alpha_lo, ACC)  # split_f64 parts
     inv_tau = tl.cast(itau_hi, ACC) + tl.cast(itau_mid, ACC) + tl.cast(itau_lo, ACC)  # split_f64 parts
     # (class tile, feature chunk, split) folded onto axis 0, class tiles fastest
