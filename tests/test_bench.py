@@ -17,7 +17,7 @@ from idid_kernels.bench import BenchConfig, run_bench, run_case, suite_cases
 from idid_kernels.bench import runner as runner_mod
 from idid_kernels.bench.measure import peak_memory_mb, time_cpu
 from idid_kernels.bench.progress import Progress
-from idid_kernels.bench.report import format_markdown, format_table, write_csv, write_json, write_plots
+from idid_kernels.bench.report import format_markdown, format_notes, format_table, write_csv, write_json, write_plots
 
 CPU = torch.device("cpu")
 FAST = dict(min_repeats=2, max_repeats=3, budget_s=0.05, progress=False)
@@ -25,9 +25,10 @@ HAVE_PML = importlib.util.find_spec("pytorch_metric_learning") is not None
 
 
 def _timed_backends(op):
-    """The backends the runner must time on the CPU by default (interpreted Triton excluded)."""
+    """The backends the runner must time on the CPU by default (interpreted Triton and emulated CUDA
+    excluded)."""
     return [b for b in available_backends()
-            if b not in ("reference", "triton") and b in IMPLEMENTED[op] and runs_on(b, CPU)]
+            if b not in ("reference", "triton", "cuda") and b in IMPLEMENTED[op] and runs_on(b, CPU)]
 
 
 @pytest.fixture(scope="module")
@@ -237,3 +238,71 @@ def test_gpu_goals_suite_holds_the_target_sizes_and_is_not_part_of_all(capsys):
     args = ["bench", "--quick", "--suite", "gpu-goals", "--no-compile", "--no-external", "--quiet"]
     assert cli.main(args) == 0
     assert "0 failed" in capsys.readouterr().out
+
+
+def test_emulated_cuda_is_left_out_on_the_cpu_unless_named(monkeypatch):
+    monkeypatch.setenv("IDID_KERNELS_CUDA_EMULATE", "1")
+    names, notes = runner_mod._backend_names("cm_margin_loss", CPU, None)
+    assert "cuda" not in names
+    if "cuda" in available_backends():
+        assert any(n.startswith("cuda: not timed on the CPU") for n in notes)
+        assert "cuda" in runner_mod._backend_names("cm_margin_loss", CPU, ["cuda"])[0]
+
+
+def test_margin_none_case_has_the_torch_column_checked_against_the_reference():
+    cases = [c for c in suite_cases("cm", "tiny", "cpu") if c.config == "none+sigmoid"]
+    assert cases and all([e.name for e in c.externals] == ["torch"] for c in cases)
+    assert all(c.config != "none+sigmoid" for c in suite_cases("cm", "default", "cpu")[:3])
+    result = run_bench(cases[:1], BenchConfig(compile=False, **FAST), command="pytest")
+    torch_rows = [r for r in result.rows if r.impl == "torch"]
+    if not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        assert not torch_rows and any("torch: column skipped" in n for n in result.notes)
+        return
+    (row,) = torch_rows
+    assert row.kind == "external" and row.check == "ok", (row.check, row.note)
+    assert row.out_err <= 1e-5 and row.grad_err <= 1e-4
+
+
+def test_a_noisy_row_is_measured_again_and_flagged(monkeypatch):
+    calls = []
+
+    def noisy_timing(step, device, **kw):
+        calls.append(1)
+        step()
+        return runner_mod.Timing(10.0, 5.0, 15.0, 5, "stand-in")  # IQR 100% of the median
+
+    monkeypatch.setattr(runner_mod, "time_step", noisy_timing)
+    case = suite_cases("primitives", "tiny", "cpu")[-1]
+    result = run_bench([case], BenchConfig(compile=False, floor=False, **FAST), command="pytest")
+    assert result.rows and all(r.noisy and "noisy: IQR" in r.note for r in result.rows)
+    assert len(calls) == 2 * len(result.rows)  # every row measured twice
+    assert "noisy" in format_table(result) and "kept an IQR above 20%" in format_notes(result)
+
+
+def test_a_quiet_row_is_measured_once(monkeypatch):
+    calls = []
+
+    def quiet_timing(step, device, **kw):
+        calls.append(1)
+        step()
+        return runner_mod.Timing(10.0, 9.5, 10.5, 5, "stand-in")
+
+    monkeypatch.setattr(runner_mod, "time_step", quiet_timing)
+    case = suite_cases("primitives", "tiny", "cpu")[-1]
+    result = run_bench([case], BenchConfig(compile=False, floor=False, **FAST), command="pytest")
+    assert len(calls) == len(result.rows) and not any(r.noisy for r in result.rows)
+
+
+def test_compile_workers_are_stopped_before_timing(monkeypatch):
+    """torch.compile's worker pool must not share the cores with a timed row: the runner stops it
+    after the checks, before the first timing."""
+    order = []
+    real = runner_mod._quiesce
+    monkeypatch.setattr(runner_mod, "_quiesce", lambda: order.append("quiesce") or real())
+    real_measure = runner_mod.CaseRun.measure
+    monkeypatch.setattr(runner_mod.CaseRun, "measure",
+                        lambda self, impl, row: order.append("measure") or real_measure(self, impl, row))
+    result = run_bench(suite_cases("cm", "tiny", "cpu")[:1], BenchConfig(**FAST), command="pytest")
+    assert order[0] == "quiesce" and order.count("quiesce") == 1 and "measure" in order
+    assert not any("child processes still alive" in n for n in result.notes)
+    assert real() == []

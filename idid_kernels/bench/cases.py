@@ -148,6 +148,49 @@ def _pml_external(margin: str, s: float, m: float) -> External:
     )
 
 
+# ------------------------------------------------------------- torch's own F.linear_cross_entropy
+
+def _torch_lce_missing() -> str | None:
+    import torch.nn.functional as F
+    if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        return (f"torch {torch.__version__} has no chunked F.linear_cross_entropy "
+                "(nn.LinearCrossEntropyOptions, torch >= 2.13)")
+    return None
+
+
+def _torch_lce_external(s: float, contraction: str) -> External:
+    """torch's chunked ``F.linear_cross_entropy`` (``options=nn.LinearCrossEntropyOptions()``): the
+    first fused loss a user of torch would try. With margin "none" the loss is exactly a softmax
+    cross-entropy of a_n cos(x_n, w_j), i.e. ``F.linear_cross_entropy(a * normalize(x), normalize(W), y)``
+    with a_n = s sigmoid(||x_n||) (or s without the contraction); the normalisations and a_n run in
+    eager PyTorch around it and are differentiated by autograd. Checked against this package's
+    reference like every row."""
+    from ..reference.primitives import normalize, row_norm
+
+    def build(diff, const):
+        import torch.nn.functional as F
+
+        x, w = diff
+        (labels,) = const
+        options = torch.nn.LinearCrossEntropyOptions()
+
+        def fn(xx, ww):
+            a = s * torch.sigmoid(row_norm(xx)) if contraction == "sigmoid" else torch.full_like(xx[:, 0], s)
+            return F.linear_cross_entropy(a[:, None] * normalize(xx), normalize(ww), labels, options=options)
+        return [x, w], fn, lambda grads: grads
+
+    a = f"{s:g} sigmoid(||x_n||)" if contraction == "sigmoid" else f"{s:g}"
+    return External(
+        name="torch",
+        description=(f"torch's chunked F.linear_cross_entropy(a * normalize(x), normalize(W), y, "
+                     f"options=nn.LinearCrossEntropyOptions()) with a_n = {a} (the cm_margin_loss of margin "
+                     f"'none'); normalisations and a_n in eager PyTorch"),
+        missing=_torch_lce_missing(),
+        build=build,
+        truth_kwargs={},
+    )
+
+
 # -------------------------------------------------------------------------------------- sizes
 # (N, d, C) per preset and device type. Each list is a sweep of C at one N plus a sweep of N at one
 # C; the default CPU sizes keep the whole run (torch.compile's compilations included) in about
@@ -189,17 +232,24 @@ def _sizes(table, preset, device_type):
     return table[(preset, "cuda" if device_type == "cuda" else "cpu")]
 
 
-def _cm_case(margin: str, m: float, n: int, d: int, c: int, s: float = 30.0) -> Case:
+def _cm_case(margin: str, m: float | None, n: int, d: int, c: int, s: float = 30.0) -> Case:
+    kwargs = dict(s=s, margin=margin, contraction="sigmoid")
+    if m is not None:
+        kwargs["m"] = m
+    # margin "none" is exactly torch's linear cross-entropy of the scaled cosines; the margins are
+    # what pytorch-metric-learning has.
+    externals = [_torch_lce_external(s, "sigmoid")] if margin == "none" else [_pml_external(margin, s, m)]
     return Case(
         suite="cm", op="cm_margin_loss", config=f"{margin}+sigmoid", sizes=dict(N=n, d=d, C=c),
-        make=_cm_make(n, d, c), kwargs=dict(s=s, margin=margin, m=m, contraction="sigmoid"),
+        make=_cm_make(n, d, c), kwargs=kwargs,
         floor_flops=6.0 * n * d * c, floor=_linear_gemms, floor_note="X W^T, G W, G^T X (6 N d C flops)",
-        externals=[_pml_external(margin, s, m)], work_elems=n * c,
+        externals=externals, work_elems=n * c,
         with_rows=lambda k: _cm_case(margin, m, k, d, c, s))
 
 
 def cm_cases(preset: str = "default", device_type: str = "cpu") -> list[Case]:
-    """cm_margin_loss, CosFace and ArcFace with the sigmoid contraction (s=30; m=0.4 / 0.5 rad).
+    """cm_margin_loss, CosFace and ArcFace with the sigmoid contraction (s=30; m=0.4 / 0.5 rad), and
+    margin "none" (beside torch's F.linear_cross_entropy) where ArcFace runs.
 
     CosFace runs the whole sweep. In the default preset ArcFace runs only at the sweep's largest C
     (the many-class regime the kernels are for): every case costs a torch.compile, about ten seconds
@@ -207,15 +257,44 @@ def cm_cases(preset: str = "default", device_type: str = "cpu") -> list[Case]:
     shapes = _sizes(_CM_SIZES, preset, device_type)
     arcface = [max(shapes, key=lambda nd_c: nd_c[2])] if preset == "default" else shapes
     return ([_cm_case("cosface", 0.4, n, d, c) for n, d, c in shapes]
-            + [_cm_case("arcface", 0.5, n, d, c) for n, d, c in arcface])
+            + [_cm_case("arcface", 0.5, n, d, c) for n, d, c in arcface]
+            + [_cm_case("none", None, n, d, c) for n, d, c in arcface])
+
+
+def _idid_floor(inputs):
+    """Every kind of work idid_loss has, each once at library speed: the proxy logits' three GEMMs
+    (X P^T, G P, G^T X), one exp over the (B, C) logits (their softmax), the teacher softmax over
+    the (C, C) similarity (Phi = (Theta + Theta^T) / 2, then a row softmax), dTheta's (C, C)
+    symmetrisation, and the diversity term's same-class Gram GEMMs (one B x B Gram over the batch
+    sorted by label, its forward and backward: 2 x 2 B^2 d flops as an upper bound of sum_c n_c^2 d).
+    No implementation can skip any of them; none of them is fused or repeated here."""
+    x, w, theta = (t.detach() for t in inputs[:3])
+    s = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+    gram = torch.empty(x.shape[0], x.shape[0], dtype=x.dtype, device=x.device)
+    phi = torch.empty_like(theta)
+    dtheta = torch.empty_like(theta)
+
+    def run():
+        torch.mm(x, w.t(), out=s)
+        torch.exp_(s)
+        torch.mm(s, w)
+        torch.mm(s.t(), x)
+        torch.add(theta, theta.t(), out=phi)
+        r = torch.softmax(phi, dim=1)
+        torch.add(r, r.t(), out=dtheta)
+        torch.mm(x, x.t(), out=gram)
+        torch.mm(gram, x)
+    return run
 
 
 def _idid_case(b: int, d: int, c: int) -> Case:
     return Case(
         suite="idid", op="idid_loss", config="all terms", sizes=dict(N=b, d=d, C=c),
         make=_idid_make(b, d, c), kwargs=dict(alpha=16.0),
-        floor_flops=6.0 * b * d * c, floor=_linear_gemms,
-        floor_note="the proxy logits' X P^T, G P, G^T X (6 B d C flops); the B x B density GEMMs not counted",
+        floor_flops=6.0 * b * d * c + 4.0 * b * b * d, floor=_idid_floor,
+        floor_note=("the proxy GEMMs X P^T, G P, G^T X, one exp over the (B, C) logits, the (C, C) teacher "
+                    "softmax and dTheta's symmetrisation, the B x B diversity Gram forward and backward "
+                    "(6 B d C + 4 B^2 d flops)"),
         work_elems=b * c + b * b + c * c, with_rows=lambda k: _idid_case(k, d, c))
 
 

@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated backends to time besides eager/compile, from {','.join(BACKENDS[1:])} "
                         "(default: every available one; Triton on the CPU only when named here)")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile(reference) column")
-    p.add_argument("--no-external", action="store_true", help="leave out the pytorch-metric-learning column")
+    p.add_argument("--no-external", action="store_true", help="leave out the third-party columns (pytorch-metric-learning, torch F.linear_cross_entropy)")
     p.add_argument("--csv", metavar="PATH", help="write every row with the run's metadata as CSV")
     p.add_argument("--json", metavar="PATH", help="write the rows, metadata and notes as JSON")
     p.add_argument("--plot", metavar="DIR", help="write PNGs of time and memory against C and N (matplotlib)")

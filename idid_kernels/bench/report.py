@@ -8,7 +8,7 @@ import re
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from .runner import MISMATCH, OK, BenchResult, Row
+from .runner import MISMATCH, NOISY_IQR, OK, BenchResult, Row
 
 META_COLUMNS = ("date", "device", "device_name", "torch_threads", "version_torch", "version_idid_kernels", "command")
 
@@ -45,7 +45,8 @@ def _flops_unit(result: BenchResult) -> tuple[str, float]:
 def _cells(r: Row, flops_scale: float = 1.0) -> list[str]:
     iqr = r.q3_ms - r.q1_ms
     mem = "-" if math.isnan(r.memory_vs_eager) else f"{r.memory_vs_eager:.2f}"
-    return [r.impl, _num(r.median_ms), _num(iqr, 2), _ratio(r.speedup_vs_eager), _ratio(r.speedup_vs_compile),
+    median = _num(r.median_ms) + (" noisy" if r.noisy else "")
+    return [r.impl, median, _num(iqr, 2), _ratio(r.speedup_vs_eager), _ratio(r.speedup_vs_compile),
             _num(r.peak_mb), mem, _pct(r.floor_fraction), _num(r.tflops * flops_scale, 3), _check(r)]
 
 
@@ -135,6 +136,10 @@ def format_notes(result: BenchResult) -> str:
     for r in result.rows:
         if r.check == "ERROR" and not r.failed:
             lines.append(f"!!! {r.impl} on {r.case} crashed ({r.note}); not this package's code, so not a failure")
+    noisy = [r for r in result.rows if r.noisy]
+    if noisy:
+        lines.append(f"- noisy: {len(noisy)} rows kept an IQR above {100 * NOISY_IQR:.0f}% of their median after a "
+                     f"second measurement (marked 'noisy'): " + ", ".join(f"{r.impl} on {r.case}" for r in noisy))
     for r in result.unchecked:
         lines.append(f"!!! {r.impl} on {r.case}: UNCHECKED ({r.note}): its timing is not vouched for")
     lines.append(f"\n{len(result.rows) - len(bad)} rows ok or skipped, {len(bad)} failed; "

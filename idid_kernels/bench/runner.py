@@ -4,13 +4,16 @@ For one case the implementations are: ``eager`` (the pure-PyTorch reference, i.e
 ``reference`` backend), ``compile`` (``torch.compile`` of that reference, compiled before timing),
 every other backend that is available here and has a kernel for the op on the device
 (``_backends.IMPLEMENTED`` and ``available_backends()``), and the case's externals
-(pytorch-metric-learning for cm_margin_loss). For each of them, in this order:
+(pytorch-metric-learning and torch's own ``F.linear_cross_entropy`` for cm_margin_loss). First every
+implementation runs step 1; then torch.compile's compiler workers are stopped, so that nothing else
+of the package runs while a row is timed; then each one runs steps 2 and 3:
 
 1. correctness: one forward + backward on the benchmark's own inputs, compared with the float64
    reference (output and every input gradient, relative error ||a - b|| / ||b||, ARCHITECTURE.md's
    tolerances; bf16/fp16 within 2x the eager error + 1e-2). A mismatch is marked and makes the run
    fail: a fast wrong kernel never looks good. This call also warms up (and compiles);
-2. time of forward + backward (median and quartiles; see :mod:`.measure`);
+2. time of forward + backward (median and quartiles; see :mod:`.measure`). A row whose IQR exceeds
+   20% of its median (``NOISY_IQR``) is measured again; if it is still noisy it is flagged;
 3. peak extra memory of one forward + backward.
 
 Triton on a CPU runs only in its interpreter (TRITON_INTERPRET=1), orders of magnitude slower than
@@ -90,6 +93,7 @@ class Row:
     tol_grad: float = math.nan
     check: str = SKIPPED
     note: str = ""
+    noisy: bool = False          # IQR above NOISY_IQR of the median, measured twice
 
     @property
     def failed(self) -> bool:
@@ -161,6 +165,13 @@ def _backend_names(op: str, device: torch.device, requested: list[str] | None) -
             notes.append("triton: not timed on the CPU: its kernels are GPU code, which a CPU runs only in "
                          "Triton's interpreter (TRITON_INTERPRET=1), orders of magnitude slower than native code; "
                          "pass --backends triton to time it anyway")
+        elif b == "cuda" and device.type == "cpu" and requested is None:
+            if b in here:
+                notes.append("cuda: not timed on the CPU: there its kernels run under the CUDA emulator "
+                             "(IDID_KERNELS_CUDA_EMULATE=1), one fiber per GPU thread; pass --backends cuda to "
+                             "time it anyway")
+            else:
+                notes.append(f"cuda: not run, unavailable here ({missing(b)})")
         elif b not in here:
             notes.append(f"{b}: not run, unavailable here ({missing(b)})")
         elif b not in IMPLEMENTED[op]:
@@ -351,6 +362,40 @@ class CaseRun:
             return math.nan
 
 
+# A row whose interquartile range exceeds this fraction of its median is measured again; when the
+# second measurement is noisy too, the row is flagged (Row.noisy, the table's "noisy" mark).
+NOISY_IQR = 0.20
+
+
+def _noisy(row: Row) -> bool:
+    return row.median_ms > 0 and (row.q3_ms - row.q1_ms) > NOISY_IQR * row.median_ms
+
+
+def _quiesce() -> list[int]:
+    """Stop torch.compile's compiler worker processes (the first compilation starts a pool of them,
+    which would otherwise share the cores with the rows being timed) and return the pids of any
+    child process still alive."""
+    try:
+        from torch._inductor import async_compile
+        async_compile.shutdown_compile_workers()
+    except Exception:  # noqa: BLE001 - no inductor, or nothing started
+        pass
+    me, alive = os.getpid(), []
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return alive
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                rest = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(rest[1]) == me and rest[0] != "Z":
+            alive.append(int(entry))
+    return alive
+
+
 # Bytes of float64 reference intermediates the full-size check may take; above, it runs on fewer rows.
 CHECK_BUDGET_BYTES = {"cpu": 2 * 2**30, "cuda": 8 * 2**30}
 
@@ -406,9 +451,26 @@ def run_case(case: Case, cfg: BenchConfig, progress: Progress | None = None) -> 
                     setattr(row, name, getattr(verdict, name))
                 row.note = verdict.note or f"checked at N={k} (same d and C): the float64 reference of all rows is too big"
                 _clear_grads(twin)
-        run.measure(impl, row)
         rows.append(row)
+    # Every implementation has run once (compilations done) before any is timed; nothing else of the
+    # package runs while a row is timed.
+    children = _quiesce()
+    if children:
+        run.notes.append(f"child processes still alive while timing: {children}")
+    for impl, row in zip(run.impls, rows):
+        run.measure(impl, row)
+    for impl, row in zip(run.impls, rows):
+        if _noisy(row):
+            first = (row.median_ms, row.q3_ms - row.q1_ms)
+            run.measure(impl, row)
+            if _noisy(row):
+                row.noisy = True
+                extra = (f"noisy: IQR {row.q3_ms - row.q1_ms:.3g} ms of a {row.median_ms:.3g} ms median after a "
+                         f"second measurement (first: {first[1]:.3g} of {first[0]:.3g} ms)")
+                row.note = f"{row.note}; {extra}" if row.note else extra
     floor_ms = math.nan
+    if cfg.floor and case.floor is not None and case.floor_note:
+        run.notes.append(f"floor of {case.op}: {case.floor_note}")
     if cfg.floor and case.floor is not None:
         if progress:
             progress.step(f"{case.label} GEMM floor")
