@@ -67,9 +67,13 @@ step build 240 build.log env IDID_KERNELS_CUDA_ARCH="$ARCH" \
   "$PY" -m pip install --no-build-isolation -e ".[test]"
 step info 60 info.txt "$PY" -m idid_kernels info
 step check 120 check.log env IDID_KERNELS_TRITON_MAX_CONFIGS=1 "$PY" -m idid_kernels check --device cuda
+# First the GPU kernels alone: the GPU-only files, then the cuda and triton parametrizations of the
+# per-op conformance suites (the same files CI runs emulated and interpreted), natively.
+GPU_TEST_FILES="tests/test_triton_gpu.py tests/test_cuda_backend.py tests/test_cm_margin.py tests/test_idid_loss.py"
+GPU_TEST_FILES="$GPU_TEST_FILES tests/test_class_density.py tests/test_norm_contraction.py tests/test_pairwise_cosine.py"
+# shellcheck disable=SC2086
 step gpu-tests 150 pytest-gpu.log env IDID_KERNELS_TRITON_MAX_CONFIGS=1 "$PY" -m pytest -q -rs \
-  tests/test_triton_gpu.py tests/test_cuda_backend.py tests/test_cuda_cm_margin.py tests/test_cuda_idid.py \
-  --junitxml "$OUT/junit-gpu.xml"
+  $GPU_TEST_FILES -k "cuda or triton or gpu" --junitxml "$OUT/junit-gpu.xml"
 step bench 150 bench.log "$PY" -m idid_kernels bench --device cuda --suite gpu-goals --dtype bfloat16 --quiet \
   --csv "$OUT/bench.csv"
 step pytest 600 pytest.log env IDID_KERNELS_TRITON_MAX_CONFIGS=1 "$PY" -m pytest -q -x -rs \

@@ -9,17 +9,14 @@ import torch
 import torch.nn.functional as F
 
 import idid_kernels as ik
-from idid_kernels import _backends
 
-from conftest import make_gen, rel_err
+from conftest import backend_device, make_gen, rel_err
 
 F64 = torch.float64
 
 
 def _device(backend: str) -> str:
-    if backend == "cuda" or (backend == "triton" and not _backends.triton_interpreted()):
-        return "cuda"
-    return "cpu"
+    return backend_device(backend).type
 
 
 BACKENDS = [b for b in ("reference", "cpp", "triton", "cuda") if b in ik.available_backends()]

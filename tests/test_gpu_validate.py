@@ -34,6 +34,16 @@ def test_script_parses():
     assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, timeout=60).returncode == 0
 
 
+def test_the_gpu_test_files_it_names_exist():
+    """A renamed test file would otherwise make the GPU step collect nothing for it."""
+    import re
+    text = SCRIPT.read_text()
+    names = set(re.findall(r"tests/test_\w+\.py", text))
+    assert len(names) >= 7
+    root = SCRIPT.parents[1]
+    assert not [n for n in names if not (root / n).is_file()]
+
+
 FAKE_PYTHON = """#!/usr/bin/env bash
 # stands in for python: a GPU of capability 9.0, every step passing except the backend check
 case "$*" in

@@ -241,3 +241,121 @@ def test_launch_grids_do_not_grow_along_axes_1_and_2(monkeypatch, launches, op):
     assert launches
     wide = [launch for launch in launches if launch.grid[1] > bound or launch.grid[2] > 1]
     assert not wide, wide
+
+
+# --------------------------------------------------------------- idid_loss / class_density layout
+# The row layout of _idid_common.bucket_rows: what keeps the kernels in bounds whatever the labels.
+_LAYOUT_C = 5
+_LAYOUT_BASE = [0, 1, 0, 2, 1, 0, -100, 3, 0, 1, 4, 2, 2, 0, 1, 3, 0, 1, 0]
+
+
+def _layout_device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("bad", [-5, -1, _LAYOUT_C, _LAYOUT_C + 7])
+def test_layout_never_puts_an_out_of_range_label_in_a_class(bad):
+    # Every position the kernels index through (those before offsets[C]) holds a key in [0, C);
+    # ignored rows follow with the key C, a label out of range last with C + 1.
+    from idid_kernels.triton._idid_common import bucket_rows
+    labels = torch.tensor(_LAYOUT_BASE)
+    labels[4] = bad
+    layout, offsets = bucket_rows(labels.to(_layout_device()), _LAYOUT_C, -100)
+    perm, keys = layout.cpu()
+    taking_part = int(offsets[_LAYOUT_C])
+    assert taking_part == len(_LAYOUT_BASE) - 2
+    assert bool(((keys[:taking_part] >= 0) & (keys[:taking_part] < _LAYOUT_C)).all())
+    assert keys[taking_part:].tolist() == [_LAYOUT_C, _LAYOUT_C + 1]
+    assert perm[-1] == 4 and perm[-2] == _LAYOUT_BASE.index(-100)
+    assert sorted(perm.tolist()) == list(range(len(_LAYOUT_BASE)))
+
+
+def test_layout_without_bad_labels_is_unchanged():
+    from idid_kernels.triton._idid_common import bucket_rows
+    layout, offsets = bucket_rows(torch.tensor(_LAYOUT_BASE, device=_layout_device()), _LAYOUT_C, -100)
+    assert int(layout[1, -1]) == _LAYOUT_C  # the ignored row: no C + 1 anywhere
+    counts = [_LAYOUT_BASE.count(k) for k in range(_LAYOUT_C)]
+    assert offsets.cpu().tolist() == [sum(counts[:k]) for k in range(_LAYOUT_C + 1)]
+
+
+# ------------------------------------------------------------- idid_loss launches and their flags
+class _KernelSpy:
+    """Wraps one Triton kernel of a module and records the keyword arguments of each launch."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.calls.append(kwargs)
+            return launch(*args, **kwargs)
+
+        return run
+
+
+def _idid_leaves(b, c, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dev = _layout_device()
+    leaves = [torch.randn(*shape, generator=g, dtype=torch.float64).to(dev, torch.float32).requires_grad_(True)
+              for shape in ((b, d), (c, d), (c, c))]
+    labels = (torch.arange(b) * 7 % c).to(dev)
+    labels[1] = -100
+    return leaves, labels
+
+
+def test_idid_similarity_gradient_kernel_runs_only_when_needed(monkeypatch):
+    # The (C, C) dTheta is formed only with distillation and a similarity that requires grad.
+    import idid_kernels as ik
+    from idid_kernels.triton import idid_loss as mod
+    spy = _KernelSpy(mod._dtheta_kernel)
+    monkeypatch.setattr(mod, "_dtheta_kernel", spy)
+    (x, proxies, sim), labels = _idid_leaves(5, 3, 4)
+    for distillation, needs in ((True, True), (True, False), (False, True)):
+        inputs = [x.detach().requires_grad_(True), proxies.detach().requires_grad_(True),
+                  sim.detach().requires_grad_(needs)]
+        ik.idid_loss(*inputs, labels, backend="triton", distillation=distillation).backward()
+        assert (inputs[2].grad is not None) == (distillation and needs)
+    assert len(spy.calls) == 1
+
+
+def test_idid_dw_reduction_is_atomic_unless_deterministic(monkeypatch):
+    # With several row splits, the default adds dW's splits with atomics; under
+    # torch.use_deterministic_algorithms(True), per-split buffers summed in a fixed order.
+    import idid_kernels as ik
+    from idid_kernels.triton import idid_loss as mod
+    b, c, d = (19, 5, 16) if not torch.cuda.is_available() else (257, 129, 96)
+    assert mod._column_splits(b, c, d, _layout_device())[0] > 1
+    spy = _KernelSpy(mod._grad_cols_kernel)
+    monkeypatch.setattr(mod, "_grad_cols_kernel", spy)
+    leaves, labels = _idid_leaves(b, c, d)
+    saved = torch.are_deterministic_algorithms_enabled()
+    for on in (False, True):
+        torch.use_deterministic_algorithms(on)
+        try:
+            ik.idid_loss(*leaves, labels, backend="triton").backward()
+        finally:
+            torch.use_deterministic_algorithms(saved)
+    assert [call["ATOMIC"] for call in spy.calls] == [True, False]
+
+
+def test_idid_tf32_only_on_request(monkeypatch):
+    # float32 dots are exact-precision unless IDID_KERNELS_TRITON_TF32=1; TF32 rounds the cosines'
+    # inputs to 10 mantissa bits (~1e-3), the loss stays close.
+    import idid_kernels as ik
+    from idid_kernels.triton import idid_loss as mod
+    from idid_kernels.triton._idid_common import dot_precision
+    monkeypatch.delenv("IDID_KERNELS_TRITON_TF32", raising=False)
+    assert dot_precision(torch.float32) == "ieee"
+    spy = _KernelSpy(mod._ic_forward_kernel)
+    monkeypatch.setattr(mod, "_ic_forward_kernel", spy)
+    leaves, labels = _idid_leaves(5, 3, 8)
+    exact = ik.idid_loss(*leaves, labels, backend="triton").item()
+    monkeypatch.setenv("IDID_KERNELS_TRITON_TF32", "1")
+    assert dot_precision(torch.float32) == "tf32"
+    tf32 = ik.idid_loss(*leaves, labels, backend="triton").item()
+    assert [call["DOT_PREC"] for call in spy.calls] == ["ieee", "tf32"]
+    truth = ik.idid_loss(*[t.detach().double().cpu() for t in leaves], labels.cpu(), backend="reference").item()
+    assert abs(exact - truth) <= 1e-5 * abs(truth)
+    assert abs(tf32 - truth) <= 1e-2 * abs(truth)
