@@ -309,6 +309,29 @@ def test_many_chunks_equal_one_chunk(monkeypatch, backend, chunk_mb, reduction):
     assert_tight(run(backend, x, w, y, **kw), truth)
 
 
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("chunk_mb", [None, "0.0001"])
+@pytest.mark.parametrize("backend", backend_params(OP, include=("cpp",)))
+def test_forward_class_tiles_and_row_blocks(monkeypatch, backend, chunk_mb, aligned):
+    # The cpp forward folds (up to 1024 rows) x (class tile) GEMM tiles into running row statistics:
+    # 1030 rows make two row blocks; the tiny budget gives 16-class tiles (the last one partial), so
+    # every row's target falls in some tile other than the first. aligned: x_n near w_{y_n}, the
+    # target's logit is the row's max (the loss = log1p(P) branch, losses ~1e-7).
+    x, w, y = make(1030, 61, 8, seed=9, ignore=7)
+    if aligned:
+        x = 4 * w[y.clamp_min(0)] + 0.05 * x
+    if chunk_mb is not None:
+        monkeypatch.setenv("IDID_KERNELS_CHUNK_MB", chunk_mb)
+        _chunks.reload()
+    for margin in ("none", "arcface", "sphereface"):
+        kw = dict(margin=margin, s=8.0, reduction="none", **({"m": 4} if margin == "sphereface" else {}))
+        with torch.no_grad():
+            ours = ik.cm_margin_loss(x, w, y, backend=backend, **kw)
+            truth = ik.cm_margin_loss(x, w, y, backend="reference", **kw)
+        assert rel_err(ours, truth) <= 1e-12
+        assert_tight(run(backend, x, w, y, **kw), run("reference", x, w, y, **kw), tol=1e-11)
+
+
 # ------------------------------------------------------------------------------ label layouts
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("ignored", ["none", "some", "all"])

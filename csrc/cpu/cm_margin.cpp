@@ -5,6 +5,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
+#include <utility>
 
 #include "../driver/cm_margin_driver.h"
 
@@ -114,10 +117,174 @@ struct CpuEpilogue {
 
 using CpuOps = CmOps<CpuEpilogue>;
 
+// ---- forward only: class tiles ----------------------------------------------------------------
+// The forward needs per row only its max m (cosine units), the off-target sum P = sum_{j != y}
+// exp(a (c_j - m)) and the target's psi_y, so it never holds a row of all C classes: it runs the
+// GEMM over tiles of (up to 1024 rows) x (classes), each tile small enough for the last-level
+// cache, and folds every tile into running statistics, P <- P exp(a (m_old - m_new)) + the tile's
+// sum at m_new. A row-chunked forward would pack W for BLAS once per chunk of rows (7 times for
+// 1024 rows of C = 50000 at the 32 MiB budget); here W is packed once, and each GEMM has M = 1024.
+// The result is cm_row_forward's up to rounding (same shift, same log_sum formula).
+
+template <typename A>
+struct TileJob {
+  CmConfig<A> cfg;
+  A* s;  // (rows x ct) dots of the tile, row stride ld
+  int64_t ld, n0, c0, ct, ignore_index;
+  const A* inv_wn;  // all classes
+  const A* x_norm;
+  const int64_t* labels;
+  A* m;    // (N,) running max of psi in cosine units (-inf before the first tile)
+  A* p;    // (N,) running off-target sum relative to m
+  A* psi;  // (N,) the target's psi_y (written by the tile holding y)
+};
+
+template <typename A>
+IDK_FORCE_INLINE void tile_rows_impl(const TileJob<A>& job, int64_t begin, int64_t end) {
+  using std::exp;
+  const int64_t ct = job.ct;
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t row_id = job.n0 + i;
+    const int64_t y = job.labels[row_id];
+    if (y == job.ignore_index) continue;
+    A* row = job.s + i * job.ld;
+    cm_to_cosines(row, job.inv_wn + job.c0, ct);
+    const A a = cm_scale(job.cfg, job.x_norm[row_id]);
+    const int64_t yl = y - job.c0;
+    const bool here = yl >= 0 && yl < ct;
+    A mt;
+    if (here) {
+      const A psi_y = margin_phi(row[yl], job.cfg.margin, static_cast<A*>(nullptr));
+      job.psi[row_id] = psi_y;
+      mt = cm_max(row, yl + 1, ct, cm_max(row, 0, yl, psi_y));
+    } else {
+      mt = cm_max(row, 0, ct, -std::numeric_limits<A>::infinity());
+    }
+    const A m_old = job.m[row_id];
+    // NaN stays: a NaN running max (from a NaN psi_y) is kept, as cm_max keeps a NaN start.
+    const A m_new = (m_old != m_old || !(mt > m_old)) ? m_old : mt;
+    const A off = here ? cm_sum_exp(row, yl + 1, ct, a, m_new, cm_sum_exp(row, 0, yl, a, m_new, A(0)))
+                       : cm_sum_exp(row, 0, ct, a, m_new, A(0));
+    const A rescale = m_old == -std::numeric_limits<A>::infinity() ? A(0) : exp(a * (m_old - m_new));
+    job.p[row_id] = job.p[row_id] * rescale + off;
+    job.m[row_id] = m_new;
+  }
+}
+
+void tile_rows(const TileJob<double>& job, int64_t begin, int64_t end) { tile_rows_impl(job, begin, end); }
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("default", "arch=x86-64-v3")))
+#endif
+void tile_rows(const TileJob<float>& job, int64_t begin, int64_t end) {
+  tile_rows_impl(job, begin, end);
+}
+
+// Rows and classes of one forward tile: up to 1024 rows (full-rate GEMMs), classes so that the
+// tile holds at most 2^21 values (8 MiB of float32, within the last-level cache) and never more than
+// the chunk budget's buffer (chunk_rows x C values); at least 16 classes.
+inline std::pair<int64_t, int64_t> forward_tile(int64_t n, int64_t c, int64_t chunk_rows) {
+  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(n, 1024));
+  const int64_t budget = std::max<int64_t>(1, chunk_rows) * c;
+  const int64_t cols = std::min<int64_t>(int64_t(1) << 21, budget) / rows;
+  return {rows, std::min(c, std::max<int64_t>(16, cols))};
+}
+
+template <typename A>
+void tiled_forward(const at::Tensor& xa, const at::Tensor& wa, const at::Tensor& labels, const CmConfig<A>& cfg,
+                   int64_t ignore_index, int64_t chunk_rows, const HalfGemm& gemm, CmOutputs& o) {
+  const int64_t n = xa.size(0), c = wa.size(0);
+  const auto [rows_t, cols_t] = forward_tile(n, c, chunk_rows);
+  const at::Tensor inv_xn = o.x_norm.clamp_min(kNormEps).reciprocal();
+  const at::Tensor inv_wn = o.w_norm.clamp_min(kNormEps).reciprocal();
+  at::Tensor buffer = at::empty({rows_t * cols_t}, xa.options());
+  at::Tensor m = at::full({n}, -std::numeric_limits<A>::infinity(), xa.options());
+  at::Tensor p = at::zeros({n}, xa.options());
+  at::Tensor psi = at::zeros({n}, xa.options());
+  TileJob<A> job{cfg,
+                 nullptr,
+                 0,
+                 0,
+                 0,
+                 0,
+                 ignore_index,
+                 inv_wn.const_data_ptr<A>(),
+                 o.x_norm.const_data_ptr<A>(),
+                 labels.const_data_ptr<int64_t>(),
+                 m.mutable_data_ptr<A>(),
+                 p.mutable_data_ptr<A>(),
+                 psi.mutable_data_ptr<A>()};
+  for (int64_t n0 = 0; n0 < n; n0 += rows_t) {
+    const int64_t rows = std::min(rows_t, n - n0);
+    const at::Tensor u_op = gemm.operand_of(cm_unit_rows(xa.narrow(0, n0, rows), inv_xn.narrow(0, n0, rows)));
+    for (int64_t c0 = 0; c0 < c; c0 += cols_t) {
+      const int64_t ct = std::min(cols_t, c - c0);
+      at::Tensor s = buffer.narrow(0, 0, rows * ct).view({rows, ct});
+      gemm.mm_out(s, u_op, wa.narrow(0, c0, ct).t());
+      job.s = s.mutable_data_ptr<A>();
+      job.ld = ct;
+      job.n0 = n0;
+      job.c0 = c0;
+      job.ct = ct;
+      const int64_t grain = std::max<int64_t>(1, 16384 / ct);
+      at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { tile_rows(job, begin, end); });
+    }
+  }
+  // loss = t + log(P + exp(-t)), t = a (m - psi_y): cm_row_forward's formula on the folded sums.
+  const A* mp = job.m;
+  const A* pp = job.p;
+  const A* sp = job.psi;
+  const A* xn = job.x_norm;
+  const int64_t* lp = job.labels;
+  A* loss = o.loss_rows.mutable_data_ptr<A>();
+  A* shift = o.stats.mutable_data_ptr<A>();
+  A* log_sum = shift + n;
+  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      if (lp[i] == ignore_index) {
+        loss[i] = shift[i] = log_sum[i] = A(0);
+        continue;
+      }
+      const A t = cm_scale(cfg, xn[i]) * (mp[i] - sp[i]);
+      const A ls = cm_log_sum(t, pp[i]);
+      loss[i] = t + ls;
+      shift[i] = mp[i];
+      log_sum[i] = ls;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_forward(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels_in, double s, int64_t margin_kind,
+    double m1, double m2, double m3, double sphere_lambda, bool easy_margin, bool exact_grad, bool contraction,
+    double offset, double temperature, bool detach_norm, int64_t ignore_index, int64_t chunk_rows) {
+  const CmArgs args{s,           margin_kind, m1,          m2,           m3,         sphere_lambda,
+                    easy_margin, exact_grad,  contraction, offset,       temperature, detach_norm,
+                    ignore_index, chunk_rows};
+  const at::Tensor labels = labels_in.contiguous();
+  cm_check_inputs(x, weight, labels, ignore_index, /*shard=*/false, /*host_labels=*/true);
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const HalfGemm gemm = HalfGemm::for_input(x, acc);
+  const at::Tensor xa = x.to(acc).contiguous();
+  const at::Tensor wa = gemm.weight(weight);
+  const int64_t n = xa.size(0);
+  CmOutputs o;
+  o.x_norm = cm_row_norms(xa);
+  o.w_norm = cm_row_norms(wa);
+  o.stats = at::empty({2, n}, xa.options());
+  o.loss_rows = at::empty({n}, xa.options());
+  const int64_t chunk = chunk_rows > 0 ? std::min(chunk_rows, n) : std::min<int64_t>(n, 256);
+  if (n > 0) {
+    AT_DISPATCH_FLOATING_TYPES(acc, "cm_margin_forward", [&] {
+      tiled_forward<scalar_t>(xa, wa, labels, make_cm_config<scalar_t>(args), ignore_index, chunk, gemm, o);
+    });
+  }
+  return {o.loss_rows, o.stats, o.x_norm, o.w_norm};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(idid_kernels, CPU, m) {
-  m.impl("cm_margin_forward", &CpuOps::forward);
+  m.impl("cm_margin_forward", &cpu_forward);
   m.impl("cm_margin_backward", &CpuOps::backward);
   m.impl("cm_margin_fused", &CpuOps::fused);
   m.impl("cm_margin_shard_forward", &CpuOps::shard_forward);
