@@ -263,25 +263,26 @@ def cm_cases(preset: str = "default", device_type: str = "cpu") -> list[Case]:
 
 def _idid_floor(inputs):
     """Every kind of work idid_loss has, each once at library speed: the proxy logits' three GEMMs
-    (X P^T, G P, G^T X), one exp over the (B, C) logits (their softmax), the teacher softmax over
-    the (C, C) similarity (Phi = (Theta + Theta^T) / 2, then a row softmax), dTheta's (C, C)
-    symmetrisation, and the diversity term's same-class Gram GEMMs (one B x B Gram over the batch
-    sorted by label, its forward and backward: 2 x 2 B^2 d flops as an upper bound of sum_c n_c^2 d).
-    No implementation can skip any of them; none of them is fused or repeated here."""
+    (X P^T, G P, G^T X), one exp over the (B, C) logits (their softmax), the teacher rows a batch can
+    use (K = min(B, C) rows of Phi = (Theta + Theta^T) / 2 and their softmax over C), dTheta (a
+    (C, C) output: zeros, then those K rows and their transpose added), and the diversity term's
+    same-class Gram GEMMs (one B x B Gram over the batch, forward and backward: 2 x 2 B^2 d flops, an
+    upper bound of sum_c n_c^2 d). No implementation can skip any of them."""
     x, w, theta = (t.detach() for t in inputs[:3])
-    s = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
-    gram = torch.empty(x.shape[0], x.shape[0], dtype=x.dtype, device=x.device)
-    phi = torch.empty_like(theta)
-    dtheta = torch.empty_like(theta)
+    b, c = x.shape[0], w.shape[0]
+    k = min(b, c)
+    s = torch.empty(b, c, dtype=x.dtype, device=x.device)
+    gram = torch.empty(b, b, dtype=x.dtype, device=x.device)
 
     def run():
         torch.mm(x, w.t(), out=s)
         torch.exp_(s)
         torch.mm(s, w)
         torch.mm(s.t(), x)
-        torch.add(theta, theta.t(), out=phi)
-        r = torch.softmax(phi, dim=1)
-        torch.add(r, r.t(), out=dtheta)
+        r = torch.softmax(theta[:k] + theta[:, :k].t(), dim=1)
+        dtheta = torch.zeros(c, c, dtype=x.dtype, device=x.device)
+        dtheta[:k] += r
+        dtheta[:, :k] += r.t()
         torch.mm(x, x.t(), out=gram)
         torch.mm(gram, x)
     return run
@@ -292,9 +293,9 @@ def _idid_case(b: int, d: int, c: int) -> Case:
         suite="idid", op="idid_loss", config="all terms", sizes=dict(N=b, d=d, C=c),
         make=_idid_make(b, d, c), kwargs=dict(alpha=16.0),
         floor_flops=6.0 * b * d * c + 4.0 * b * b * d, floor=_idid_floor,
-        floor_note=("the proxy GEMMs X P^T, G P, G^T X, one exp over the (B, C) logits, the (C, C) teacher "
-                    "softmax and dTheta's symmetrisation, the B x B diversity Gram forward and backward "
-                    "(6 B d C + 4 B^2 d flops)"),
+        floor_note=("the proxy GEMMs X P^T, G P, G^T X, one exp over the (B, C) logits, the softmax of the "
+                    "min(B, C) teacher rows a batch can use, the (C, C) dTheta written once, the B x B diversity "
+                    "Gram forward and backward (6 B d C + 4 B^2 d flops)"),
         work_elems=b * c + b * b + c * c, with_rows=lambda k: _idid_case(k, d, c))
 
 
