@@ -98,13 +98,23 @@ void symmetrize(const A* m, int64_t C, A scale, const int64_t* keep, Out* out) {
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t tk = begin; tk < end; ++tk) {
       const int64_t k0 = tk * kTile, k1 = std::min(C, k0 + kTile);
+      if (keep != nullptr && std::all_of(keep + k0, keep + k1, [](int64_t v) { return v == 0; })) continue;
       for (int64_t c0 = 0; c0 < C; c0 += kTile) {
         const int64_t c1 = std::min(C, c0 + kTile);
+        // The (c, k) tile of m read along its rows into a transposed copy, so that both sweeps
+        // below are contiguous (a column walk of m would touch one cache line per element).
+        A tr[kTile][kTile];
+        for (int64_t c = c0; c < c1; ++c) {
+          const A* col = m + c * C;
+          for (int64_t k = k0; k < k1; ++k) tr[k - k0][c - c0] = col[k];
+        }
         for (int64_t k = k0; k < k1; ++k) {
           if (keep != nullptr && keep[k] == 0) continue;
           const A* row = m + k * C;
+          const A* t = tr[k - k0];
           Out* o = out + k * C;
-          for (int64_t c = c0; c < c1; ++c) o[c] = static_cast<Out>(scale * (row[c] + m[c * C + k]));
+#pragma omp simd
+          for (int64_t c = c0; c < c1; ++c) o[c] = static_cast<Out>(scale * (row[c] + t[c - c0]));
         }
       }
     }
