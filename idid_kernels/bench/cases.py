@@ -266,13 +266,16 @@ def _idid_floor(inputs):
     (X P^T, G P, G^T X), one exp over the (B, C) logits (their softmax), the teacher rows a batch can
     use (K = min(B, C) rows of Phi = (Theta + Theta^T) / 2 and their softmax over C), dTheta (a
     (C, C) output: zeros, then those K rows and their transpose added), and the diversity term's
-    same-class Gram GEMMs (one B x B Gram over the batch, forward and backward: 2 x 2 B^2 d flops, an
-    upper bound of sum_c n_c^2 d). No implementation can skip any of them."""
+    same-class Gram, forward and backward, as one GEMM pair over m rows with m^2 = E[sum_c n_c^2] =
+    B + B (B - 1) / C, the expected count of same-class ordered pairs (self-pairs included) for the
+    bench's uniform labels. No implementation can skip any of them."""
     x, w, theta = (t.detach() for t in inputs[:3])
     b, c = x.shape[0], w.shape[0]
     k = min(b, c)
+    m = min(b, max(1, round(math.sqrt(b + b * (b - 1) / c))))
     s = torch.empty(b, c, dtype=x.dtype, device=x.device)
-    gram = torch.empty(b, b, dtype=x.dtype, device=x.device)
+    gram = torch.empty(m, m, dtype=x.dtype, device=x.device)
+    xm = x[:m]
 
     def run():
         torch.mm(x, w.t(), out=s)
@@ -283,8 +286,8 @@ def _idid_floor(inputs):
         dtheta = torch.zeros(c, c, dtype=x.dtype, device=x.device)
         dtheta[:k] += r
         dtheta[:, :k] += r.t()
-        torch.mm(x, x.t(), out=gram)
-        torch.mm(gram, x)
+        torch.mm(xm, xm.t(), out=gram)
+        torch.mm(gram, xm)
     return run
 
 
@@ -292,10 +295,11 @@ def _idid_case(b: int, d: int, c: int) -> Case:
     return Case(
         suite="idid", op="idid_loss", config="all terms", sizes=dict(N=b, d=d, C=c),
         make=_idid_make(b, d, c), kwargs=dict(alpha=16.0),
-        floor_flops=6.0 * b * d * c + 4.0 * b * b * d, floor=_idid_floor,
+        floor_flops=6.0 * b * d * c + 4.0 * (b + b * (b - 1) / c) * d, floor=_idid_floor,
         floor_note=("the proxy GEMMs X P^T, G P, G^T X, one exp over the (B, C) logits, the softmax of the "
-                    "min(B, C) teacher rows a batch can use, the (C, C) dTheta written once, the B x B diversity "
-                    "Gram forward and backward (6 B d C + 4 B^2 d flops)"),
+                    "min(B, C) teacher rows a batch can use, the (C, C) dTheta written once, the same-class diversity "
+                    "Gram forward and backward at the expected pair count of uniform labels "
+                    "(6 B d C + 4 (B + B (B - 1) / C) d flops)"),
         work_elems=b * c + b * b + c * c, with_rows=lambda k: _idid_case(k, d, c))
 
 
