@@ -107,16 +107,6 @@ void epilogue_rows(const CmRowJob<float>& job, int64_t begin, int64_t end) {
   epilogue_rows_impl(job, begin, end);
 }
 
-struct CpuEpilogue {
-  template <typename A>
-  void operator()(const CmRowJob<A>& job, int64_t rows) const {
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(job.num_classes, 1));
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { epilogue_rows(job, begin, end); });
-  }
-};
-
-using CpuOps = CmOps<CpuEpilogue>;
-
 // ---- forward only: class tiles ----------------------------------------------------------------
 // The forward needs per row only its max m (cosine units), the off-target sum P = sum_{j != y}
 // exp(a (c_j - m)) and the target's psi_y, so it never holds a row of all C classes: it runs the
@@ -253,38 +243,26 @@ void tiled_forward(const at::Tensor& xa, const at::Tensor& wa, const at::Tensor&
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_forward(
-    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels_in, double s, int64_t margin_kind,
-    double m1, double m2, double m3, double sphere_lambda, bool easy_margin, bool exact_grad, bool contraction,
-    double offset, double temperature, bool detach_norm, int64_t ignore_index, int64_t chunk_rows) {
-  const CmArgs args{s,           margin_kind, m1,          m2,           m3,         sphere_lambda,
-                    easy_margin, exact_grad,  contraction, offset,       temperature, detach_norm,
-                    ignore_index, chunk_rows};
-  const at::Tensor labels = labels_in.contiguous();
-  cm_check_inputs(x, weight, labels, ignore_index, /*shard=*/false, /*host_labels=*/true);
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const HalfGemm gemm = HalfGemm::for_input(x, acc);
-  const at::Tensor xa = x.to(acc).contiguous();
-  const at::Tensor wa = gemm.weight(weight);
-  const int64_t n = xa.size(0);
-  CmOutputs o;
-  o.x_norm = cm_row_norms(xa);
-  o.w_norm = cm_row_norms(wa);
-  o.stats = at::empty({2, n}, xa.options());
-  o.loss_rows = at::empty({n}, xa.options());
-  const int64_t chunk = chunk_rows > 0 ? std::min(chunk_rows, n) : std::min<int64_t>(n, 256);
-  if (n > 0) {
-    AT_DISPATCH_FLOATING_TYPES(acc, "cm_margin_forward", [&] {
-      tiled_forward<scalar_t>(xa, wa, labels, make_cm_config<scalar_t>(args), ignore_index, chunk, gemm, o);
-    });
+struct CpuEpilogue {
+  template <typename A>
+  void operator()(const CmRowJob<A>& job, int64_t rows) const {
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(job.num_classes, 1));
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { epilogue_rows(job, begin, end); });
   }
-  return {o.loss_rows, o.stats, o.x_norm, o.w_norm};
-}
+  // The forward-only mode (cm_drive's hook): class tiles instead of row chunks.
+  template <typename A>
+  void tiled_forward(const at::Tensor& xa, const at::Tensor& wa, const at::Tensor& labels, const CmConfig<A>& cfg,
+                     int64_t ignore_index, int64_t chunk, const HalfGemm& gemm, CmOutputs& o) const {
+    idid_kernels::tiled_forward<A>(xa, wa, labels, cfg, ignore_index, chunk, gemm, o);
+  }
+};
+
+using CpuOps = CmOps<CpuEpilogue>;
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(idid_kernels, CPU, m) {
-  m.impl("cm_margin_forward", &cpu_forward);
+  m.impl("cm_margin_forward", &CpuOps::forward);
   m.impl("cm_margin_backward", &CpuOps::backward);
   m.impl("cm_margin_fused", &CpuOps::fused);
   m.impl("cm_margin_shard_forward", &CpuOps::shard_forward);

@@ -123,11 +123,33 @@ void cm_project_rows_cpu(at::Tensor& dw, const at::Tensor& w, const at::Tensor& 
   });
 }
 
+// An epilogue may run the forward-only mode itself with `tiled_forward(xa, wa, labels, cfg,
+// ignore_index, chunk, gemm, o)` (the CPU's class-tiled forward, csrc/cpu/cm_margin.cpp): the
+// int overload is chosen where that member exists, the long one (no hook) otherwise.
+template <typename A, typename E>
+auto cm_tiled_forward(int, const E& e, const at::Tensor& xa, const at::Tensor& wa, const at::Tensor& labels,
+                      const CmConfig<A>& cfg, int64_t ignore_index, int64_t chunk, const HalfGemm& gemm,
+                      CmOutputs& o) -> decltype(e.template tiled_forward<A>(xa, wa, labels, cfg, ignore_index, chunk,
+                                                                            gemm, o),
+                                                bool()) {
+  e.template tiled_forward<A>(xa, wa, labels, cfg, ignore_index, chunk, gemm, o);
+  return true;
+}
+template <typename A, typename E>
+bool cm_tiled_forward(long, const E&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const CmConfig<A>&,
+                      int64_t, int64_t, const HalfGemm&, CmOutputs&) {
+  return false;
+}
+
 // xa: the features in the accumulation dtype; wa: the weight as gemm.weight() gives it.
 template <typename A, typename Epilogue>
 void cm_drive(CmMode mode, const at::Tensor& xa, const at::Tensor& wa, const at::Tensor& labels,
               const CmConfig<A>& cfg, int64_t ignore_index, int64_t class_offset, int64_t chunk, const at::Tensor& g,
               const HalfGemm& gemm, CmOutputs& o, const Epilogue& epilogue) {
+  if (mode == kCmForward &&
+      cm_tiled_forward<A>(0, epilogue, xa, wa, labels, cfg, ignore_index, chunk, gemm, o)) {
+    return;
+  }
   const int64_t n = xa.size(0), d = xa.size(1), c = wa.size(0);
   const bool want_grad = mode != kCmForward && mode != kCmShardForward;
   const bool shard_grad = mode == kCmShardBackward;
