@@ -128,13 +128,6 @@ def fused_backends(op: str | None = None):
     return backend_params(op, include=("cpp", "cuda", "triton"))
 
 
-def to_backend(backend: str, *tensors):
-    """``tensors`` moved to ``backend``'s device (None passes through)."""
-    dev = backend_device(backend)
-    out = tuple(None if t is None else t.to(dev) for t in tensors)
-    return out if len(out) != 1 else out[0]
-
-
 @contextlib.contextmanager
 def deterministic(enabled: bool = True):
     """torch.use_deterministic_algorithms(enabled) for the block (warn_only: cuBLAS, which the cuda

@@ -182,15 +182,10 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device, *, repeats: i
 
 # ------------------------------------------------------------------------- machine contention
 
-def _own_cpu_s() -> float:
-    """CPU seconds used by this process, its reaped children and its live descendants (e.g.
-    torch.compile's compiler workers), from /proc on Linux."""
-    t = os.times()
-    total = t.user + t.system + t.children_user + t.children_system
-    me = os.getpid()
-    parents: dict[int, int] = {}
-    ticks: dict[int, float] = {}
+def proc_table() -> dict[int, tuple[str, int, float]]:
+    """pid -> (state, parent pid, CPU seconds) of every process, from /proc/<pid>/stat (Linux)."""
     tck = os.sysconf("SC_CLK_TCK")
+    table: dict[int, tuple[str, int, float]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -199,8 +194,19 @@ def _own_cpu_s() -> float:
                 rest = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        parents[int(entry)] = int(rest[1])
-        ticks[int(entry)] = (int(rest[11]) + int(rest[12])) / tck
+        table[int(entry)] = (rest[0], int(rest[1]), (int(rest[11]) + int(rest[12])) / tck)
+    return table
+
+
+def _own_cpu_s() -> float:
+    """CPU seconds used by this process, its reaped children and its live descendants (e.g.
+    torch.compile's compiler workers), from /proc on Linux."""
+    t = os.times()
+    total = t.user + t.system + t.children_user + t.children_system
+    me = os.getpid()
+    table = proc_table()
+    parents = {pid: row[1] for pid, row in table.items()}
+    ticks = {pid: row[2] for pid, row in table.items()}
     for pid in parents:
         p, seen = parents[pid], 0
         while p not in (0, 1, me) and p in parents and seen < 64:

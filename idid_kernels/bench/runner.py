@@ -36,7 +36,7 @@ from .. import functional, reference
 from .._backends import BACKENDS, IMPLEMENTED, available_backends, missing, runs_on
 from ..check import TOLERANCES, _rel
 from .cases import Case
-from .measure import ContentionMonitor, Timing, memory_method, peak_memory_mb, time_step
+from .measure import ContentionMonitor, Timing, memory_method, peak_memory_mb, proc_table, time_step
 from .progress import Progress
 
 OK, MISMATCH, ERROR, OOM, SKIPPED, UNCHECKED = "ok", "MISMATCH", "ERROR", "oom", "skipped", "UNCHECKED"
@@ -380,20 +380,12 @@ def _quiesce() -> list[int]:
         async_compile.shutdown_compile_workers()
     except Exception:  # noqa: BLE001 - no inductor, or nothing started
         pass
-    me, alive = os.getpid(), []
+    me = os.getpid()
     try:
-        entries = [e for e in os.listdir("/proc") if e.isdigit()]
-    except OSError:
-        return alive
-    for entry in entries:
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                rest = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(rest[1]) == me and rest[0] != "Z":
-            alive.append(int(entry))
-    return alive
+        table = proc_table()
+    except OSError:  # no /proc
+        return []
+    return [pid for pid, (state, parent, _) in table.items() if parent == me and state != "Z"]
 
 
 # Bytes of float64 reference intermediates the full-size check may take; above, it runs on fewer rows.
