@@ -33,12 +33,13 @@ void define_ops(torch::Library& m) {
   m.def("class_density_backward(Tensor grad, Tensor x, Tensor labels, Tensor norm, float t) -> Tensor");
 
   // Contraction-mapped margin softmax (spec/cm_margin.md). margin_kind: 0 none, 1 cosface (c - m3),
-  // 2 angular (cos(m1 theta + m2) - m3), 3 sphereface (m1, sphere_lambda); see
+  // 2 angular (cos(m1 theta + m2) - m3), 3 sphereface (m1, sphere_lambda), 4 given: `target` (2, N)
+  // holds each row's phi(c_y) and phi'(c_y), computed by the caller (per-row margins); see
   // idid_kernels/reference/margins.py. chunk_rows <= 0 lets the kernel choose.
 #define IDK_CM_CFG                                                                                            \
   "float s, int margin_kind, float m1, float m2, float m3, float sphere_lambda, bool easy_margin, "          \
   "bool exact_grad, bool contraction, float offset, float temperature, bool detach_norm, int ignore_index, " \
-  "int chunk_rows"
+  "int chunk_rows, Tensor? target"
   // Per-row losses (0 on ignored rows) and the statistics backward needs: row_stats (2, N) holds
   // each row's shift (its max in cosine units) and log-sum-exp relative to it (common/cm_row.h).
   m.def("cm_margin_forward(Tensor x, Tensor weight, Tensor labels, " IDK_CM_CFG

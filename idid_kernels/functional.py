@@ -17,10 +17,10 @@ from . import reference as ref
 from ._backends import op_namespace, select_backend
 from ._validation import (
     check_bool, check_choice, check_class_weight, check_finite, check_int, check_labels, check_matrix,
-    check_nonnegative, check_positive, check_same,
+    check_nonnegative, check_positive, check_row_vector, check_same,
 )
 from .reference.cm_margin import CONTRACTIONS, REDUCTIONS
-from .reference.margins import MARGIN_GRADS, check_margin_numbers, resolve_margin
+from .reference.margins import MARGIN_GRADS, MarginParams, check_margin_numbers, resolve_row_margins
 
 
 # The cpp and cuda backends share these wrappers of the C++ ops; ``ns`` is the library whose
@@ -30,10 +30,9 @@ def _norm_contraction_ext(x, offset, temperature, ns="idid_kernels"):
     return op(x, offset, temperature, ns=ns)
 
 
-def _cm_margin_loss_ext(x, weight, labels, *, margin, m, m1, m2, m3, sphere_lambda, easy_margin, ns="idid_kernels",
-                        **kwargs):
+def _cm_margin_loss_ext(x, weight, labels, *, params, ns="idid_kernels", **kwargs):
     from .ops.cm_margin import cm_margin_loss as op
-    return op(x, weight, labels, resolve_margin(margin, m, m1, m2, m3, sphere_lambda, easy_margin), ns=ns, **kwargs)
+    return op(x, weight, labels, params, ns=ns, **kwargs)
 
 
 def _pairwise_cosine_ext(x, y, ns="idid_kernels"):
@@ -46,9 +45,9 @@ def _norm_contraction_triton(x, offset, temperature):
     return op(x, offset, temperature)
 
 
-def _cm_margin_loss_triton(x, weight, labels, *, margin, m, m1, m2, m3, sphere_lambda, easy_margin, **kwargs):
+def _cm_margin_loss_triton(x, weight, labels, *, params, **kwargs):
     from .triton.cm_margin import cm_margin_loss as op
-    return op(x, weight, labels, resolve_margin(margin, m, m1, m2, m3, sphere_lambda, easy_margin), **kwargs)
+    return op(x, weight, labels, params, **kwargs)
 
 
 def _pairwise_cosine_triton(x, y):
@@ -84,7 +83,7 @@ _KERNELS = {
                         "triton": _pairwise_cosine_triton},
     "class_density": {"reference": ref.class_density, "cpp": _class_density_ext, "cuda": _class_density_ext,
                       "triton": _class_density_triton},
-    "cm_margin_loss": {"reference": ref.cm_margin_loss, "cpp": _cm_margin_loss_ext, "cuda": _cm_margin_loss_ext,
+    "cm_margin_loss": {"reference": ref.cm_margin_loss_params, "cpp": _cm_margin_loss_ext, "cuda": _cm_margin_loss_ext,
                        "triton": _cm_margin_loss_triton},
     "idid_loss": {"reference": ref.idid_loss, "cpp": _idid_loss_ext, "cuda": _idid_loss_ext,
                   "triton": _idid_loss_triton},
@@ -105,11 +104,13 @@ def validate_cm_config(*, s, margin, m, m1, m2, m3, sphere_lambda, easy_margin, 
     """Check the scalar keywords of :func:`cm_margin_loss`; returns the resolved margin."""
     check_positive("s", s)
     check_bool("easy_margin", easy_margin)
-    check_margin_numbers(m=m, m1=m1, m2=m2, m3=m3, sphere_lambda=sphere_lambda)
-    for name, value in (("m", m), ("m1", m1), ("m2", m2), ("m3", m3), ("sphere_lambda", sphere_lambda)):
+    # per-row (tensor) m2/m3: their shape is checked by cm_margin_loss, which knows N
+    numbers = {name: 0.0 if isinstance(value, torch.Tensor) else value for name, value in (("m2", m2), ("m3", m3))}
+    check_margin_numbers(m=m, m1=m1, sphere_lambda=sphere_lambda, **numbers)
+    for name, value in (("m", m), ("m1", m1), *numbers.items(), ("sphere_lambda", sphere_lambda)):
         if value is not None:
             check_finite(name, value)
-    params = resolve_margin(margin, m, m1, m2, m3, sphere_lambda, easy_margin)
+    params = resolve_row_margins(margin, m, m1, m2, m3, sphere_lambda, easy_margin)
     check_choice("contraction", contraction, CONTRACTIONS)
     check_finite("norm_offset", norm_offset)
     check_positive("norm_temperature", norm_temperature)
@@ -149,7 +150,10 @@ def cm_margin_loss(x, weight, labels, *, s=30.0, margin="cosface", m=None, m1=1.
         labels: (N,) int64 in [0, C) or ``ignore_index``.
         s: logit scale. margin: "none" | "cosface" | "arcface" | "combined" | "sphereface".
         m: the preset's margin (cosface 0.4, arcface 0.5, sphereface 4 by default; radians).
-        m1, m2, m3: cos(m1 theta + m2) - m3 for ``margin="combined"``.
+        m1, m2, m3: cos(m1 theta + m2) - m3 for ``margin="combined"``. ``m2`` and ``m3`` may be (N,)
+            floating tensors on x's device: per-row margins, differentiable (each backend returns
+            d loss / d m2_n and d m3_n when they require grad). Their values are not checked (a
+            NaN margin gives that row a NaN loss).
         sphere_lambda: SphereFace's blend with the plain cosine. easy_margin: keep c <= 0 unmargined
             (arcface/combined).
         contraction: "sigmoid" (the paper) or "none" (a_n = s). norm_offset, norm_temperature: the
@@ -169,16 +173,29 @@ def cm_margin_loss(x, weight, labels, *, s=30.0, margin="cosface", m=None, m1=1.
     num_classes = weight.shape[0]
     if num_classes < 2:
         raise ValueError(f"weight has {num_classes} class row(s); a softmax loss needs C >= 2")
-    validate_cm_config(s=s, margin=margin, m=m, m1=m1, m2=m2, m3=m3, sphere_lambda=sphere_lambda,
-                       easy_margin=easy_margin, contraction=contraction, norm_offset=norm_offset,
-                       norm_temperature=norm_temperature, margin_grad=margin_grad, reduction=reduction,
-                       ignore_index=ignore_index)
+    params = validate_cm_config(s=s, margin=margin, m=m, m1=m1, m2=m2, m3=m3, sphere_lambda=sphere_lambda,
+                                easy_margin=easy_margin, contraction=contraction, norm_offset=norm_offset,
+                                norm_temperature=norm_temperature, margin_grad=margin_grad, reduction=reduction,
+                                ignore_index=ignore_index)
+    for name, value in (("m2", m2), ("m3", m3)):
+        if isinstance(value, torch.Tensor):
+            check_row_vector(name, value, n, x.device)
+    return _cm_margin_loss_params(x, weight, labels, params, s=s, contraction=contraction, norm_offset=norm_offset,
+                                  norm_temperature=norm_temperature, detach_norm=detach_norm, margin_grad=margin_grad,
+                                  class_weight=class_weight, ignore_index=ignore_index, reduction=reduction,
+                                  backend=backend)
+
+
+def _cm_margin_loss_params(x, weight, labels, params: MarginParams, *, s, contraction, norm_offset, norm_temperature,
+                           detach_norm, margin_grad, class_weight, ignore_index, reduction, backend):
+    """:func:`cm_margin_loss` with the margin resolved (the margin heads of :mod:`idid_kernels.nn`
+    call this with theirs); x, weight and the scalar keywords are already checked."""
+    num_classes = weight.shape[0]
     check_bool("detach_norm", detach_norm)
     check_class_weight(class_weight, num_classes, x.device)
-    labels = check_labels(labels, n, num_classes, x.device, ignore_index)
+    labels = check_labels(labels, x.shape[0], num_classes, x.device, ignore_index)
     kernel = _kernel("cm_margin_loss", backend, x.device)
-    return kernel(x, weight, labels, s=s, margin=margin, m=m, m1=m1, m2=m2, m3=m3, sphere_lambda=sphere_lambda,
-                  easy_margin=easy_margin, contraction=contraction, norm_offset=norm_offset,
+    return kernel(x, weight, labels, params=params, s=s, contraction=contraction, norm_offset=norm_offset,
                   norm_temperature=norm_temperature, detach_norm=detach_norm, margin_grad=margin_grad,
                   class_weight=class_weight, ignore_index=ignore_index, reduction=reduction)
 

@@ -168,9 +168,9 @@ IDK_FORCE_INLINE void cm_prob_grad(A* row, const A* inv_wn, int64_t lo, int64_t 
 // Forward of one row of cosines (left unchanged); y is a valid class.
 template <typename A>
 IDK_FORCE_INLINE CmRowOut<A> cm_row_forward(const CmConfig<A>& cfg, const A* row, int64_t num_classes, int64_t y,
-                                            A r) {
+                                            int64_t row_id, A r) {
   const A a = cm_scale(cfg, r);
-  const A psi_y = margin_phi(row[y], cfg.margin, static_cast<A*>(nullptr));
+  const A psi_y = target_phi(row[y], cfg.margin, row_id, static_cast<A*>(nullptr));
   // The shift is the exact max of the margined row: the target's plain cosine must not enter it
   // (SphereFace's psi can sit far below c, and a too-large shift underflows every term).
   const A m = cm_max(row, y + 1, num_classes, cm_max(row, 0, y, psi_y));
@@ -183,11 +183,11 @@ IDK_FORCE_INLINE CmRowOut<A> cm_row_forward(const CmConfig<A>& cfg, const A* row
 // Gradient of one row of cosines given its saved shift and log_sum and upstream weight g: the row
 // becomes G'. Returns the radial coefficient s g'(r) R of dx_n.
 template <typename A>
-IDK_FORCE_INLINE A cm_row_grad(const CmConfig<A>& cfg, A* row, const A* inv_wn, int64_t num_classes, int64_t y, A r,
-                               A shift, A log_sum, A g) {
+IDK_FORCE_INLINE A cm_row_grad(const CmConfig<A>& cfg, A* row, const A* inv_wn, int64_t num_classes, int64_t y,
+                               int64_t row_id, A r, A shift, A log_sum, A g) {
   const A a = cm_scale(cfg, r);
   A dphi;
-  const A psi_y = margin_phi(row[y], cfg.margin, &dphi);
+  const A psi_y = target_phi(row[y], cfg.margin, row_id, &dphi);
   const A ag = a * g;
   A sum_p = A(0), sum_pc = A(0);
   cm_prob_grad(row, inv_wn, 0, y, a, shift, log_sum, ag, sum_p, sum_pc);
@@ -202,11 +202,11 @@ IDK_FORCE_INLINE A cm_row_grad(const CmConfig<A>& cfg, A* row, const A* inv_wn, 
 // The row becomes G'; returns loss, shift, log_sum and the radial coefficient.
 template <typename A>
 IDK_FORCE_INLINE CmRowOut<A> cm_row_fused(const CmConfig<A>& cfg, A* row, const A* inv_wn, int64_t num_classes,
-                                          int64_t y, A r, A g) {
+                                          int64_t y, int64_t row_id, A r, A g) {
   using std::exp;
   const A a = cm_scale(cfg, r);
   A dphi;
-  const A psi_y = margin_phi(row[y], cfg.margin, &dphi);
+  const A psi_y = target_phi(row[y], cfg.margin, row_id, &dphi);
   const A m = cm_max(row, y + 1, num_classes, cm_max(row, 0, y, psi_y));
   A sum_off = A(0), sum_ec = A(0);
   cm_store_exp(row, 0, y, a, m, sum_off, sum_ec);
@@ -240,14 +240,14 @@ struct CmShardOut {
 // exponents as a (psi_j - max psi), as in the single-device forward.
 template <typename A>
 IDK_FORCE_INLINE CmShardOut<A> cm_row_shard_forward(const CmConfig<A>& cfg, const A* row, int64_t num_classes,
-                                                    int64_t y, A r) {
+                                                    int64_t y, int64_t row_id, A r) {
   using std::exp;
   const A a = cm_scale(cfg, r);
   if (y < 0) {
     const A m = cm_max(row, 0, num_classes, -std::numeric_limits<A>::infinity());
     return {a * m, cm_sum_exp(row, 0, num_classes, a, m, A(0)), A(0)};
   }
-  const A psi_y = margin_phi(row[y], cfg.margin, static_cast<A*>(nullptr));
+  const A psi_y = target_phi(row[y], cfg.margin, row_id, static_cast<A*>(nullptr));
   const A m = cm_max(row, y + 1, num_classes, cm_max(row, 0, y, psi_y));
   const A off = cm_sum_exp(row, y + 1, num_classes, a, m, cm_sum_exp(row, 0, y, a, m, A(0)));
   return {a * m, off, a * psi_y};
@@ -275,7 +275,7 @@ IDK_FORCE_INLINE void cm_prob_grad_lse(A* row, const A* inv_wn, int64_t lo, int6
 // p_y - 1 = expm1(z_y - lse): the other shards' mass is not visible here.
 template <typename A>
 IDK_FORCE_INLINE A cm_row_shard_grad(const CmConfig<A>& cfg, A* row, const A* inv_wn, int64_t num_classes, int64_t y,
-                                     A r, A lse, A g) {
+                                     int64_t row_id, A r, A lse, A g) {
   using std::expm1;
   const A a = cm_scale(cfg, r);
   const A ag = a * g;
@@ -285,7 +285,7 @@ IDK_FORCE_INLINE A cm_row_shard_grad(const CmConfig<A>& cfg, A* row, const A* in
     return cm_scale_grad(cfg, r) * g * sum_pc;
   }
   A dphi;
-  const A psi_y = margin_phi(row[y], cfg.margin, &dphi);
+  const A psi_y = target_phi(row[y], cfg.margin, row_id, &dphi);
   cm_prob_grad_lse(row, inv_wn, 0, y, a, lse, ag, sum_p, sum_pc);
   cm_prob_grad_lse(row, inv_wn, y + 1, num_classes, a, lse, ag, sum_p, sum_pc);
   const A py_minus_1 = expm1(a * psi_y - lse);

@@ -8,7 +8,15 @@
 
 namespace idid_kernels {
 
-enum MarginKind : int { kMarginNone = 0, kMarginCosFace = 1, kMarginAngular = 2, kMarginSphere = 3 };
+// kMarginGiven: the caller computed each row's phi(c_y) and phi'(c_y) (per-row margins, such as
+// AdaFace's, MagFace's or LDAM's: idid_kernels/reference/margins.py), read from Margin::given.
+enum MarginKind : int {
+  kMarginNone = 0,
+  kMarginCosFace = 1,
+  kMarginAngular = 2,
+  kMarginSphere = 3,
+  kMarginGiven = 4
+};
 
 // theta = arccos(clamp(c, -1 + kCosClamp, 1 - kCosClamp)): arccos' stays finite at c = +-1.
 constexpr double kCosClamp = 1e-7;
@@ -22,6 +30,10 @@ struct Margin {
   bool easy_margin;  // angular: phi = c where c <= 0
   bool exact_grad;   // false: straight-through phi' = 1
   A fallback_shift;  // angular hard fallback: phi = c - m3 - m2 sin(m2), precomputed on the host
+  // kMarginGiven: (2, N) row-major, phi of global row n at given[n], phi' at given[given_stride + n]
+  // (host memory on the CPU, device memory on the GPU).
+  const A* given = nullptr;
+  int64_t given_stride = 0;
 };
 
 template <typename A>
@@ -83,6 +95,17 @@ IDK_HOST_DEVICE inline A margin_phi(A c, const Margin<A>& p, A* dphi) {
   }
   if (dphi != nullptr) *dphi = p.exact_grad ? grad : A(1);
   return value;
+}
+
+// The target's psi_y = phi(c) of global row `row`: the margin's own formula, or the caller's value
+// for kMarginGiven (its phi' too; margin_grad is the caller's business there).
+template <typename A>
+IDK_HOST_DEVICE IDK_FORCE_INLINE A target_phi(A c, const Margin<A>& p, int64_t row, A* dphi) {
+  if (p.kind == kMarginGiven) {
+    if (dphi != nullptr) *dphi = p.given[p.given_stride + row];
+    return p.given[row];
+  }
+  return margin_phi(c, p, dphi);
 }
 
 }  // namespace idid_kernels

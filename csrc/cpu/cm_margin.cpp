@@ -31,7 +31,7 @@ IDK_FORCE_INLINE void shard_rows(const CmRowJob<A>& job, int64_t begin, int64_t 
         continue;
       }
       cm_to_cosines(row, job.inv_wn, c);
-      const CmShardOut<A> out = cm_row_shard_forward(job.cfg, row, c, y_local, job.x_norm[row_id]);
+      const CmShardOut<A> out = cm_row_shard_forward(job.cfg, row, c, y_local, row_id, job.x_norm[row_id]);
       job.lse[row_id] = out.max;
       job.sum_exp[row_id] = out.sum_exp;
       job.target[row_id] = out.target;
@@ -45,7 +45,7 @@ IDK_FORCE_INLINE void shard_rows(const CmRowJob<A>& job, int64_t begin, int64_t 
     }
     cm_to_cosines(row, job.inv_wn, c);
     job.radial[i] =
-        cm_row_shard_grad(job.cfg, row, job.inv_wn, c, y_local, job.x_norm[row_id], job.lse[row_id], gi);
+        cm_row_shard_grad(job.cfg, row, job.inv_wn, c, y_local, row_id, job.x_norm[row_id], job.lse[row_id], gi);
   }
 }
 
@@ -70,7 +70,8 @@ IDK_FORCE_INLINE void epilogue_rows_impl(const CmRowJob<A>& job, int64_t begin, 
     } else {
       cm_to_cosines(row, job.inv_wn, c);
       if (job.mode == kCmFused && job.g[row_id] != A(0)) {
-        const CmRowOut<A> out = cm_row_fused(job.cfg, row, job.inv_wn, c, y, job.x_norm[row_id], job.g[row_id]);
+        const CmRowOut<A> out = cm_row_fused(job.cfg, row, job.inv_wn, c, y, row_id, job.x_norm[row_id],
+                                                job.g[row_id]);
         job.loss[row_id] = out.loss;
         job.shift[row_id] = out.shift;
         job.log_sum[row_id] = out.log_sum;
@@ -78,7 +79,7 @@ IDK_FORCE_INLINE void epilogue_rows_impl(const CmRowJob<A>& job, int64_t begin, 
         continue;
       }
       if (job.mode != kCmBackward) {
-        const CmRowOut<A> out = cm_row_forward(job.cfg, row, c, y, job.x_norm[row_id]);
+        const CmRowOut<A> out = cm_row_forward(job.cfg, row, c, y, row_id, job.x_norm[row_id]);
         job.loss[row_id] = out.loss;
         job.shift[row_id] = out.shift;
         job.log_sum[row_id] = out.log_sum;
@@ -90,7 +91,7 @@ IDK_FORCE_INLINE void epilogue_rows_impl(const CmRowJob<A>& job, int64_t begin, 
       std::fill(row, row + c, A(0));
       job.radial[i] = A(0);
     } else {
-      job.radial[i] = cm_row_grad(job.cfg, row, job.inv_wn, c, y, job.x_norm[row_id], job.shift[row_id],
+      job.radial[i] = cm_row_grad(job.cfg, row, job.inv_wn, c, y, row_id, job.x_norm[row_id], job.shift[row_id],
                                   job.log_sum[row_id], gi);
     }
   }
@@ -144,7 +145,7 @@ IDK_FORCE_INLINE void tile_rows_impl(const TileJob<A>& job, int64_t begin, int64
     const bool here = yl >= 0 && yl < ct;
     A mt;
     if (here) {
-      const A psi_y = margin_phi(row[yl], job.cfg.margin, static_cast<A*>(nullptr));
+      const A psi_y = target_phi(row[yl], job.cfg.margin, row_id, static_cast<A*>(nullptr));
       job.psi[row_id] = psi_y;
       mt = cm_max(row, yl + 1, ct, cm_max(row, 0, yl, psi_y));
     } else {

@@ -1,5 +1,5 @@
 // CUDA row epilogue of the cm_margin ops (forward, backward and fused modes). The math is
-// csrc/common/cm_row.h's (cm_scale, margin_phi, cm_log_sum), the driver csrc/driver/cm_margin_driver.h.
+// csrc/common/cm_row.h's (cm_scale, target_phi, cm_log_sum), the driver csrc/driver/cm_margin_driver.h.
 //
 // A chunk's rows are split along the classes so that a chunk of few rows (64 rows of C = 1M fill a
 // 256 MiB chunk) still fills the GPU: block (i, s) of a grid of rows x splits sweeps the columns
@@ -127,7 +127,7 @@ __global__ void __launch_bounds__(kRowThreads) row_stats_kernel(CmRowJob<A> job,
     }
     const A a = cm_scale(job.cfg, job.x_norm[row_id]);
     A dphi;
-    const A psi_y = margin_phi(job.s[i * job.num_classes + st.y], job.cfg.margin, &dphi);
+    const A psi_y = target_phi(job.s[i * job.num_classes + st.y], job.cfg.margin, row_id, &dphi);
     const A* part = scratch + i * splits * 2;
     // The exact max of the margined row (the target's plain cosine stays out of it).
     A m = psi_y;
@@ -196,7 +196,7 @@ __global__ void __launch_bounds__(kRowThreads) grad_finish_kernel(CmRowJob<A> jo
     const A a = cm_scale(job.cfg, r);
     A* cy = job.s + i * job.num_classes + st.y;
     A dphi;
-    const A psi_y = margin_phi(*cy, job.cfg.margin, &dphi);
+    const A psi_y = target_phi(*cy, job.cfg.margin, row_id, &dphi);
     const A* part = scratch + i * splits * 2;
     A sum_p = A(0), sum_pc = A(0);
     for (int64_t s = 0; s < splits; ++s) {
@@ -248,7 +248,7 @@ __global__ void __launch_bounds__(kThreads) cm_shard_kernel(CmRowJob<A> job) {
   const A r = job.x_norm[row_id];
   const A a = cm_scale(job.cfg, r);
   A dphi = A(1);
-  const A psi_y = y_local >= 0 ? margin_phi(row[y_local], job.cfg.margin, &dphi) : A(0);
+  const A psi_y = y_local >= 0 ? target_phi(row[y_local], job.cfg.margin, row_id, &dphi) : A(0);
   const A zy = a * psi_y;
   if (forward) {  // the max in cosine units and exponents a (psi_j - m), as cm_row_shard_forward
     A m = y_local >= 0 ? psi_y : -INFINITY;

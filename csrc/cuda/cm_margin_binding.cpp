@@ -38,10 +38,10 @@ using Ops = CmOps<CudaEpilogue>;
 #define IDK_CM_PARAMS                                                                                            \
   double s, int64_t margin_kind, double m1, double m2, double m3, double sphere_lambda, bool easy_margin,        \
       bool exact_grad, bool contraction, double offset, double temperature, bool detach_norm, int64_t ignore_index, \
-      int64_t chunk_rows
+      int64_t chunk_rows, const std::optional<at::Tensor>&target
 #define IDK_CM_FORWARD_ARGS                                                                                 \
   s, margin_kind, m1, m2, m3, sphere_lambda, easy_margin, exact_grad, contraction, offset, temperature,     \
-      detach_norm, ignore_index, chunk_rows
+      detach_norm, ignore_index, chunk_rows, target
 
 // The device guard makes the epilogue launch on the inputs' device.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& x, const at::Tensor& weight,

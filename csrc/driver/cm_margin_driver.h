@@ -38,11 +38,12 @@ struct CmArgs {
   double offset, temperature;
   bool detach_norm;
   int64_t ignore_index, chunk_rows;
+  at::Tensor target;  // margin kind kMarginGiven: (2, N) per-row phi and phi'; undefined otherwise
 };
 
 template <typename A>
 CmConfig<A> make_cm_config(const CmArgs& a) {
-  TORCH_CHECK(a.margin_kind >= kMarginNone && a.margin_kind <= kMarginSphere, "cm_margin: unknown margin kind ",
+  TORCH_CHECK(a.margin_kind >= kMarginNone && a.margin_kind <= kMarginGiven, "cm_margin: unknown margin kind ",
               a.margin_kind);
   TORCH_CHECK(a.temperature > 0, "cm_margin: temperature must be > 0");
   const Margin<A> m{static_cast<int>(a.margin_kind),
@@ -260,10 +261,27 @@ CmOutputs cm_run(CmMode mode, const at::Tensor& x_in, const at::Tensor& w_in, co
       o.dx = at::empty_like(xa);
     }
   }
+  at::Tensor given;
+  if (args.margin_kind == kMarginGiven) {
+    TORCH_CHECK(args.target.defined(), "cm_margin: margin kind ", int(kMarginGiven),
+                " (given) needs the (2, N) target tensor of per-row phi and phi'");
+    TORCH_CHECK(args.target.dim() == 2 && args.target.size(0) == 2 && args.target.size(1) == n,
+                "cm_margin: target must have shape (2, ", n, "), got ", args.target.sizes());
+    TORCH_CHECK(args.target.device() == x_in.device(), "cm_margin: target is on ", args.target.device(),
+                ", x on ", x_in.device());
+    given = args.target.to(acc).contiguous();
+  } else {
+    TORCH_CHECK(!args.target.defined(), "cm_margin: a target tensor is read by margin kind ", int(kMarginGiven),
+                " only, got kind ", args.margin_kind);
+  }
   const int64_t chunk = args.chunk_rows > 0 ? std::min(args.chunk_rows, n) : std::min<int64_t>(n, 256);
   AT_DISPATCH_FLOATING_TYPES(acc, "cm_margin", [&] {
-    cm_drive<scalar_t>(mode, xa, wa, labels, make_cm_config<scalar_t>(args), args.ignore_index, class_offset, chunk,
-                       g, gemm, o, epilogue);
+    CmConfig<scalar_t> cfg = make_cm_config<scalar_t>(args);
+    if (given.defined()) {
+      cfg.margin.given = given.const_data_ptr<scalar_t>();
+      cfg.margin.given_stride = n;
+    }
+    cm_drive<scalar_t>(mode, xa, wa, labels, cfg, args.ignore_index, class_offset, chunk, g, gemm, o, epilogue);
   });
   if (o.dx.defined()) o.dx = o.dx.to(x_in.scalar_type());
   if (o.dw.defined()) o.dw = o.dw.to(w_in.scalar_type());
@@ -274,11 +292,11 @@ CmOutputs cm_run(CmMode mode, const at::Tensor& x_in, const at::Tensor& w_in, co
 #define IDK_CM_ARGS_PARAMS                                                                                         \
   double s, int64_t margin_kind, double m1, double m2, double m3, double sphere_lambda, bool easy_margin,          \
       bool exact_grad, bool contraction, double offset, double temperature, bool detach_norm, int64_t ignore_index, \
-      int64_t chunk_rows
-#define IDK_CM_ARGS                                                                                        \
-  CmArgs {                                                                                                 \
-    s, margin_kind, m1, m2, m3, sphere_lambda, easy_margin, exact_grad, contraction, offset, temperature,  \
-        detach_norm, ignore_index, chunk_rows                                                              \
+      int64_t chunk_rows, const std::optional<at::Tensor>&target
+#define IDK_CM_ARGS                                                                                         \
+  CmArgs {                                                                                                  \
+    s, margin_kind, m1, m2, m3, sphere_lambda, easy_margin, exact_grad, contraction, offset, temperature,   \
+        detach_norm, ignore_index, chunk_rows, target.has_value() ? *target : at::Tensor()                  \
   }
 
 template <typename Epilogue>

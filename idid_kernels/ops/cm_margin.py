@@ -19,10 +19,12 @@ import functools
 import torch
 
 from .. import _chunks
-from ..reference.margins import MarginParams
+from ..reference.margins import MarginParams, row_target
 from .._autograd import functorch_active, no_double_backward, register_autograd, register_no_double_backward
 
-_KIND = {"none": 0, "cosface": 1, "angular": 2, "sphere": 3}
+_KIND = {"none": 0, "cosface": 1, "angular": 2, "sphere": 3, "given": 4}
+# A per-row margin reaches the kernels as kind "given" with each row's phi and phi' in `target`.
+GIVEN = MarginParams("given", "given")
 
 
 def chunk_rows(num_classes: int, itemsize: int = 4, device_type: str = "cpu") -> int:
@@ -31,12 +33,22 @@ def chunk_rows(num_classes: int, itemsize: int = 4, device_type: str = "cpu") ->
 
 
 def config_args(params: MarginParams, *, s, contraction, norm_offset, norm_temperature, detach_norm, margin_grad,
-                ignore_index, num_classes, acc_itemsize=4, device_type="cpu") -> tuple:
-    """The ops' trailing scalar arguments, in schema order."""
-    return (float(s), _KIND[params.kind], params.m1, params.m2, params.m3, params.sphere_lambda,
-            bool(params.easy_margin), margin_grad == "exact", contraction == "sigmoid", float(norm_offset),
-            float(norm_temperature), bool(detach_norm), int(ignore_index),
-            chunk_rows(num_classes, acc_itemsize, device_type))
+                ignore_index, num_classes, acc_itemsize=4, device_type="cpu", target=None) -> tuple:
+    """The ops' trailing arguments, in schema order; ``target`` is the (2, N) per-row phi and phi'
+    of kind "given" (reference.margins.row_target), None for the other kinds."""
+    return (float(s), _KIND[params.kind], float(params.m1), float(params.m2), float(params.m3),
+            float(params.sphere_lambda), bool(params.easy_margin), margin_grad == "exact", contraction == "sigmoid",
+            float(norm_offset), float(norm_temperature), bool(detach_norm), int(ignore_index),
+            chunk_rows(num_classes, acc_itemsize, device_type), target)
+
+
+def target_grad(grad_rows, loss_rows, x_norm, cfg):
+    """d loss / d target (2, N) for the forward op's per-row losses: row 0 is
+    grad_n a_n (p_ny - 1) = grad_n a_n expm1(-loss_n) (p_ny = exp(-loss_n)), row 1 (phi') none."""
+    s, contraction, offset, temperature = cfg[0], cfg[8], cfg[9], cfg[10]
+    a = s * torch.sigmoid((x_norm - offset) / temperature) if contraction else torch.full_like(x_norm, s)
+    d_phi = grad_rows.to(a.dtype) * a * torch.expm1(-loss_rows)
+    return torch.stack((d_phi, torch.zeros_like(d_phi)))
 
 
 def _acc(dtype):
@@ -76,20 +88,22 @@ def _shard_backward_fake(grad_rows, x, weight, labels, class_offset, lse, x_norm
 
 def _forward_setup(ctx, inputs, output):
     x, weight, labels, *cfg = inputs
-    _, row_stats, x_norm, w_norm = output
-    ctx.save_for_backward(x, weight, labels, row_stats, x_norm, w_norm)
+    loss_rows, row_stats, x_norm, w_norm = output
+    ctx.save_for_backward(x, weight, labels, loss_rows, row_stats, x_norm, w_norm)
     ctx.cfg = cfg
 
 
 def _forward_backward(ns, ctx, grad_rows, grad_stats, grad_x_norm, grad_w_norm):
     # Only loss_rows is meant to be differentiated; the statistics are saved state.
     no_double_backward("cm_margin_loss")
-    x, weight, labels, row_stats, x_norm, w_norm = ctx.saved_tensors
+    x, weight, labels, loss_rows, row_stats, x_norm, w_norm = ctx.saved_tensors
     if grad_rows is None:
         grad_rows = torch.zeros_like(x_norm)
     dx, dw = getattr(torch.ops, ns).cm_margin_backward(grad_rows, x, weight, labels, row_stats, x_norm, w_norm,
                                                        *ctx.cfg)
-    return (dx, dw, None) + (None,) * len(ctx.cfg)
+    # the per-row target (kind "given", the last argument) gets d loss / d phi
+    d_target = target_grad(grad_rows, loss_rows, x_norm, ctx.cfg) if ctx.needs_input_grad[-1] else None
+    return (dx, dw, None) + (None,) * (len(ctx.cfg) - 1) + (d_target,)
 
 
 def _fused_setup(ctx, inputs, output):
@@ -120,11 +134,18 @@ def register(ns: str) -> None:
 
 def cm_margin_loss(x, weight, labels, params: MarginParams, *, s, contraction, norm_offset, norm_temperature,
                    detach_norm, margin_grad, class_weight, ignore_index, reduction, ns="idid_kernels"):
-    """The loss through the C++/CUDA ops; arguments already validated by ``functional``."""
+    """The loss through the C++/CUDA ops; arguments already validated by ``functional``.
+
+    A per-row margin (``params.per_row``) runs as kind "given": its (2, N) phi and phi' are formed
+    on O(N) vectors first (reference.margins.row_target)."""
+    target = None
+    if params.per_row:
+        target = row_target(x, weight, labels, params, margin_grad, ignore_index)
+        params = GIVEN
     cfg = config_args(params, s=s, contraction=contraction, norm_offset=norm_offset,
                       norm_temperature=norm_temperature, detach_norm=detach_norm, margin_grad=margin_grad,
                       ignore_index=ignore_index, num_classes=weight.shape[0],
-                      acc_itemsize=8 if x.dtype == torch.float64 else 4, device_type=x.device.type)
+                      acc_itemsize=8 if x.dtype == torch.float64 else 4, device_type=x.device.type, target=target)
     acc = _acc(x.dtype)
     valid = labels != ignore_index
     # The index into class_weight stays in range even for labels the (skippable) label check would
@@ -137,8 +158,10 @@ def cm_margin_loss(x, weight, labels, params: MarginParams, *, s, contraction, n
     # The fused path's backward scales gradients formed in the forward pass, which nothing could
     # differentiate again; under torch.func transforms the forward/backward ops are used, whose
     # backward op refuses a second derivative instead of giving a silently wrong one.
+    # A target that needs a gradient (margins with grad) takes the forward/backward ops: the fused
+    # op does not return the per-row losses that d loss / d phi is formed from.
     if (reduction != "none" and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-            and not functorch_active()):
+            and not functorch_active() and not (target is not None and target.requires_grad)):
         # mean: w / sum(w), 0/0 = NaN for a batch with no weight, exactly F.cross_entropy.
         row_weight = w_rows / w_rows.sum() if reduction == "mean" else w_rows
         loss, _, _ = getattr(torch.ops, ns).cm_margin_fused(x, weight, labels, row_weight, *cfg)

@@ -1,11 +1,11 @@
 """Pure-PyTorch oracles: readable, autograd-differentiable, the ground truth for every backend."""
-from .cm_margin import CONTRACTIONS, REDUCTIONS, cm_logits, cm_margin_loss, contraction_scale
+from .cm_margin import CONTRACTIONS, REDUCTIONS, cm_logits, cm_margin_loss, cm_margin_loss_params, contraction_scale
 from .idid import IDIDTerms, idid_loss
 from .margins import MARGIN_GRADS, MARGINS, MarginParams, phi, phi_grad, resolve_margin
 from .primitives import class_density, norm_contraction, normalize, pairwise_cosine
 
 __all__ = [
     "CONTRACTIONS", "MARGINS", "MARGIN_GRADS", "REDUCTIONS", "IDIDTerms", "MarginParams",
-    "class_density", "cm_logits", "cm_margin_loss", "contraction_scale", "idid_loss",
+    "class_density", "cm_logits", "cm_margin_loss", "cm_margin_loss_params", "contraction_scale", "idid_loss",
     "norm_contraction", "normalize", "pairwise_cosine", "phi", "phi_grad", "resolve_margin",
 ]

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .margins import MarginParams, phi, phi_straight_through, resolve_margin
+from .margins import MarginParams, phi, phi_straight_through, resolve_row_margins
 from .primitives import normalize, row_norm
 
 CONTRACTIONS = ("sigmoid", "none")
@@ -71,11 +71,24 @@ def cm_margin_loss(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, 
                    reduction: str = "mean") -> torch.Tensor:
     """Contraction-mapped margin-softmax loss; see the module docstring for the math.
 
-    Shapes: x (N, d), weight (C, d), labels (N,) int64, class_weight (C,) or None.
+    Shapes: x (N, d), weight (C, d), labels (N,) int64, class_weight (C,) or None; ``m2``/``m3``
+    floats or (N,) per-row tensors (``margin="combined"``).
     Returns a scalar for ``reduction`` "mean"/"sum" and (N,) for "none" (0 on ignored rows).
     ``mean`` of a batch whose rows are all ignored is NaN, as in ``F.cross_entropy``.
     """
-    params = resolve_margin(margin, m, m1, m2, m3, sphere_lambda, easy_margin)
+    params = resolve_row_margins(margin, m, m1, m2, m3, sphere_lambda, easy_margin)
+    return cm_margin_loss_params(x, weight, labels, params=params, s=s, contraction=contraction,
+                                 norm_offset=norm_offset, norm_temperature=norm_temperature, detach_norm=detach_norm,
+                                 margin_grad=margin_grad, class_weight=class_weight, ignore_index=ignore_index,
+                                 reduction=reduction)
+
+
+def cm_margin_loss_params(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, params: MarginParams,
+                          s: float, contraction: str, norm_offset: float, norm_temperature: float, detach_norm: bool,
+                          margin_grad: str, class_weight: torch.Tensor | None, ignore_index: int,
+                          reduction: str) -> torch.Tensor:
+    """:func:`cm_margin_loss` for a margin already resolved to :class:`MarginParams` (the form every
+    backend takes; the heads of :mod:`idid_kernels.nn` build theirs directly)."""
     z = cm_logits(x, weight, labels, params, s=s, contraction=contraction, norm_offset=norm_offset,
                   norm_temperature=norm_temperature, detach_norm=detach_norm, margin_grad=margin_grad,
                   ignore_index=ignore_index)

@@ -13,6 +13,12 @@ preset         phi(c)
                k = floor(m1 theta / pi)                (m -> m1, integer, default 4)
 =============  ================================================================
 
+``combined`` also takes per-row margins: ``m2`` and ``m3`` may be (N,) tensors (``m1`` stays a
+scalar), differentiable when they require grad (a margin computed from ||x|| then differentiates
+through the norm). The heads of :mod:`idid_kernels.nn` use two more kinds that have no preset:
+``"adaface"`` (AdaFace's clipped angle, below) and per-row ``"cosface"`` (LDAM's per-class margin
+gathered per row).
+
 ``easy_margin`` (arcface / combined only) keeps phi(c) = c where c <= 0. The angle is computed from
 c clamped to [-1 + 1e-7, 1 - 1e-7] so that c = +-1 never yields NaN. Margins are in radians.
 
@@ -22,7 +28,7 @@ the norm contraction, and every derivative here, are this package's own derivati
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -41,7 +47,11 @@ class MarginParams:
     ``kind`` is the formula family the kernels branch on:
     ``"none"`` (phi = c), ``"cosface"`` (phi = c - m3, no arccos),
     ``"angular"`` (arcface and combined: cos(m1 theta + m2) - m3 with the hard fallback),
-    ``"sphere"`` (SphereFace's monotone psi with the lambda blend).
+    ``"sphere"`` (SphereFace's monotone psi with the lambda blend),
+    ``"adaface"`` (cos(clip(theta + m2, eps, pi - eps)) - m3 with c clamped to +-(1 - eps),
+    eps = :data:`ADAFACE_EPS`; AdaFace's head, used by :class:`idid_kernels.AdaFaceLoss`).
+    ``m2`` and ``m3`` are floats or (N,) tensors (per-row margins, :attr:`per_row`); the fused
+    backends then receive each row's phi and phi' instead of the formula (margin kind "given").
     """
 
     preset: str
@@ -51,6 +61,11 @@ class MarginParams:
     m3: float = 0.0
     sphere_lambda: float = 0.0
     easy_margin: bool = False
+
+    @property
+    def per_row(self) -> bool:
+        """Whether the margin differs per row (tensor m2/m3, or a kind only Python evaluates)."""
+        return self.kind == "adaface" or isinstance(self.m2, torch.Tensor) or isinstance(self.m3, torch.Tensor)
 
 
 def check_margin_numbers(*, m, m1, m2, m3, sphere_lambda) -> None:
@@ -122,6 +137,27 @@ def resolve_margin(
     return MarginParams(margin, "sphere", m1=float(int(m)), sphere_lambda=float(sphere_lambda))
 
 
+# AdaFace's eps: its cosines are clamped to +-(1 - eps) and its target angle to [eps, pi - eps].
+ADAFACE_EPS = 1e-3
+
+
+def resolve_row_margins(margin, m, m1, m2, m3, sphere_lambda, easy_margin) -> MarginParams:
+    """:func:`resolve_margin`, where ``m2`` and ``m3`` may also be per-row (N,) tensors (``combined``
+    only; shapes and dtypes are checked by the caller, which knows N)."""
+    rows2, rows3 = isinstance(m2, torch.Tensor), isinstance(m3, torch.Tensor)
+    if not (rows2 or rows3):
+        return resolve_margin(margin, m, m1, m2, m3, sphere_lambda, easy_margin)
+    if margin != "combined":
+        raise ValueError(f"per-row (tensor) m2/m3 are read by margin='combined' only, not {margin!r}")
+    # resolve with a stand-in number where a tensor is given: a per-row m2 needs the angular kind
+    params = resolve_margin(margin, m, m1, 1.0 if rows2 else m2, 0.0 if rows3 else m3, sphere_lambda, easy_margin)
+    return replace(params, m2=m2 if rows2 else params.m2, m3=m3 if rows3 else params.m3)
+
+
+def _sin(v):
+    return torch.sin(v) if isinstance(v, torch.Tensor) else math.sin(v)
+
+
 def _clamped(c: torch.Tensor) -> torch.Tensor:
     """c clamped to the arccos-safe range in value, with the identity as its gradient.
 
@@ -148,10 +184,13 @@ def phi(c: torch.Tensor, p: MarginParams) -> torch.Tensor:
         theta = torch.acos(_clamped(c))
         angle = p.m1 * theta + p.m2
         main = torch.cos(angle) - p.m3
-        fallback = c - p.m3 - p.m2 * math.sin(p.m2)
+        fallback = c - p.m3 - p.m2 * _sin(p.m2)
         out = torch.where(angle.detach() > math.pi, fallback, main)
         if p.easy_margin:
             out = torch.where(c.detach() <= 0, c, out)
+    elif p.kind == "adaface":
+        theta = torch.acos(c.clamp(-1.0 + ADAFACE_EPS, 1.0 - ADAFACE_EPS))
+        out = torch.cos((theta + p.m2).clamp(ADAFACE_EPS, math.pi - ADAFACE_EPS)) - p.m3
     else:  # sphere
         theta = torch.acos(_clamped(c))
         k = torch.floor(p.m1 * theta.detach() / math.pi)
@@ -172,6 +211,12 @@ def phi_grad(c: torch.Tensor, p: MarginParams, margin_grad: str = "exact") -> to
     one = torch.ones_like(c)
     if margin_grad == "straight_through" or p.kind in ("none", "cosface"):
         return one.to(out_dtype)
+    if p.kind == "adaface":  # zero where the cosine or the angle is clipped, as autograd of the clamps
+        cc = c.clamp(-1.0 + ADAFACE_EPS, 1.0 - ADAFACE_EPS)
+        angle = torch.acos(cc) + p.m2
+        inside = (cc == c) & (angle >= ADAFACE_EPS) & (angle <= math.pi - ADAFACE_EPS)
+        g = torch.where(inside, torch.sin(angle) / torch.sqrt(1.0 - cc * cc), torch.zeros_like(c))
+        return g.to(out_dtype)
     cc = c.clamp(-1.0 + COS_CLAMP, 1.0 - COS_CLAMP)
     theta = torch.acos(cc)
     sin_theta = torch.sqrt(1.0 - cc * cc)
@@ -188,5 +233,29 @@ def phi_grad(c: torch.Tensor, p: MarginParams, margin_grad: str = "exact") -> to
 
 
 def phi_straight_through(c: torch.Tensor, p: MarginParams) -> torch.Tensor:
-    """phi(c) in value with derivative 1: ``c + stopgrad(phi(c) - c)``."""
-    return c + (phi(c, p) - c).detach()
+    """phi(c) in value with derivative 1 in c: ``phi(stopgrad(c)) + c - stopgrad(c)`` (per-row
+    tensor margins keep their own gradient)."""
+    return phi(c.detach(), p) + (c - c.detach())
+
+
+def row_target(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, p: MarginParams, margin_grad: str,
+               ignore_index: int) -> torch.Tensor:
+    """(2, N) in the accumulation dtype: each row's phi(c_y) and phi'(c_y), what the fused backends
+    take for a per-row margin (kind "given") instead of evaluating the formula themselves.
+
+    c_y = <x_n / ||x_n||, w_y / ||w_y||> is computed here in O(N d) (norms floored at 1e-12, as
+    F.normalize) from detached inputs: the kernels carry the gradient through c via phi'. phi keeps
+    its autograd graph to tensor margins, so d loss / d phi_n, which the kernels return, reaches them.
+    Rows that are ignored or whose label is out of range get the values of class 0 (the kernels
+    give such rows no loss or a NaN loss, whatever the target holds)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    safe = torch.where((labels != ignore_index) & (labels >= 0) & (labels < weight.shape[0]), labels,
+                       torch.zeros_like(labels))
+    xa = x.detach().to(acc)
+    wy = weight.detach()[safe].to(acc)
+    eps = 1e-12
+    c = (xa * wy).sum(1) / (torch.linalg.vector_norm(xa, dim=1).clamp_min(eps)
+                            * torch.linalg.vector_norm(wy, dim=1).clamp_min(eps))
+    value = phi(c, p).to(acc)
+    slope = phi_grad(c, p, margin_grad).to(acc)
+    return torch.stack((value, slope))

@@ -52,12 +52,14 @@ Precision and TF32 are documented in :mod:`._rows`.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
 from .._autograd import DEVICE_AUTOGRAD_KEYS, register_autograd, register_no_double_backward
-from ..reference.margins import MarginParams, phi, phi_grad
+from ..reference.margins import MarginParams, phi, phi_grad, row_target
 from . import _rows
 from ._rows import dot_operand, log1p, no_double_backward
 
@@ -340,6 +342,9 @@ def _backward_classes_kernel(x_ptr, w_ptr, labels_ptr, x_norm_ptr, w_norm_ptr, s
 
 
 # ------------------------------------------------------------------------------------- host side
+# A per-row margin reaches the kernels as kind "given" with each row's phi and phi' in `target`.
+GIVEN = MarginParams("given", "given")
+
 def _margin_params(kind, m1, m2, m3, sphere_lambda, easy_margin) -> MarginParams:
     return MarginParams(kind, kind, m1=m1, m2=m2, m3=m3, sphere_lambda=sphere_lambda, easy_margin=easy_margin)
 
@@ -365,8 +370,10 @@ def _launch_meta(x: torch.Tensor) -> dict:
 def cm_margin_forward(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, s: float, kind: str, m1: float,
                       m2: float, m3: float, sphere_lambda: float, easy_margin: bool, exact_grad: bool,
                       contraction: bool, norm_offset: float, norm_temperature: float, detach_norm: bool,
-                      ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss_rows (N,), row_stats (6, N), w_norm (C,)), statistics in the accumulation dtype."""
+                      ignore_index: int, target: Optional[torch.Tensor]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss_rows (N,), row_stats (6, N), w_norm (C,)), statistics in the accumulation dtype.
+    kind "given": ``target`` (2, N) holds each row's phi(c_y) and phi'(c_y) (per-row margins)."""
     n, d = x.shape
     c = weight.shape[0]
     acc = _rows.acc_dtype(x.dtype)
@@ -381,9 +388,8 @@ def cm_margin_forward(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
         _target_cos_kernel[(triton.cdiv(n, block_n),)](
             xs, weight, labels, w_norm, xs_norm, stats[_COS], n, c, d, ignore_index, xs.stride(0), xs.stride(1),
             weight.stride(0), weight.stride(1), BLOCK_N=block_n, BLOCK_D=block_d, ACC=_rows.tl_acc(x.dtype))
-        params = _margin_params(kind, m1, m2, m3, sphere_lambda, easy_margin)
         scale = _scale(r, s, contraction, norm_offset, norm_temperature)
-        psi_target = phi(stats[_COS], params).contiguous()
+        psi_target = _target_phi(stats[_COS], kind, m1, m2, m3, sphere_lambda, easy_margin, target).contiguous()
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         _forward_kernel[grid](xs, weight, labels, xs_norm, w_norm, scale, psi_target, loss, stats[_SHIFT],
                               stats[_LOG_SUM], stats[_MASS], stats[_MASS_COS], n, c, d, ignore_index, xs.stride(0),
@@ -404,7 +410,7 @@ def cm_margin_backward(grad_rows: torch.Tensor, x: torch.Tensor, weight: torch.T
                        row_stats: torch.Tensor, w_norm: torch.Tensor, s: float, kind: str, m1: float, m2: float,
                        m3: float, sphere_lambda: float, easy_margin: bool, exact_grad: bool, contraction: bool,
                        norm_offset: float, norm_temperature: float, detach_norm: bool, ignore_index: int,
-                       need_x: bool, need_w: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                       target: Optional[torch.Tensor], need_x: bool, need_w: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dw); a gradient not asked for is an empty (0, d) tensor."""
     n, d = x.shape
     c = weight.shape[0]
@@ -414,14 +420,18 @@ def cm_margin_backward(grad_rows: torch.Tensor, x: torch.Tensor, weight: torch.T
     if not (need_x or need_w):
         return empty, empty.clone()
     r, cos, shift, log_sum, mass, mass_cos = row_stats.unbind(0)
-    params = _margin_params(kind, m1, m2, m3, sphere_lambda, easy_margin)
     # ignored rows: no gradient, whatever the upstream holds (a mean over no rows gives 0 * inf there);
     # nor rows whose label is out of range (their loss is NaN; the cuda backend does the same)
     valid = (labels != ignore_index) & (labels >= 0) & (labels < c)
     g = torch.where(valid, grad_rows.to(acc), torch.zeros((), dtype=acc, device=x.device))
     scale = _scale(r, s, contraction, norm_offset, norm_temperature)
     ag = (scale * g).contiguous()
-    dphi = phi_grad(cos, params, "exact" if exact_grad else "straight_through")
+    if target is not None:
+        psi_target, dphi = target.to(acc).unbind(0)
+    else:
+        params = _margin_params(kind, m1, m2, m3, sphere_lambda, easy_margin)
+        psi_target = phi(cos, params)
+        dphi = phi_grad(cos, params, "exact" if exact_grad else "straight_through")
     g_target = (-ag * mass * dphi).contiguous()
     shift, log_sum = shift.contiguous(), log_sum.contiguous()
     meta = _launch_meta(x)
@@ -453,7 +463,7 @@ def cm_margin_backward(grad_rows: torch.Tensor, x: torch.Tensor, weight: torch.T
         radial = None
         if contraction and not detach_norm:
             # s g'(r) R_n, R_n = g_n (sum_j p psi - psi_y) = g_n (S_n - P_n phi(c_n))
-            radial = _scale_grad(r, s, norm_offset, norm_temperature) * g * (mass_cos - mass * phi(cos, params))
+            radial = _scale_grad(r, s, norm_offset, norm_temperature) * g * (mass_cos - mass * psi_target)
             radial = radial.contiguous()
         dx = _rows.project_rows(bx, x, r.contiguous(), radial)
     if need_w:
@@ -468,6 +478,15 @@ def _(grad_rows, x, weight, labels, row_stats, w_norm, *cfg_and_needs):
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else empty
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else empty.clone()
     return dx, dw
+
+
+def _target_phi(cos, kind, m1, m2, m3, sphere_lambda, easy_margin, target):
+    """The target's psi = phi(c_y) per row: the given row 0 of ``target``, or the margin formula."""
+    if kind == "given":
+        if target is None:
+            raise ValueError("cm_margin: margin kind 'given' needs the (2, N) target of per-row phi and phi'")
+        return target[0].to(cos.dtype)
+    return phi(cos, _margin_params(kind, m1, m2, m3, sphere_lambda, easy_margin))
 
 
 def _setup_context(ctx, inputs, output):
@@ -486,7 +505,15 @@ def _backward(ctx, grad_rows, _grad_stats, _grad_w_norm):
         grad_rows = torch.zeros_like(row_stats[0])
     dx, dw = torch.ops.idid_triton.cm_margin_backward(grad_rows, x, weight, labels, row_stats, w_norm, *ctx.cfg,
                                                       need_x, need_w)
-    return (dx if need_x else None, dw if need_w else None, None) + (None,) * len(ctx.cfg)
+    d_target = None
+    if ctx.needs_input_grad[-1]:  # kind "given": d loss / d phi_n = grad_n a_n (p_ny - 1) = -a_n grad_n P_n
+        s, contraction, offset, temperature, ignore_index = ctx.cfg[0], ctx.cfg[8], ctx.cfg[9], ctx.cfg[10], ctx.cfg[12]
+        r, mass = row_stats[_R], row_stats[_MASS]
+        valid = (labels != ignore_index) & (labels >= 0) & (labels < weight.shape[0])
+        g = torch.where(valid, grad_rows.to(r.dtype), torch.zeros((), dtype=r.dtype, device=r.device))
+        d_phi = -_scale(r, s, contraction, offset, temperature) * g * mass
+        d_target = torch.stack((d_phi, torch.zeros_like(d_phi)))
+    return (dx if need_x else None, dw if need_w else None, None) + (None,) * (len(ctx.cfg) - 1) + (d_target,)
 
 
 # At the per-device autograd keys, through the torch.func-capable registration (idid_kernels/_autograd.py).
@@ -496,11 +523,11 @@ register_no_double_backward(f"{_NS}::cm_margin_backward", "cm_margin_loss", keys
 
 
 def config_args(params: MarginParams, *, s, contraction, norm_offset, norm_temperature, detach_norm, margin_grad,
-                ignore_index) -> tuple:
-    """The ops' trailing scalar arguments, in schema order."""
+                ignore_index, target=None) -> tuple:
+    """The ops' trailing arguments, in schema order (``target``: kind "given" only)."""
     return (float(s), params.kind, float(params.m1), float(params.m2), float(params.m3), float(params.sphere_lambda),
             bool(params.easy_margin), margin_grad == "exact", contraction == "sigmoid", float(norm_offset),
-            float(norm_temperature), bool(detach_norm), int(ignore_index))
+            float(norm_temperature), bool(detach_norm), int(ignore_index), target)
 
 
 def cm_margin_loss(x, weight, labels, params: MarginParams, *, s, contraction, norm_offset, norm_temperature,
@@ -512,9 +539,13 @@ def cm_margin_loss(x, weight, labels, params: MarginParams, *, s, contraction, n
     and 0 on ignored rows, exactly ``F.cross_entropy``'s semantics (a mean over no weight is NaN).
     """
     _rows.check_dtype("cm_margin_loss", x=x, weight=weight)
+    target = None
+    if params.per_row:  # each row's phi and phi' on (N,) vectors, as the cpp path (ops/cm_margin.py)
+        target = row_target(x, weight, labels, params, margin_grad, ignore_index)
+        params = GIVEN
     cfg = config_args(params, s=s, contraction=contraction, norm_offset=norm_offset,
                       norm_temperature=norm_temperature, detach_norm=detach_norm, margin_grad=margin_grad,
-                      ignore_index=ignore_index)
+                      ignore_index=ignore_index, target=target)
     loss_rows, _, _ = torch.ops.idid_triton.cm_margin_forward(x, weight, labels, *cfg)
     acc = loss_rows.dtype
     valid = labels != ignore_index
