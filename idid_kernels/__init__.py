@@ -6,19 +6,19 @@
   doi:10.1016/j.patrec.2024.08.016): margin-softmax logits scaled per sample by sigmoid(||x||).
 
 Public API: :func:`cm_margin_loss`, :func:`idid_loss`, :func:`pairwise_cosine`,
-:func:`class_density`, :func:`norm_contraction`, :class:`CMMarginLoss`, :class:`IDIDLoss`,
-:func:`available_backends`.
+:func:`class_density`, :func:`norm_contraction`, :class:`CMMarginLoss`, :class:`IDIDLoss`, the
+margin heads :class:`AdaFaceLoss`, :class:`MagFaceLoss` and :class:`LDAMLoss`, :func:`available_backends`.
 """
 import torch  # noqa: F401  (loads libtorch before the optional extension)
 
 from ._backends import BackendUnavailableError, available_backends
 from .functional import class_density, cm_margin_loss, idid_loss, norm_contraction, pairwise_cosine
-from .nn import CMMarginLoss, IDIDLoss
+from .nn import AdaFaceLoss, CMMarginLoss, IDIDLoss, LDAMLoss, MagFaceLoss
 from .reference.idid import IDIDTerms
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackendUnavailableError", "CMMarginLoss", "IDIDLoss", "IDIDTerms", "available_backends", "class_density",
-    "cm_margin_loss", "idid_loss", "norm_contraction", "pairwise_cosine",
+    "AdaFaceLoss", "BackendUnavailableError", "CMMarginLoss", "IDIDLoss", "IDIDTerms", "LDAMLoss", "MagFaceLoss",
+    "available_backends", "class_density", "cm_margin_loss", "idid_loss", "norm_contraction", "pairwise_cosine",
 ]

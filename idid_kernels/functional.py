@@ -99,6 +99,15 @@ def _kernel(op: str, backend: str, device: torch.device):
     return kernel
 
 
+def check_cm_inputs(x, weight) -> None:
+    """x (N, d) and weight (C, d), C >= 2, same dtype and device."""
+    check_matrix("x", x)
+    check_matrix("weight", weight, cols=x.shape[1], cols_of="the feature dimension of x")
+    check_same("x", x, weight=weight)
+    if weight.shape[0] < 2:
+        raise ValueError(f"weight has {weight.shape[0]} class row(s); a softmax loss needs C >= 2")
+
+
 def validate_cm_config(*, s, margin, m, m1, m2, m3, sphere_lambda, easy_margin, contraction, norm_offset,
                        norm_temperature, margin_grad, reduction, ignore_index):
     """Check the scalar keywords of :func:`cm_margin_loss`; returns the resolved margin."""
@@ -166,13 +175,8 @@ def cm_margin_loss(x, weight, labels, *, s=30.0, margin="cosface", m=None, m1=1.
         A scalar for "mean"/"sum", (N,) for "none". Only the CosFace head (s=30, m=0.4, sigmoid) is
         the authors' published code; the other combinations are this package's derivation.
     """
-    check_matrix("x", x)
-    n, d = x.shape
-    check_matrix("weight", weight, cols=d, cols_of="the feature dimension of x")
-    check_same("x", x, weight=weight)
-    num_classes = weight.shape[0]
-    if num_classes < 2:
-        raise ValueError(f"weight has {num_classes} class row(s); a softmax loss needs C >= 2")
+    check_cm_inputs(x, weight)
+    n = x.shape[0]
     params = validate_cm_config(s=s, margin=margin, m=m, m1=m1, m2=m2, m3=m3, sphere_lambda=sphere_lambda,
                                 easy_margin=easy_margin, contraction=contraction, norm_offset=norm_offset,
                                 norm_temperature=norm_temperature, margin_grad=margin_grad, reduction=reduction,

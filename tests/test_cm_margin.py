@@ -887,3 +887,231 @@ def test_triton_cuda_graph_capture(backend):
     torch.cuda.synchronize()
     for a, b in zip(captured, eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------- per-row margins
+# margin="combined" with (N,) tensors for m2 and/or m3: every backend runs them as margin kind
+# "given" (each row's phi and phi' formed on (N,) vectors), with d loss / d m2_n and d m3_n.
+
+ROW_MARGINS = {
+    "m2": dict(easy_margin=False),
+    "m3": dict(easy_margin=False),
+    "both": dict(easy_margin=False),
+    "both_easy": dict(easy_margin=True),
+}
+
+
+def _row_margins(which, n, seed, dtype=torch.float64):
+    """(m2, m3): per-row tensors where ``which`` says, scalars elsewhere. m2 spans [0, 1.6] so that
+    some rows take the hard fallback (m1 theta + m2 > pi) and some the main branch."""
+    g = make_gen(seed)
+    m2 = 1.6 * torch.rand(n, generator=g, dtype=torch.float64)
+    m3 = 0.3 * torch.rand(n, generator=g, dtype=torch.float64) - 0.05
+    return (m2.to(dtype) if which != "m3" else 0.3), (m3.to(dtype) if which != "m2" else 0.1)
+
+
+def run_rows(backend, x, w, y, m2, m3, upstream_seed=7, **kw):
+    """(loss, dx, dw, dm2, dm3) on the CPU with a random upstream gradient; the tensor margins
+    require grad (a scalar margin's gradient is None)."""
+    dev = backend_device(backend)
+    x = x.detach().to(dev).requires_grad_()
+    w = w.detach().to(dev).requires_grad_()
+    m2, m3 = (v.detach().to(dev).requires_grad_() if isinstance(v, torch.Tensor) else v for v in (m2, m3))
+    loss = ik.cm_margin_loss(x, w, y.to(dev), margin="combined", m1=kw.pop("m1", 1.0), m2=m2, m3=m3,
+                             backend=backend, **kw)
+    up = torch.randn(loss.shape, generator=make_gen(upstream_seed), dtype=torch.float64)
+    inputs = [t for t in (x, w, m2, m3) if isinstance(t, torch.Tensor)]
+    grads = iter(torch.autograd.grad(loss, inputs, up.to(dev, loss.dtype)))
+    out = [loss, next(grads), next(grads)] + [next(grads) if isinstance(v, torch.Tensor) else None for v in (m2, m3)]
+    return tuple(None if t is None else t.detach().cpu() for t in out)
+
+
+@pytest.mark.parametrize("which", list(ROW_MARGINS))
+def test_row_margins_reference_equals_one_row_at_a_time(which):
+    """The reference with (N,) margins is each row's loss with that row's scalar margins."""
+    x, w, y = make(9, 6, 4, seed=3, ignore=1)
+    m2, m3 = _row_margins(which, 9, seed=4)
+    kw = dict(ROW_MARGINS[which], m1=1.1)
+    full = ik.cm_margin_loss(x, w, y, margin="combined", m2=m2, m3=m3, reduction="none", backend="reference", **kw)
+    rows = torch.stack([
+        ik.cm_margin_loss(x[i:i + 1], w, y[i:i + 1], margin="combined", reduction="none", backend="reference",
+                          m2=float(m2[i]) if isinstance(m2, torch.Tensor) else m2,
+                          m3=float(m3[i]) if isinstance(m3, torch.Tensor) else m3, **kw)[0]
+        for i in range(9)])
+    assert rel_err(full, rows) <= 1e-14
+    fallback = torch.acos(ik.pairwise_cosine(x, w).gather(1, y.clamp_min(0)[:, None])[:, 0]) * 1.1 + (
+        m2 if isinstance(m2, torch.Tensor) else m2) > torch.pi
+    if which != "m3" and not ROW_MARGINS[which]["easy_margin"]:
+        assert 0 < int(fallback[1:].sum()) < 8  # both branches are exercised
+
+
+_ROW_CASES = [(which, red, opt) for which in ROW_MARGINS for red in REDUCTIONS
+              for opt in ("default", "no_contraction", "straight_through")]
+_ROW_CASES_SLOW = [(which, red, "default") for which in ROW_MARGINS for red in REDUCTIONS] + [
+    ("both", "mean", "no_contraction"), ("both", "none", "straight_through")]
+
+
+@pytest.mark.parametrize("backend,which,reduction,option", _cases(FUSED, _ROW_CASES, _ROW_CASES_SLOW))
+def test_row_margins_float64_match_reference(backend, which, reduction, option):
+    n = 23
+    x, w, y = make(n, 13, 5, seed=_seed("rows", which, reduction), ignore=2)
+    m2, m3 = _row_margins(which, n, seed=_seed("m", which))
+    kw = dict(ROW_MARGINS[which], **OPTIONS[option], m1=1.1, reduction=reduction, s=12.0)
+    truth = run_rows("reference", x, w, y, m2, m3, **kw)
+    ours = run_rows(backend, x, w, y, m2, m3, **kw)
+    assert_tight(ours, truth, tol=1e-10)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("backend", FUSED)
+def test_row_margins_without_grad_equal_the_same_margins_with_grad(backend, reduction):
+    """Margins that need no gradient take the fused path (cpp, cuda): same loss and dx, dw."""
+    n = 11
+    x, w, y = make(n, 7, 4, seed=5)
+    m2, m3 = _row_margins("both", n, seed=6)
+    kw = dict(m1=1.0, reduction=reduction)
+    with_grad = run_rows(backend, x, w, y, m2, m3, **kw)
+    dev = backend_device(backend)
+    no_grad = run(backend, x, w, y, margin="combined", m1=1.0, m2=m2.to(dev), m3=m3.to(dev), reduction=reduction)
+    assert_tight(no_grad, with_grad[:3], tol=1e-12)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_row_margins_that_are_constant_equal_scalar_margins(backend):
+    n = 10
+    x, w, y = make(n, 7, 4, seed=8, ignore=1)
+    dev = backend_device(backend)
+    scalar = run(backend, x, w, y, margin="combined", m1=1.2, m2=0.4, m3=0.15)
+    rows = run(backend, x, w, y, margin="combined", m1=1.2, m2=torch.full((n,), 0.4, dtype=torch.float64, device=dev),
+               m3=torch.full((n,), 0.15, dtype=torch.float64, device=dev))
+    assert_tight(rows, scalar, tol=1e-12)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_row_margins_float32_within_tolerance(backend):
+    n = sized(backend, 19, 257)
+    x, w, y = make(n, sized(backend, 29, 1031), sized(backend, 16, 64), seed=9, ignore=1)
+    m2, m3 = _row_margins("both", n, seed=10)
+    kw = dict(m1=1.0, s=16.0)
+    truth = run_rows("reference", x, w, y, m2, m3, **kw)
+    ours = run_rows(backend, x.float(), w.float(), y, m2.float(), m3.float(), **kw)
+    assert all(t.dtype == torch.float32 for t in ours)
+    assert within(ours[0], truth[0], 1e-5)
+    for a, b in zip(ours[1:], truth[1:]):
+        assert rel_err(a, b) <= 1e-4
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_row_margins_gradcheck_float64(backend):
+    n = 6
+    x, w, y = make(n, 5, 3, seed=11)
+    m2, m3 = _row_margins("both", n, seed=12)
+    dev = backend_device(backend)
+    inputs = [t.detach().to(dev).requires_grad_() for t in (x, w, m2, m3)]
+
+    def f(x, w, m2, m3):
+        return ik.cm_margin_loss(x, w, y.to(dev), margin="combined", m1=1.1, m2=m2, m3=m3, s=4.0, backend=backend)
+
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_row_margin_through_the_norm(backend):
+    """A margin computed from ||x|| differentiates through the norm (MagFace's use)."""
+    n = 9
+    x, w, y = make(n, 6, 4, seed=13, scale=3.0)
+    dev = backend_device(backend)
+    results = []
+    for b, d in (("reference", torch.device("cpu")), (backend, dev)):
+        xx = x.detach().to(d).requires_grad_()
+        m2 = 0.2 + 0.05 * torch.linalg.vector_norm(xx, dim=1)
+        loss = ik.cm_margin_loss(xx, w.to(d), y.to(d), margin="combined", m2=m2, m3=0.0, backend=b)
+        results.append(torch.autograd.grad(loss, xx)[0].cpu())
+    assert rel_err(results[1], results[0]) <= 1e-10
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_row_margins_compile_fullgraph(backend):
+    n = 8
+    x, w, y = make(n, 5, 4, seed=14)
+    dev = backend_device(backend)
+    m2, m3 = (t.to(dev) for t in _row_margins("both", n, seed=15))
+    x, w, y = x.to(dev).requires_grad_(), w.to(dev), y.to(dev)
+
+    def f(x, m2, m3):
+        return ik.cm_margin_loss(x, w, y, margin="combined", m2=m2, m3=m3, backend=backend)
+
+    eager = f(x, m2, m3)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(x, m2, m3)
+    assert rel_err(compiled, eager) <= 1e-12
+    assert rel_err(torch.autograd.grad(compiled, x)[0], torch.autograd.grad(eager, x)[0]) <= 1e-12
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_given_target_opcheck(backend):
+    """The ops with margin kind "given" and its (2, N) target (cpp/cuda: forward, backward, fused)."""
+    from idid_kernels.reference.margins import resolve_row_margins, row_target
+    n, c = 7, 5
+    x, w, y = make(n, c, 4, seed=16)
+    dev = backend_device(backend)
+    x, w, y = x.to(dev).requires_grad_(), w.to(dev).requires_grad_(), y.to(dev)
+    m2, m3 = (t.to(dev) for t in _row_margins("both", n, seed=17))
+    params = resolve_row_margins("combined", None, 1.0, m2, m3, 0.0, False)
+    target = row_target(x, w, y, params, "exact", -100).detach().requires_grad_()
+    ops = kernel_ops(backend)
+    if backend == "triton":
+        from idid_kernels.triton.cm_margin import GIVEN, config_args
+        cfg = config_args(GIVEN, s=8.0, contraction="sigmoid", norm_offset=0.0, norm_temperature=1.0,
+                          detach_norm=False, margin_grad="exact", ignore_index=-100, target=target)
+        torch.library.opcheck(ops.cm_margin_forward.default, (x, w, y, *cfg))
+        return
+    from idid_kernels.ops.cm_margin import GIVEN, config_args
+    cfg = config_args(GIVEN, s=8.0, contraction="sigmoid", norm_offset=0.0, norm_temperature=1.0, detach_norm=False,
+                      margin_grad="exact", ignore_index=-100, num_classes=c, acc_itemsize=8, target=target)
+    torch.library.opcheck(ops.cm_margin_forward.default, (x, w, y, *cfg))
+    torch.library.opcheck(ops.cm_margin_fused.default, (x, w, y, torch.full((n,), 1.0 / n, dtype=x.dtype,
+                                                                              device=dev), *cfg[:-1], target.detach()))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_given_kind_without_target_is_refused(backend):
+    x, w, y = make(4, 3, 2, seed=18)
+    dev = backend_device(backend)
+    ops = kernel_ops(backend)
+    if backend == "triton":
+        from idid_kernels.triton.cm_margin import GIVEN, config_args
+        cfg = config_args(GIVEN, s=8.0, contraction="sigmoid", norm_offset=0.0, norm_temperature=1.0,
+                          detach_norm=False, margin_grad="exact", ignore_index=-100)
+        with pytest.raises(ValueError, match="target"):
+            ops.cm_margin_forward(x.to(dev), w.to(dev), y.to(dev), *cfg)
+        return
+    from idid_kernels.ops.cm_margin import GIVEN, config_args
+    cfg = config_args(GIVEN, s=8.0, contraction="sigmoid", norm_offset=0.0, norm_temperature=1.0, detach_norm=False,
+                      margin_grad="exact", ignore_index=-100, num_classes=3, acc_itemsize=8)
+    with pytest.raises(RuntimeError, match="target"):
+        ops.cm_margin_forward(x.to(dev), w.to(dev), y.to(dev), *cfg)
+    bad = torch.zeros(2, 3, dtype=torch.float64, device=dev)
+    with pytest.raises(RuntimeError, match="shape"):
+        ops.cm_margin_forward(x.to(dev), w.to(dev), y.to(dev), *cfg[:-1], bad)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_row_margins_bad_input(backend):
+    x, w, y = make(5, 4, 3, seed=19)
+    dev = backend_device(backend)
+    x, w, y = x.to(dev), w.to(dev), y.to(dev)
+    good = torch.zeros(5, dtype=torch.float64, device=dev)
+    with pytest.raises(ValueError, match=r"shape \(5,\)"):
+        ik.cm_margin_loss(x, w, y, margin="combined", m2=torch.zeros(4, dtype=torch.float64, device=dev),
+                          backend=backend)
+    with pytest.raises(ValueError, match=r"shape \(5,\)"):
+        ik.cm_margin_loss(x, w, y, margin="combined", m3=torch.zeros(5, 1, dtype=torch.float64, device=dev),
+                          backend=backend)
+    with pytest.raises(TypeError, match="floating"):
+        ik.cm_margin_loss(x, w, y, margin="combined", m2=torch.zeros(5, dtype=torch.int64, device=dev),
+                          backend=backend)
+    with pytest.raises(ValueError, match="combined"):
+        ik.cm_margin_loss(x, w, y, margin="arcface", m2=good, backend=backend)
+    if dev.type == "cpu":
+        with pytest.raises(ValueError, match="meta"):
+            ik.cm_margin_loss(x, w, y, margin="combined", m2=good.to("meta"), backend=backend)
