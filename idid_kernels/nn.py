@@ -313,8 +313,9 @@ class LDAMLoss(_MarginHead):
     with ``class_weight`` (the deferred re-weighting of LDAM-DRW: set it later with
     :meth:`set_class_weight`, e.g. to the effective-number weights after the first stage).
 
-    ``class_counts``: the (C,) training-set class frequencies (all > 0). The margins are a buffer
-    ``class_margin``. The official head takes cosines from ``NormedLinear``; here the raw feature x.
+    ``class_counts``: the (C,) training-set class frequencies (all > 0), kept as a buffer; the
+    margins (:meth:`class_margin`) are formed from it in the features' accumulation dtype. The
+    official head takes cosines from ``NormedLinear``; here the raw feature x.
     """
 
     def __init__(self, in_features: int, num_classes: int, class_counts, max_m: float = 0.5, s: float = 30.0,
@@ -328,8 +329,12 @@ class LDAMLoss(_MarginHead):
         if not bool((counts > 0).all()) or not bool(torch.isfinite(counts).all()):
             raise ValueError("class_counts must be finite and > 0 for every class")
         self.max_m = check_positive("max_m", max_m)
-        margin = counts.pow(-0.25)
-        self.register_buffer("class_margin", (margin * (self.max_m / margin.max())).to(torch.float32).to(device))
+        self.register_buffer("class_counts", counts.to(torch.float32).to(device))
+
+    def class_margin(self, dtype=torch.float32) -> torch.Tensor:
+        """m_j = max_m n_j^(-1/4) / max_k n_k^(-1/4), shape (C,)."""
+        margin = self.class_counts.to(dtype).pow(-0.25)
+        return margin * (self.max_m / margin.max())
 
     def set_class_weight(self, class_weight) -> None:
         """Replace the cross-entropy class weights (None to drop them): the DRW stage switch."""
@@ -343,7 +348,7 @@ class LDAMLoss(_MarginHead):
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         safe = torch.where((labels >= 0) & (labels < self.num_classes), labels, torch.zeros_like(labels))
-        m_rows = self.class_margin.to(acc)[safe]
+        m_rows = self.class_margin(acc)[safe]
         return self._loss(x, labels, MarginParams("cosface", "cosface", m3=m_rows))
 
     def extra_repr(self) -> str:
