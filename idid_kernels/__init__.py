@@ -5,14 +5,17 @@
 - Contraction-mapped margin softmax (Liu et al., Pattern Recognition Letters 2024,
   doi:10.1016/j.patrec.2024.08.016): margin-softmax logits scaled per sample by sigmoid(||x||).
 
-Public API: :func:`cm_margin_loss`, :func:`idid_loss`, :func:`pairwise_cosine`,
+Public API: :func:`cm_margin_loss`, :func:`idid_loss`, :func:`adaface_loss`, :func:`magface_loss`,
+:func:`ldam_loss`, :func:`pairwise_cosine`,
 :func:`class_density`, :func:`norm_contraction`, :class:`CMMarginLoss`, :class:`IDIDLoss`, the
 margin heads :class:`AdaFaceLoss`, :class:`MagFaceLoss` and :class:`LDAMLoss`, :func:`available_backends`.
 """
 import torch  # noqa: F401  (loads libtorch before the optional extension)
 
 from ._backends import BackendUnavailableError, available_backends
-from .functional import class_density, cm_margin_loss, idid_loss, norm_contraction, pairwise_cosine
+from .functional import (
+    adaface_loss, class_density, cm_margin_loss, idid_loss, ldam_loss, magface_loss, norm_contraction, pairwise_cosine,
+)
 from .nn import AdaFaceLoss, CMMarginLoss, IDIDLoss, LDAMLoss, MagFaceLoss
 from .reference.idid import IDIDTerms
 
@@ -20,5 +23,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaFaceLoss", "BackendUnavailableError", "CMMarginLoss", "IDIDLoss", "IDIDTerms", "LDAMLoss", "MagFaceLoss",
-    "available_backends", "class_density", "cm_margin_loss", "idid_loss", "norm_contraction", "pairwise_cosine",
+    "adaface_loss", "available_backends", "class_density", "cm_margin_loss", "idid_loss", "ldam_loss", "magface_loss",
+    "norm_contraction", "pairwise_cosine",
 ]

@@ -60,6 +60,10 @@ IMPLEMENTED: dict[str, set[str]] = {
     "pairwise_cosine": {"reference", "cpp", "cuda", "triton"},
     "class_density": {"reference", "cpp", "cuda", "triton"},
     "norm_contraction": {"reference", "cpp", "cuda", "triton"},
+    # the margin heads run on each backend's cm_margin_loss kernels
+    "adaface_loss": {"reference", "cpp", "cuda", "triton"},
+    "magface_loss": {"reference", "cpp", "cuda", "triton"},
+    "ldam_loss": {"reference", "cpp", "cuda", "triton"},
 }
 
 

@@ -76,6 +76,22 @@ def cases() -> list[Case]:
                     lambda g: ([_feats(g, 23, 16), _feats(g, 11, 16), _labels(g, 23, 11, ignore=2)],
                                dict(class_weight=torch.rand(11, generator=g, dtype=torch.float64) + 0.5)),
                     dict(reduction="none")))
+    out.append(Case("cm_margin_loss", "combined with per-row m2, m3 N=29 C=53 d=32",
+                    lambda g: ([_feats(g, 29, 32), _feats(g, 53, 32), _labels(g, 29, 53, ignore=3)],
+                               dict(m2=torch.rand(29, generator=g, dtype=torch.float64),
+                                    m3=0.2 * torch.rand(29, generator=g, dtype=torch.float64))),
+                    dict(margin="combined")))
+    out.append(Case("adaface_loss", "N=29 C=53 d=32 m=0.4 h=0.333 s=64",
+                    lambda g: ([4.0 * _feats(g, 29, 32), _feats(g, 53, 32), _labels(g, 29, 53, ignore=3)], {}),
+                    dict(batch_mean=20.0, batch_std=5.0)))
+    for easy in (True, False):
+        out.append(Case("magface_loss", f"N=29 C=53 d=32 s=64 easy_margin={easy}",
+                        lambda g: ([3.0 * _feats(g, 29, 32), _feats(g, 53, 32), _labels(g, 29, 53, ignore=3)], {}),
+                        dict(easy_margin=easy)))
+    out.append(Case("ldam_loss", "N=29 C=53 d=32 s=30 class_weight",
+                    lambda g: ([_feats(g, 29, 32), _feats(g, 53, 32), _labels(g, 29, 53, ignore=3)],
+                               dict(class_margin=0.5 * torch.rand(53, generator=g, dtype=torch.float64),
+                                    class_weight=torch.rand(53, generator=g, dtype=torch.float64) + 0.5))))
     out.append(Case("idid_loss", "B=48 C=9 d=16 (singletons, ignored rows)",
                     lambda g: ([_feats(g, 48, 16), _feats(g, 9, 16), 0.5 * _feats(g, 9, 9),
                                 torch.cat([torch.tensor([-100, 8]), torch.randint(0, 8, (46,), generator=g)])], {})))

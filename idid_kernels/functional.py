@@ -14,6 +14,7 @@ import functools
 import torch
 
 from . import reference as ref
+from .reference import heads as ref_heads
 from ._backends import op_namespace, select_backend
 from ._validation import (
     check_bool, check_choice, check_class_weight, check_finite, check_int, check_labels, check_matrix,
@@ -75,6 +76,46 @@ def _idid_loss_triton(x, proxies, similarity, labels, **kw):
     return op(x, proxies, similarity, labels, **kw)
 
 
+# The margin heads on a fused backend: their per-row margins on O(N) vectors (reference.heads),
+# then that backend's cm_margin_loss with the margin as per-row MarginParams (kind "given" there).
+_HEAD_CM = dict(contraction="none", norm_offset=0.0, norm_temperature=1.0, detach_norm=False, margin_grad="exact")
+
+
+def _adaface_fused(cm):
+    def run(x, weight, labels, *, batch_mean, batch_std, m, h, s, class_weight, ignore_index, reduction, **ns):
+        g_angle, g_add = ref_heads.adaface_margins(x, batch_mean, batch_std, m, h)
+        return cm(x, weight, labels, params=MarginParams("adaface", "adaface", m2=g_angle, m3=g_add), s=s,
+                  class_weight=class_weight, ignore_index=ignore_index, reduction=reduction, **_HEAD_CM, **ns)
+    return run
+
+
+def _magface_fused(cm):
+    def run(x, weight, labels, *, l_a, u_a, l_m, u_m, lambda_g, s, easy_margin, class_weight, ignore_index,
+            reduction, **ns):
+        a = ref_heads.magface_magnitude(x, l_a, u_a)
+        params = MarginParams("combined", "angular", m2=ref_heads.magface_margin(a, l_a, u_a, l_m, u_m),
+                              easy_margin=easy_margin)
+        ce = cm(x, weight, labels, params=params, s=s, class_weight=class_weight, ignore_index=ignore_index,
+                reduction=reduction, **_HEAD_CM, **ns)
+        return ce + (lambda_g * ref_heads.magface_regularizer(a, labels, u_a, ignore_index, reduction)).to(ce.dtype)
+    return run
+
+
+def _ldam_fused(cm):
+    def run(x, weight, labels, class_margin, *, s, class_weight, ignore_index, reduction, **ns):
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        safe = torch.where((labels >= 0) & (labels < weight.shape[0]), labels, torch.zeros_like(labels))
+        params = MarginParams("cosface", "cosface", m3=class_margin.to(acc)[safe])
+        return cm(x, weight, labels, params=params, s=s, class_weight=class_weight, ignore_index=ignore_index,
+                  reduction=reduction, **_HEAD_CM, **ns)
+    return run
+
+
+def _head_kernels(fused, reference_fn):
+    return {"reference": reference_fn, "cpp": fused(_cm_margin_loss_ext), "cuda": fused(_cm_margin_loss_ext),
+            "triton": fused(_cm_margin_loss_triton)}
+
+
 # op -> backend -> callable taking the validated arguments of the public function.
 _KERNELS = {
     "norm_contraction": {"reference": ref.norm_contraction, "cpp": _norm_contraction_ext,
@@ -87,6 +128,9 @@ _KERNELS = {
                        "triton": _cm_margin_loss_triton},
     "idid_loss": {"reference": ref.idid_loss, "cpp": _idid_loss_ext, "cuda": _idid_loss_ext,
                   "triton": _idid_loss_triton},
+    "adaface_loss": _head_kernels(_adaface_fused, ref_heads.adaface_loss),
+    "magface_loss": _head_kernels(_magface_fused, ref_heads.magface_loss),
+    "ldam_loss": _head_kernels(_ldam_fused, ref_heads.ldam_loss),
 }
 
 
@@ -202,6 +246,82 @@ def _cm_margin_loss_params(x, weight, labels, params: MarginParams, *, s, contra
     return kernel(x, weight, labels, params=params, s=s, contraction=contraction, norm_offset=norm_offset,
                   norm_temperature=norm_temperature, detach_norm=detach_norm, margin_grad=margin_grad,
                   class_weight=class_weight, ignore_index=ignore_index, reduction=reduction)
+
+
+def _check_head(x, weight, labels, *, s, class_weight, ignore_index, reduction):
+    """The checks every margin head shares; returns the checked labels."""
+    check_cm_inputs(x, weight)
+    check_positive("s", s)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_int("ignore_index", ignore_index)
+    check_class_weight(class_weight, weight.shape[0], x.device)
+    return check_labels(labels, x.shape[0], weight.shape[0], x.device, ignore_index)
+
+
+def _check_statistic(name, value, device):
+    """A float, or a one-element floating tensor on ``device`` (a module's running buffer)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or not value.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a real number or a one-element floating tensor, "
+                             f"got shape {tuple(value.shape)} {value.dtype}")
+        if value.device != device:
+            raise ValueError(f"{name} is on {value.device} but x is on {device}")
+        return value.reshape(())
+    return check_finite(name, value)
+
+
+def adaface_loss(x, weight, labels, *, batch_mean=20.0, batch_std=100.0, m=0.4, h=0.333, s=64.0,
+                 class_weight=None, ignore_index=-100, reduction="mean", backend="auto"):
+    """AdaFace (Kim et al., CVPR 2022): a margin that adapts to image quality through the feature norm.
+
+    Per row, with r_n = clip(||x_n||, 0.001, 100) (detached) and the running norm statistics
+    ``batch_mean`` / ``batch_std`` (floats or one-element tensors; :class:`~idid_kernels.AdaFaceLoss`
+    keeps and updates them): scaler = clip(h (r - batch_mean) / (batch_std + 1e-3), -1, 1), target
+    cos(clip(theta - m scaler, 1e-3, pi - 1e-3)) - (m + m scaler), logits s * cos, cross-entropy.
+    The fused backends clamp the target cosine to +-(1 - 1e-3) as the official head, but not the
+    off-target ones (the reference backend, the official formula, clamps all of them).
+    """
+    labels = _check_head(x, weight, labels, s=s, class_weight=class_weight, ignore_index=ignore_index,
+                         reduction=reduction)
+    batch_mean = _check_statistic("batch_mean", batch_mean, x.device)
+    batch_std = _check_statistic("batch_std", batch_std, x.device)
+    m, h = check_finite("m", m), check_finite("h", h)
+    return _kernel("adaface_loss", backend, x.device)(
+        x, weight, labels, batch_mean=batch_mean, batch_std=batch_std, m=m, h=h, s=s, class_weight=class_weight,
+        ignore_index=ignore_index, reduction=reduction)
+
+
+def magface_loss(x, weight, labels, *, l_a=10.0, u_a=110.0, l_m=0.45, u_m=0.8, lambda_g=35.0, s=64.0,
+                 easy_margin=True, class_weight=None, ignore_index=-100, reduction="mean", backend="auto"):
+    """MagFace (Meng et al., CVPR 2021): an ArcFace margin that grows with the feature magnitude.
+
+    a_n = clamp(||x_n||, l_a, u_a) (differentiable inside), m(a) linear from l_m to u_m, target
+    cos(theta + m(a_n)) (``easy_margin``: c where c <= 0; else c - m sin(m) where theta + m > pi),
+    loss = CE(s psi) + lambda_g * g(a) with g(a) = a / u_a^2 + 1 / a reduced like the loss (its mean
+    over counted rows for "mean"). The margin's gradient reaches x through a_n.
+    """
+    labels = _check_head(x, weight, labels, s=s, class_weight=class_weight, ignore_index=ignore_index,
+                         reduction=reduction)
+    l_a, u_a = check_positive("l_a", l_a), check_positive("u_a", u_a)
+    if not u_a > l_a:
+        raise ValueError(f"u_a must exceed l_a, got l_a={l_a!r}, u_a={u_a!r}")
+    l_m, u_m, lambda_g = check_finite("l_m", l_m), check_finite("u_m", u_m), check_finite("lambda_g", lambda_g)
+    easy_margin = check_bool("easy_margin", easy_margin)
+    return _kernel("magface_loss", backend, x.device)(
+        x, weight, labels, l_a=l_a, u_a=u_a, l_m=l_m, u_m=u_m, lambda_g=lambda_g, s=s, easy_margin=easy_margin,
+        class_weight=class_weight, ignore_index=ignore_index, reduction=reduction)
+
+
+def ldam_loss(x, weight, labels, class_margin, *, s=30.0, class_weight=None, ignore_index=-100, reduction="mean",
+              backend="auto"):
+    """LDAM (Cao et al., NeurIPS 2019): the target cosine minus its class's margin ``class_margin``
+    (C,) (:func:`idid_kernels.reference.heads.ldam_margins` forms max_m n_j^(-1/4) / max_k n_k^(-1/4)
+    from class counts), logits s * psi, cross-entropy with ``class_weight`` (deferred re-weighting)."""
+    labels = _check_head(x, weight, labels, s=s, class_weight=class_weight, ignore_index=ignore_index,
+                         reduction=reduction)
+    check_class_weight(class_margin, weight.shape[0], x.device, name="class_margin")
+    return _kernel("ldam_loss", backend, x.device)(x, weight, labels, class_margin, s=s, class_weight=class_weight,
+                                                   ignore_index=ignore_index, reduction=reduction)
 
 
 def idid_loss(x, proxies, similarity, labels, *, alpha=16.0, tau=1.0, t=2.0, eps=1e-8, distillation=True,

@@ -11,8 +11,8 @@ from torch import nn
 from . import functional as F
 from ._backends import BACKEND_CHOICES
 from ._validation import check_bool, check_choice, check_finite, check_int, check_positive
+from .reference import heads as ref_heads
 from .reference.cm_margin import REDUCTIONS
-from .reference.margins import MarginParams
 
 
 def _as_dtype(param: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -136,8 +136,8 @@ def _unit_rows_init(weight: torch.Tensor) -> None:
 
 class _MarginHead(nn.Module):
     """A (C, d) cosine head: ``weight`` plus the inference helpers of :class:`CMMarginLoss`.
-    Subclasses give each row's margin as :class:`~idid_kernels.reference.margins.MarginParams`
-    with per-row tensors; every backend then runs it as margin kind "given"."""
+    Subclasses call their functional form (:func:`idid_kernels.adaface_loss`, ...), which every
+    backend runs on its cm_margin_loss kernels with per-row margins."""
 
     def __init__(self, in_features, num_classes, *, s, class_weight, ignore_index, reduction, backend, device, dtype):
         super().__init__()
@@ -157,15 +157,11 @@ class _MarginHead(nn.Module):
             class_weight = class_weight.to(device)
         self.register_buffer("class_weight", class_weight)
 
-    def _loss(self, x: torch.Tensor, labels: torch.Tensor, params: MarginParams) -> torch.Tensor:
-        """Cross-entropy of s * psi (no contraction) with the target margined by ``params``."""
-        weight = _as_dtype(self.weight, x)
-        F.check_cm_inputs(x, weight)
+    def _common(self, x: torch.Tensor) -> dict:
+        """The weight in x's dtype and the keywords every head passes to its functional form."""
         cw = None if self.class_weight is None else self.class_weight.to(x.dtype)
-        return F._cm_margin_loss_params(x, weight, labels, params, s=self.s, contraction="none", norm_offset=0.0,
-                                        norm_temperature=1.0, detach_norm=False, margin_grad="exact",
-                                        class_weight=cw, ignore_index=self.ignore_index, reduction=self.reduction,
-                                        backend=self.backend)
+        return dict(weight=_as_dtype(self.weight, x), s=self.s, class_weight=cw, ignore_index=self.ignore_index,
+                    reduction=self.reduction, backend=self.backend)
 
     def cosine(self, x: torch.Tensor) -> torch.Tensor:
         """Raw cosines <x_n/||x_n||, w_j/||w_j||>, shape (N, C)."""
@@ -220,24 +216,22 @@ class AdaFaceLoss(_MarginHead):
 
     def margins(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(g_angle, g_add), each (N,), from the current statistics (no update)."""
-        norms = torch.linalg.vector_norm(x.detach().to(self.batch_mean.dtype), dim=1).clip(0.001, 100.0)
-        scaler = (self.h * (norms - self.batch_mean) / (self.batch_std + 1e-3)).clip(-1.0, 1.0)
-        return -self.m * scaler, self.m + self.m * scaler
+        return ref_heads.adaface_margins(x, self.batch_mean, self.batch_std, self.m, self.h)
 
     @torch.no_grad()
     def update_statistics(self, x: torch.Tensor) -> None:
         """The EMA step of ``batch_mean``/``batch_std`` with the batch's clipped norms."""
         if x.shape[0] < 2:
             return
-        norms = torch.linalg.vector_norm(x.detach().to(self.batch_mean.dtype), dim=1).clip(0.001, 100.0)
+        norms = ref_heads.adaface_norms(x).to(self.batch_mean.dtype)
         self.batch_mean.mul_(1.0 - self.t_alpha).add_(self.t_alpha * norms.mean())
         self.batch_std.mul_(1.0 - self.t_alpha).add_(self.t_alpha * norms.std())
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.training:
             self.update_statistics(x)
-        g_angle, g_add = self.margins(x)
-        return self._loss(x, labels, MarginParams("adaface", "adaface", m2=g_angle, m3=g_add))
+        return F.adaface_loss(x, labels=labels, batch_mean=self.batch_mean, batch_std=self.batch_std, m=self.m,
+                              h=self.h, **self._common(x))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, m={self.m}, h={self.h}, t_alpha={self.t_alpha}"
@@ -278,25 +272,15 @@ class MagFaceLoss(_MarginHead):
 
     def magnitude(self, x: torch.Tensor) -> torch.Tensor:
         """a_n = clamp(||x_n||, l_a, u_a), (N,), differentiable, in float32 (float64 for float64 x)."""
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return torch.linalg.vector_norm(x.to(acc), dim=1).clamp(self.l_a, self.u_a)
+        return ref_heads.magface_magnitude(x, self.l_a, self.u_a)
 
     def margin(self, a: torch.Tensor) -> torch.Tensor:
         """m(a) = l_m + (u_m - l_m) (a - l_a) / (u_a - l_a)."""
-        return (self.u_m - self.l_m) / (self.u_a - self.l_a) * (a - self.l_a) + self.l_m
+        return ref_heads.magface_margin(a, self.l_a, self.u_a, self.l_m, self.u_m)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        a = self.magnitude(x)
-        params = MarginParams("combined", "angular", m1=1.0, m2=self.margin(a), m3=0.0, easy_margin=self.easy_margin)
-        ce = self._loss(x, labels, params)
-        g = a / self.u_a ** 2 + 1.0 / a
-        valid = labels != self.ignore_index
-        g = torch.where(valid, g, torch.zeros_like(g))
-        if self.reduction == "none":
-            return ce + (self.lambda_g * g).to(ce.dtype)
-        total = g.sum()
-        reg = total / valid.sum() if self.reduction == "mean" else total
-        return ce + (self.lambda_g * reg).to(ce.dtype)
+        return F.magface_loss(x, labels=labels, l_a=self.l_a, u_a=self.u_a, l_m=self.l_m, u_m=self.u_m,
+                              lambda_g=self.lambda_g, easy_margin=self.easy_margin, **self._common(x))
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, l_a={self.l_a}, u_a={self.u_a}, l_m={self.l_m}, u_m={self.u_m}, "
@@ -333,8 +317,7 @@ class LDAMLoss(_MarginHead):
 
     def class_margin(self, dtype=torch.float32) -> torch.Tensor:
         """m_j = max_m n_j^(-1/4) / max_k n_k^(-1/4), shape (C,)."""
-        margin = self.class_counts.to(dtype).pow(-0.25)
-        return margin * (self.max_m / margin.max())
+        return ref_heads.ldam_margins(self.class_counts, self.max_m, dtype)
 
     def set_class_weight(self, class_weight) -> None:
         """Replace the cross-entropy class weights (None to drop them): the DRW stage switch."""
@@ -347,9 +330,7 @@ class LDAMLoss(_MarginHead):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        safe = torch.where((labels >= 0) & (labels < self.num_classes), labels, torch.zeros_like(labels))
-        m_rows = self.class_margin(acc)[safe]
-        return self._loss(x, labels, MarginParams("cosface", "cosface", m3=m_rows))
+        return F.ldam_loss(x, labels=labels, class_margin=self.class_margin(acc), **self._common(x))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, max_m={self.max_m}"

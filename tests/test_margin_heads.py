@@ -323,3 +323,36 @@ def test_bad_input():
         head(torch.randn(5, 3), torch.zeros(5, dtype=torch.int64))
     with pytest.raises(ValueError):
         head(torch.randn(5, 4), torch.full((5,), 7))
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_functional_forms_equal_the_modules(backend):
+    c, d = 6, 5
+    dev = backend_device(backend)
+    x, w, y = make("adaface", 14, c, d, seed=130)
+    x, w, y = x.to(dev), w.to(dev), y.to(dev)
+    ada = ik.AdaFaceLoss(d, c, backend=backend).double().to(dev).eval()
+    mag = ik.MagFaceLoss(d, c, backend=backend).double().to(dev)
+    ldam = ik.LDAMLoss(d, c, COUNTS[:c], backend=backend).double().to(dev)
+    for head in (ada, mag, ldam):
+        with torch.no_grad():
+            head.weight.copy_(w)
+    # (the modules' weights need a gradient: cpp and cuda then take the fused op, equal to rounding)
+    assert rel_err(ada(x, y), ik.adaface_loss(x, w, y, batch_mean=20.0, batch_std=100.0, backend=backend)) <= 1e-14
+    assert rel_err(mag(x, y), ik.magface_loss(x, w, y, backend=backend)) <= 1e-14
+    margins = ldam.class_margin(torch.float64)
+    assert rel_err(ldam(x, y), ik.ldam_loss(x, w, y, margins, backend=backend)) <= 1e-14
+
+
+def test_functional_bad_input():
+    x, w, y = make("adaface", 6, 4, 3, seed=140)
+    with pytest.raises(ValueError, match="batch_mean"):
+        ik.adaface_loss(x, w, y, batch_mean=torch.zeros(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="batch_std"):
+        ik.adaface_loss(x, w, y, batch_std=float("nan"))
+    with pytest.raises(ValueError, match="class_margin"):
+        ik.ldam_loss(x, w, y, torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="u_a"):
+        ik.magface_loss(x, w, y, l_a=5.0, u_a=5.0)
+    with pytest.raises(ValueError, match="reduction"):
+        ik.magface_loss(x, w, y, reduction="avg")
