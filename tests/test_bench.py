@@ -306,3 +306,17 @@ def test_compile_workers_are_stopped_before_timing(monkeypatch):
     assert order[0] == "quiesce" and order.count("quiesce") == 1 and "measure" in order
     assert not any("child processes still alive" in n for n in result.notes)
     assert real() == []
+
+
+def test_heads_suite_runs_every_backend_against_the_official_formula():
+    """AdaFace and MagFace: eager and each timed backend, every row checked against the float64
+    official formula (reference/heads.py) before it is timed."""
+    cases = suite_cases("heads", "tiny", "cpu")
+    assert {c.op for c in cases} == {"adaface_loss", "magface_loss"}
+    result = run_bench([c for c in cases if c.sizes["C"] == 64][:2], BenchConfig(compile=False, **FAST))
+    for op in ("adaface_loss", "magface_loss"):
+        rows = [r for r in result.rows if r.op == op]
+        assert [r.impl for r in rows] == ["eager"] + _timed_backends(op)
+        for r in rows:
+            assert r.check == "ok" and r.out_err <= 1e-5 and r.grad_err <= 1e-4, (r.impl, r.check, r.note)
+            assert r.median_ms > 0 and r.floor_ms > 0

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-SUITES = ("cm", "idid", "primitives")
+SUITES = ("cm", "heads", "idid", "primitives")
 # Named case lists outside "all": "gpu-goals" holds the sizes a GPU run is judged by.
 GOAL_SUITES = ("gpu-goals",)
 PRESETS = ("tiny", "default", "full")
@@ -261,6 +261,28 @@ def cm_cases(preset: str = "default", device_type: str = "cpu") -> list[Case]:
             + [_cm_case("none", None, n, d, c) for n, d, c in arcface])
 
 
+def _head_case(op: str, n: int, d: int, c: int) -> Case:
+    """A margin head (AdaFace, MagFace) on cm_margin_loss's kernels, against the eager and compiled
+    official formula (reference/heads.py). AdaFace's statistics (mean 20, std 5 for norms near
+    sqrt(d)) spread its scaler over (-1, 1); MagFace runs at its defaults."""
+    kwargs = dict(batch_mean=20.0, batch_std=5.0) if op == "adaface_loss" else {}
+    config = {"adaface_loss": "m=0.4 h=0.333 s=64", "magface_loss": "easy s=64 lambda_g=35"}[op]
+    return Case(
+        suite="heads", op=op, config=config, sizes=dict(N=n, d=d, C=c), make=_cm_make(n, d, c), kwargs=kwargs,
+        floor_flops=6.0 * n * d * c, floor=_linear_gemms, floor_note="X W^T, G W, G^T X (6 N d C flops)",
+        work_elems=n * c, with_rows=lambda k: _head_case(op, k, d, c))
+
+
+def head_cases(preset: str = "default", device_type: str = "cpu") -> list[Case]:
+    """AdaFace and MagFace at the largest C of the cm sweep (every cm shape with ``full``). MagFace's
+    margin differentiates through the norm, so the fused backends run it on the forward/backward
+    ops (4 GEMMs; AdaFace's detached margins take the fused op's 3)."""
+    shapes = _sizes(_CM_SIZES, preset, device_type)
+    if preset == "default":
+        shapes = [max(shapes, key=lambda nd_c: nd_c[2])]
+    return [_head_case(op, n, d, c) for op in ("adaface_loss", "magface_loss") for n, d, c in shapes]
+
+
 def _idid_floor(inputs):
     """Every kind of work idid_loss has, each once at library speed: the proxy logits' three GEMMs
     (X P^T, G P, G^T X), one exp over the (B, C) logits (their softmax), the teacher rows a batch can
@@ -349,9 +371,10 @@ def gpu_goal_cases(preset: str = "default", device_type: str = "cuda") -> list[C
 
 
 def suite_cases(suite: str = "all", preset: str = "default", device_type: str = "cpu") -> list[Case]:
-    """The cases of ``suite`` ("cm" | "idid" | "primitives" | "all", or "gpu-goals", which "all"
+    """The cases of ``suite`` ("cm" | "heads" | "idid" | "primitives" | "all", or "gpu-goals", which "all"
     leaves out) at ``preset`` sizes."""
-    makers = {"cm": cm_cases, "idid": idid_cases, "primitives": primitive_cases, "gpu-goals": gpu_goal_cases}
+    makers = {"cm": cm_cases, "heads": head_cases, "idid": idid_cases, "primitives": primitive_cases,
+              "gpu-goals": gpu_goal_cases}
     if suite == "all":
         return [case for name in SUITES for case in makers[name](preset, device_type)]
     if suite not in makers:
