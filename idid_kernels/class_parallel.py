@@ -63,6 +63,9 @@ def _config(weight_shard, x, *, s, margin, m, m1, m2, m3, sphere_lambda, easy_ma
                                 easy_margin=easy_margin, contraction=contraction, norm_offset=norm_offset,
                                 norm_temperature=norm_temperature, margin_grad=margin_grad, reduction="none",
                                 ignore_index=ignore_index)
+    if params.per_row:
+        raise NotImplementedError("per-row (tensor) m2/m3 are not supported by the class-parallel heads; pass "
+                                  "scalar margins, or use cm_margin_loss on one device")
     check_bool("detach_norm", detach_norm)
     return config_args(params, s=s, contraction=contraction, norm_offset=norm_offset,
                        norm_temperature=norm_temperature, detach_norm=detach_norm, margin_grad=margin_grad,

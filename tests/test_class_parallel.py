@@ -217,3 +217,12 @@ def test_small_row_losses_keep_their_digits_float32(kw):
     rows = cp.cm_margin_loss_class_parallel(x.float(), w.float(), y, class_offset=0, num_classes=c,
                                             reduction="none", **kw)
     assert ((rows.double() - exact).abs() / exact).max() <= 4 * 30.0 * 2.0 ** -23
+
+
+def test_per_row_margins_are_refused_clearly():
+    x = torch.randn(4, 3, dtype=torch.float64)
+    w = torch.randn(5, 3, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3])
+    with pytest.raises(NotImplementedError, match="per-row"):
+        cp.cm_margin_loss_class_parallel(x, w, y, class_offset=0, num_classes=5, margin="combined",
+                                         m2=torch.zeros(4, dtype=torch.float64))
