@@ -70,7 +70,7 @@ step check 120 check.log env IDID_KERNELS_TRITON_MAX_CONFIGS=1 "$PY" -m idid_ker
 # First the GPU kernels alone: the GPU-only files, then the cuda and triton parametrizations of the
 # per-op conformance suites (the same files CI runs emulated and interpreted), natively.
 GPU_TEST_FILES="tests/test_triton_gpu.py tests/test_cuda_backend.py tests/test_cm_margin.py tests/test_idid_loss.py"
-GPU_TEST_FILES="$GPU_TEST_FILES tests/test_class_density.py tests/test_norm_contraction.py tests/test_pairwise_cosine.py"
+GPU_TEST_FILES="$GPU_TEST_FILES tests/test_class_density.py tests/test_norm_contraction.py tests/test_pairwise_cosine.py tests/test_margin_heads.py"
 # shellcheck disable=SC2086
 step gpu-tests 150 pytest-gpu.log env IDID_KERNELS_TRITON_MAX_CONFIGS=1 "$PY" -m pytest -q -rs \
   $GPU_TEST_FILES -k "cuda or triton or gpu" --junitxml "$OUT/junit-gpu.xml"
