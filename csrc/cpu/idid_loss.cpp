@@ -90,9 +90,11 @@ void normalize_backward(const A* grad_u, const A* unit, const A* norms, const in
 
 // out[k][c] = scale (m[k][c] + m[c][k]) for the rows k with keep(k) (all rows when keep is null),
 // in 32 x 32 tiles so that the transposed reads stay in L1 (a row-by-row pass reads a column with
-// a page stride). Exactly symmetric: the sum commutes.
+// a page stride). Exactly symmetric: the sum commutes. `nonzero` (null: all rows) says which rows
+// of m may hold nonzeros: the others are never read (dPhi has rows for the present classes only,
+// and its other rows are left unwritten).
 template <typename A, typename Out>
-void symmetrize(const A* m, int64_t C, A scale, const int64_t* keep, Out* out) {
+void symmetrize(const A* m, int64_t C, A scale, const int64_t* keep, Out* out, const int64_t* nonzero = nullptr) {
   constexpr int64_t kTile = 32;
   const int64_t tiles = (C + kTile - 1) / kTile;
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
@@ -106,13 +108,19 @@ void symmetrize(const A* m, int64_t C, A scale, const int64_t* keep, Out* out) {
         A tr[kTile][kTile];
         for (int64_t c = c0; c < c1; ++c) {
           const A* col = m + c * C;
-          for (int64_t k = k0; k < k1; ++k) tr[k - k0][c - c0] = col[k];
+          const bool zero = nonzero != nullptr && nonzero[c] == 0;
+          for (int64_t k = k0; k < k1; ++k) tr[k - k0][c - c0] = zero ? A(0) : col[k];
         }
         for (int64_t k = k0; k < k1; ++k) {
           if (keep != nullptr && keep[k] == 0) continue;
-          const A* row = m + k * C;
           const A* t = tr[k - k0];
           Out* o = out + k * C;
+          if (nonzero != nullptr && nonzero[k] == 0) {
+#pragma omp simd
+            for (int64_t c = c0; c < c1; ++c) o[c] = static_cast<Out>(scale * t[c - c0]);
+            continue;
+          }
+          const A* row = m + k * C;
 #pragma omp simd
           for (int64_t c = c0; c < c1; ++c) o[c] = static_cast<Out>(scale * (row[c] + t[c - c0]));
         }
@@ -315,6 +323,22 @@ struct CpuPolicy {
     return {log_r, r};
   }
 
+  // dPhi: zeros on the rows of the present classes, the only ones the gradient pass accumulates
+  // into and symmetrize_grad reads (a (C, C) zero fill is most of a small batch's teacher cost).
+  template <typename A>
+  static Tensor teacher_grad(const idid::Layout& L, const at::TensorOptions& opts) {
+    const int64_t C = L.num_classes;
+    const int64_t* count = L.count.const_data_ptr<int64_t>();
+    Tensor dphi = at::empty({C, C}, opts);
+    A* p = dphi.mutable_data_ptr<A>();
+    at::parallel_for(0, C, grain_rows(C), [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        if (count[k] != 0) std::fill(p + k * C, p + (k + 1) * C, A(0));
+      }
+    });
+    return dphi;
+  }
+
   // r = exp(log r) on the present rows, 0 on the diagonal; the other rows are never read.
   template <typename A>
   static Tensor teacher_probs(const Tensor& log_r_t, const idid::Layout& L) {
@@ -505,13 +529,14 @@ struct CpuPolicy {
   // of the similarity takes no part in the loss: its gradient is exactly 0 (also where dPhi holds
   // NaN from NaN features, which would otherwise land there as 0 * NaN).
   template <typename A>
-  static Tensor symmetrize_grad(const Tensor& dphi, const Tensor& grad_ic, at::ScalarType dtype) {
+  static Tensor symmetrize_grad(const Tensor& dphi, const Tensor& grad_ic, const idid::Layout& L,
+                                at::ScalarType dtype) {
     const int64_t C = dphi.size(0);
     Tensor out = at::empty({C, C}, dphi.options().dtype(dtype));
     const A scale = static_cast<A>(0.5) * grad_ic.item<A>();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "idid_symmetrize_grad", [&] {
       scalar_t* o = out.mutable_data_ptr<scalar_t>();
-      symmetrize(dphi.const_data_ptr<A>(), C, scale, nullptr, o);
+      symmetrize(dphi.const_data_ptr<A>(), C, scale, nullptr, o, L.count.const_data_ptr<int64_t>());
       for (int64_t k = 0; k < C; ++k) o[k * C + k] = scalar_t(0);
     });
     return out;

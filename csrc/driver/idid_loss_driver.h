@@ -20,7 +20,8 @@
 //   class_density<A>(U, layout, t, chunk_rows)            (C,) D_c (0 where n_c < 2)
 //   diversity_backward<A>(U, layout, t, grad_id, chunk_rows, dU)   dU += grad_id dL_ID/dU
 //   loss_terms<A>(row_stats, density, layout, cfg, dtype) (loss, L_IC, L_ID, lambda)
-//   symmetrize_grad<A>(dphi, grad_ic, dtype)              dTheta = grad_ic (dPhi + dPhi^T) / 2
+//   teacher_grad<A>(layout, opts) -> dphi                 (C, C), zeros where the gradient pass accumulates
+//   symmetrize_grad<A>(dphi, grad_ic, layout, dtype)      dTheta = grad_ic (dPhi + dPhi^T) / 2
 //   may_be_nonzero(scalar)                                false only where a zero is seen for free
 // AtenPolicy below implements all but the four row/diversity passes with ATen ops that never read
 // device memory on the host (on a GPU nothing synchronises: counts, K_B, K_2, a_i, lambda stay
@@ -203,10 +204,17 @@ struct AtenPolicy {
     return {(l_ic + lam * l_id).to(dtype), l_ic.to(dtype), l_id.to(dtype), lam.to(dtype)};
   }
 
+  // dPhi (C, C), zeros: the gradient pass accumulates the present classes' rows into it.
+  template <typename A>
+  static Tensor teacher_grad(const Layout& L, const at::TensorOptions& opts) {
+    return at::zeros({L.num_classes, L.num_classes}, opts);
+  }
+
   // dTheta = grad_ic (dPhi + dPhi^T) / 2 (exactly symmetric: the sum commutes), cast to dtype; 0 on
   // the diagonal, which takes no part in the loss (also where dPhi holds NaN).
   template <typename A>
-  static Tensor symmetrize_grad(const Tensor& dphi, const Tensor& grad_ic, at::ScalarType dtype) {
+  static Tensor symmetrize_grad(const Tensor& dphi, const Tensor& grad_ic, const Layout& /*L*/,
+                                at::ScalarType dtype) {
     Tensor out = ((dphi + dphi.t()) * (grad_ic * 0.5)).to(dtype).contiguous();
     out.diagonal().zero_();
     return out;
@@ -339,7 +347,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& grad_ic_in, const
   const Tensor Va = P::template unit_rows<A>(w, w_norm, nullptr, cfg.alpha);
   const HalfGemm gemm = HalfGemm::for_input(x_in, acc);
   Tensor dU = at::zeros({B, d}, opts), dV = at::zeros({C, d}, opts);
-  Tensor dphi = cfg.distillation ? at::zeros({C, C}, opts) : Tensor();
+  Tensor dphi = cfg.distillation ? P::template teacher_grad<A>(L, opts) : Tensor();
 
   const int64_t active = P::active_rows(L);
   if (active > 0 && P::may_be_nonzero(grad_ic)) {
@@ -378,7 +386,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& grad_ic_in, const
   const auto out = x_in.scalar_type();
   const Tensor dx = P::template normalize_backward<A>(dU, U, x_norm, &L, out);  // sorted -> batch order
   const Tensor dw = P::template normalize_backward<A>(dV, V, w_norm, nullptr, out);
-  const Tensor dsim = cfg.distillation ? P::template symmetrize_grad<A>(dphi, grad_ic, out)
+  const Tensor dsim = cfg.distillation ? P::template symmetrize_grad<A>(dphi, grad_ic, L, out)
                                        : at::zeros({C, C}, x_in.options());
   return {dx, dw, dsim};
 }
