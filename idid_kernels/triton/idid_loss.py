@@ -656,6 +656,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, proxies, lam, row_stats, x_norm, w_norm, teacher, layout, offsets)
     ctx.config = (alpha, tau, t, distillation, diversity)
     ctx.mark_non_differentiable(lam, row_stats, x_norm, w_norm, teacher, layout, offsets)
+    # The saved state gets no gradient: without this autograd would hand backward a zero tensor for
+    # each of those outputs, the (C, C) teacher's a full C^2 fill per step.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, g_loss, g_ic, g_id, *_):
