@@ -103,13 +103,13 @@ def check_class_weight(class_weight, num_classes: int, device: torch.device, nam
                          f"(F.cross_entropy does not differentiate it either); pass {name}.detach()")
 
 
-def check_row_vector(name: str, t, n: int, device: torch.device) -> None:
-    """A floating (n,) tensor on ``device``: one value per row of x (per-row margins)."""
+def check_row_vector(name: str, t, n: int, device: torch.device, per: str = "row of x") -> None:
+    """A floating (n,) tensor on ``device``: one value per row of x (per-row margins), or per ``per``."""
     if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
         what = f"a {t.dtype} tensor" if isinstance(t, torch.Tensor) else type(t).__name__
-        raise TypeError(f"{name} must be a real number or a floating tensor of shape ({n},), got {what}")
+        raise TypeError(f"{name} must be a floating tensor of shape ({n},), got {what}")
     if t.shape != (n,):
-        raise ValueError(f"{name} must have shape ({n},) (one value per row of x), got {tuple(t.shape)}")
+        raise ValueError(f"{name} must have shape ({n},) (one value per {per}), got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but x is on {device}")
 

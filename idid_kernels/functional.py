@@ -285,6 +285,8 @@ def adaface_loss(x, weight, labels, *, batch_mean=20.0, batch_std=100.0, m=0.4, 
                          reduction=reduction)
     batch_mean = _check_statistic("batch_mean", batch_mean, x.device)
     batch_std = _check_statistic("batch_std", batch_std, x.device)
+    if not isinstance(batch_std, torch.Tensor):  # (a tensor's value is not read: no host sync)
+        check_nonnegative("batch_std", batch_std)
     m, h = check_finite("m", m), check_finite("h", h)
     return _kernel("adaface_loss", backend, x.device)(
         x, weight, labels, batch_mean=batch_mean, batch_std=batch_std, m=m, h=h, s=s, class_weight=class_weight,
@@ -316,10 +318,11 @@ def ldam_loss(x, weight, labels, class_margin, *, s=30.0, class_weight=None, ign
               backend="auto"):
     """LDAM (Cao et al., NeurIPS 2019): the target cosine minus its class's margin ``class_margin``
     (C,) (:func:`idid_kernels.reference.heads.ldam_margins` forms max_m n_j^(-1/4) / max_k n_k^(-1/4)
-    from class counts), logits s * psi, cross-entropy with ``class_weight`` (deferred re-weighting)."""
+    from class counts; a margin that requires grad is learned), logits s * psi, cross-entropy with
+    ``class_weight`` (deferred re-weighting)."""
     labels = _check_head(x, weight, labels, s=s, class_weight=class_weight, ignore_index=ignore_index,
                          reduction=reduction)
-    check_class_weight(class_margin, weight.shape[0], x.device, name="class_margin")
+    check_row_vector("class_margin", class_margin, weight.shape[0], x.device, per="class")
     return _kernel("ldam_loss", backend, x.device)(x, weight, labels, class_margin, s=s, class_weight=class_weight,
                                                    ignore_index=ignore_index, reduction=reduction)
 

@@ -22,7 +22,58 @@ def _as_dtype(param: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return param if param.dtype == x.dtype else param.to(x.dtype)
 
 
-class CMMarginLoss(nn.Module):
+def _unit_rows_init(weight: torch.Tensor) -> None:
+    """uniform(-1, 1), then each class row scaled to unit norm: the init of the official AdaFace,
+    MagFace and LDAM heads (``uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)`` on their (d, C) kernel)."""
+    with torch.no_grad():
+        weight.uniform_(-1.0, 1.0)
+        weight.div_(torch.linalg.vector_norm(weight, dim=1, keepdim=True).clamp_min(1e-12))
+
+
+class _CosineHead(nn.Module):
+    """A (C, d) cosine head: ``weight`` (initialised by ``init``), an optional ``class_weight``
+    buffer (it follows ``.to(device)``), and the inference helpers :meth:`cosine`, :meth:`logits`
+    and :meth:`feature_norm`."""
+
+    def __init__(self, in_features, num_classes, *, s, backend, class_weight, init, device, dtype):
+        super().__init__()
+        self.in_features = check_int("in_features", in_features, minimum=1)
+        self.num_classes = check_int("num_classes", num_classes, minimum=2)
+        self.s = check_positive("s", s)
+        check_choice("backend", backend, BACKEND_CHOICES)
+        self.backend = backend
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features, device=device, dtype=dtype))
+        init(self.weight)
+        self.register_buffer("class_weight", None)
+        self.set_class_weight(class_weight)
+
+    def set_class_weight(self, class_weight) -> None:
+        """Replace the cross-entropy class weights ((C,), or None to drop them)."""
+        if class_weight is not None:
+            class_weight = torch.as_tensor(class_weight, dtype=torch.float32, device=self.weight.device)
+            if class_weight.shape != (self.num_classes,):
+                raise ValueError(f"class_weight must have shape ({self.num_classes},), "
+                                 f"got {tuple(class_weight.shape)}")
+        self.class_weight = class_weight
+
+    def _class_weight(self, x: torch.Tensor):
+        return None if self.class_weight is None else self.class_weight.to(x.dtype)
+
+    def cosine(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw cosines <x_n/||x_n||, w_j/||w_j||>, shape (N, C)."""
+        return F.pairwise_cosine(x, self.weight, backend=self.backend)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``s * cosine(x)``, shape (N, C): inference logits without margin or contraction (argmax
+        is unchanged by a positive row scale)."""
+        return self.s * self.cosine(x)
+
+    def feature_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """||x_n||, shape (N,): the quality score these heads act on."""
+        return torch.linalg.vector_norm(x, dim=1)
+
+
+class CMMarginLoss(_CosineHead):
     """Contraction-mapped margin-softmax head + loss (Liu et al. 2024, doi:10.1016/j.patrec.2024.08.016).
 
     Owns ``weight`` (C, d), initialised xavier-uniform as in the authors' code. ``forward(x, labels)``
@@ -39,42 +90,23 @@ class CMMarginLoss(nn.Module):
                  m3=0.0, sphere_lambda=0.0, easy_margin=False, contraction="sigmoid", norm_offset=0.0,
                  norm_temperature=1.0, detach_norm=False, margin_grad="exact", class_weight=None,
                  ignore_index=-100, reduction="mean", backend="auto", device=None, dtype=None):
-        super().__init__()
-        in_features = check_int("in_features", in_features, minimum=1)
-        num_classes = check_int("num_classes", num_classes, minimum=2)
+        for name, value in (("m2", m2), ("m3", m3)):
+            if isinstance(value, torch.Tensor):
+                raise TypeError(f"CMMarginLoss takes a scalar {name}; per-row {name} tensors belong to one batch: "
+                                f"pass them to idid_kernels.cm_margin_loss")
         self.config = dict(s=s, margin=margin, m=m, m1=m1, m2=m2, m3=m3, sphere_lambda=sphere_lambda,
                            easy_margin=easy_margin, contraction=contraction, norm_offset=norm_offset,
                            norm_temperature=norm_temperature, margin_grad=margin_grad, reduction=reduction,
                            ignore_index=ignore_index)
         F.validate_cm_config(**self.config)
         check_bool("detach_norm", detach_norm)
-        check_choice("backend", backend, BACKEND_CHOICES)
+        super().__init__(in_features, num_classes, s=s, backend=backend, class_weight=class_weight,
+                         init=nn.init.xavier_uniform_, device=device, dtype=dtype)
         self.config.update(detach_norm=detach_norm, backend=backend)
-        self.in_features, self.num_classes = in_features, num_classes
-        self.weight = nn.Parameter(torch.empty(num_classes, in_features, device=device, dtype=dtype))
-        nn.init.xavier_uniform_(self.weight)
-        if class_weight is not None:
-            class_weight = torch.as_tensor(class_weight, dtype=torch.float32)
-            if class_weight.shape != (num_classes,):
-                raise ValueError(f"class_weight must have shape ({num_classes},), got {tuple(class_weight.shape)}")
-            class_weight = class_weight.to(device)
-        self.register_buffer("class_weight", class_weight)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        cw = None if self.class_weight is None else self.class_weight.to(x.dtype)
-        return F.cm_margin_loss(x, _as_dtype(self.weight, x), labels, class_weight=cw, **self.config)
-
-    def cosine(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw cosines <x_n/||x_n||, w_j/||w_j||>, shape (N, C)."""
-        return F.pairwise_cosine(x, self.weight, backend=self.config["backend"])
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """``s * cosine(x)``, shape (N, C): inference logits without margin or contraction."""
-        return self.config["s"] * self.cosine(x)
-
-    def feature_norm(self, x: torch.Tensor) -> torch.Tensor:
-        """||x_n||, shape (N,): the quality score the contraction acts on."""
-        return torch.linalg.vector_norm(x, dim=1)
+        return F.cm_margin_loss(x, _as_dtype(self.weight, x), labels, class_weight=self._class_weight(x),
+                                **self.config)
 
     def extra_repr(self) -> str:
         cfg = ", ".join(f"{k}={v!r}" for k, v in self.config.items() if k in ("s", "margin", "m", "contraction"))
@@ -126,54 +158,22 @@ class IDIDLoss(nn.Module):
 # ---- margin heads that read image quality from the feature norm, and LDAM ----------------------------
 
 
-def _unit_rows_init(weight: torch.Tensor) -> None:
-    """uniform(-1, 1), then each class row scaled to unit norm: the init of the official AdaFace,
-    MagFace and LDAM heads (``uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)`` on their (d, C) kernel)."""
-    with torch.no_grad():
-        weight.uniform_(-1.0, 1.0)
-        weight.div_(torch.linalg.vector_norm(weight, dim=1, keepdim=True).clamp_min(1e-12))
-
-
-class _MarginHead(nn.Module):
-    """A (C, d) cosine head: ``weight`` plus the inference helpers of :class:`CMMarginLoss`.
-    Subclasses call their functional form (:func:`idid_kernels.adaface_loss`, ...), which every
-    backend runs on its cm_margin_loss kernels with per-row margins."""
+class _MarginHead(_CosineHead):
+    """A cosine head (official init: unit rows) whose subclass calls its functional form
+    (:func:`idid_kernels.adaface_loss`, ...), which every backend runs on its cm_margin_loss kernels
+    with per-row margins."""
 
     def __init__(self, in_features, num_classes, *, s, class_weight, ignore_index, reduction, backend, device, dtype):
-        super().__init__()
-        self.in_features = check_int("in_features", in_features, minimum=1)
-        self.num_classes = check_int("num_classes", num_classes, minimum=2)
-        self.s = check_positive("s", s)
+        super().__init__(in_features, num_classes, s=s, backend=backend, class_weight=class_weight,
+                         init=_unit_rows_init, device=device, dtype=dtype)
         check_choice("reduction", reduction, REDUCTIONS)
-        check_choice("backend", backend, BACKEND_CHOICES)
         self.ignore_index = check_int("ignore_index", ignore_index)
-        self.reduction, self.backend = reduction, backend
-        self.weight = nn.Parameter(torch.empty(num_classes, in_features, device=device, dtype=dtype))
-        _unit_rows_init(self.weight)
-        if class_weight is not None:
-            class_weight = torch.as_tensor(class_weight, dtype=torch.float32)
-            if class_weight.shape != (num_classes,):
-                raise ValueError(f"class_weight must have shape ({num_classes},), got {tuple(class_weight.shape)}")
-            class_weight = class_weight.to(device)
-        self.register_buffer("class_weight", class_weight)
+        self.reduction = reduction
 
     def _common(self, x: torch.Tensor) -> dict:
         """The weight in x's dtype and the keywords every head passes to its functional form."""
-        cw = None if self.class_weight is None else self.class_weight.to(x.dtype)
-        return dict(weight=_as_dtype(self.weight, x), s=self.s, class_weight=cw, ignore_index=self.ignore_index,
-                    reduction=self.reduction, backend=self.backend)
-
-    def cosine(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw cosines <x_n/||x_n||, w_j/||w_j||>, shape (N, C)."""
-        return F.pairwise_cosine(x, self.weight, backend=self.backend)
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """``s * cosine(x)``, shape (N, C): inference logits without margin."""
-        return self.s * self.cosine(x)
-
-    def feature_norm(self, x: torch.Tensor) -> torch.Tensor:
-        """||x_n||, shape (N,): the quality score these heads read."""
-        return torch.linalg.vector_norm(x, dim=1)
+        return dict(weight=_as_dtype(self.weight, x), s=self.s, class_weight=self._class_weight(x),
+                    ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, num_classes={self.num_classes}, s={self.s}"
@@ -318,15 +318,6 @@ class LDAMLoss(_MarginHead):
     def class_margin(self, dtype=torch.float32) -> torch.Tensor:
         """m_j = max_m n_j^(-1/4) / max_k n_k^(-1/4), shape (C,)."""
         return ref_heads.ldam_margins(self.class_counts, self.max_m, dtype)
-
-    def set_class_weight(self, class_weight) -> None:
-        """Replace the cross-entropy class weights (None to drop them): the DRW stage switch."""
-        if class_weight is not None:
-            class_weight = torch.as_tensor(class_weight, dtype=torch.float32, device=self.weight.device)
-            if class_weight.shape != (self.num_classes,):
-                raise ValueError(f"class_weight must have shape ({self.num_classes},), "
-                                 f"got {tuple(class_weight.shape)}")
-        self.class_weight = class_weight
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32

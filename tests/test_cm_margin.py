@@ -1030,13 +1030,17 @@ def test_row_margin_through_the_norm(backend):
     assert rel_err(results[1], results[0]) <= 1e-10
 
 
+@pytest.mark.parametrize("margin_grad", [False, True], ids=["constant", "learned"])
 @pytest.mark.parametrize("backend", ALL)
-def test_row_margins_compile_fullgraph(backend):
+def test_row_margins_compile_fullgraph(backend, margin_grad):
+    """Both paths compiled: margins without a gradient (cpp/cuda: the fused op) and with one (the
+    forward/backward ops, d loss / d phi formed in the backward)."""
     n = 8
     x, w, y = make(n, 5, 4, seed=14)
     dev = backend_device(backend)
-    m2, m3 = (t.to(dev) for t in _row_margins("both", n, seed=15))
+    m2, m3 = (t.to(dev).requires_grad_(margin_grad) for t in _row_margins("both", n, seed=15))
     x, w, y = x.to(dev).requires_grad_(), w.to(dev), y.to(dev)
+    inputs = (x, m2, m3) if margin_grad else (x,)
 
     def f(x, m2, m3):
         return ik.cm_margin_loss(x, w, y, margin="combined", m2=m2, m3=m3, backend=backend)
@@ -1044,74 +1048,43 @@ def test_row_margins_compile_fullgraph(backend):
     eager = f(x, m2, m3)
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(x, m2, m3)
     assert rel_err(compiled, eager) <= 1e-12
-    assert rel_err(torch.autograd.grad(compiled, x)[0], torch.autograd.grad(eager, x)[0]) <= 1e-12
+    for a, b in zip(torch.autograd.grad(compiled, inputs), torch.autograd.grad(eager, inputs)):
+        assert rel_err(a, b) <= 1e-12
 
 
-@pytest.mark.parametrize("backend", FUSED)
-def test_given_target_opcheck(backend):
-    """The ops with margin kind "given" and its (2, N) target (cpp/cuda: forward, backward, fused)."""
-    from idid_kernels.reference.margins import resolve_row_margins, row_target
-    n, c = 7, 5
-    x, w, y = make(n, c, 4, seed=16)
-    dev = backend_device(backend)
-    x, w, y = x.to(dev).requires_grad_(), w.to(dev).requires_grad_(), y.to(dev)
-    m2, m3 = (t.to(dev) for t in _row_margins("both", n, seed=17))
-    params = resolve_row_margins("combined", None, 1.0, m2, m3, 0.0, False)
-    target = row_target(x, w, y, params, "exact", -100).detach().requires_grad_()
-    ops = kernel_ops(backend)
-    if backend == "triton":
-        from idid_kernels.triton.cm_margin import GIVEN, config_args
-        cfg = config_args(GIVEN, s=8.0, contraction="sigmoid", norm_offset=0.0, norm_temperature=1.0,
-                          detach_norm=False, margin_grad="exact", ignore_index=-100, target=target)
-        torch.library.opcheck(ops.cm_margin_forward.default, (x, w, y, *cfg))
-        return
-    from idid_kernels.ops.cm_margin import GIVEN, config_args
-    cfg = config_args(GIVEN, s=8.0, contraction="sigmoid", norm_offset=0.0, norm_temperature=1.0, detach_norm=False,
-                      margin_grad="exact", ignore_index=-100, num_classes=c, acc_itemsize=8, target=target)
-    torch.library.opcheck(ops.cm_margin_forward.default, (x, w, y, *cfg))
-    torch.library.opcheck(ops.cm_margin_fused.default, (x, w, y, torch.full((n,), 1.0 / n, dtype=x.dtype,
-                                                                              device=dev), *cfg[:-1], target.detach()))
-
-
-@pytest.mark.parametrize("backend", FUSED)
-def test_given_kind_without_target_is_refused(backend):
-    x, w, y = make(4, 3, 2, seed=18)
-    dev = backend_device(backend)
-    ops = kernel_ops(backend)
-    if backend == "triton":
-        from idid_kernels.triton.cm_margin import GIVEN, config_args
-        cfg = config_args(GIVEN, s=8.0, contraction="sigmoid", norm_offset=0.0, norm_temperature=1.0,
-                          detach_norm=False, margin_grad="exact", ignore_index=-100)
-        with pytest.raises(ValueError, match="target"):
-            ops.cm_margin_forward(x.to(dev), w.to(dev), y.to(dev), *cfg)
-        return
-    from idid_kernels.ops.cm_margin import GIVEN, config_args
-    cfg = config_args(GIVEN, s=8.0, contraction="sigmoid", norm_offset=0.0, norm_temperature=1.0, detach_norm=False,
-                      margin_grad="exact", ignore_index=-100, num_classes=3, acc_itemsize=8)
-    with pytest.raises(RuntimeError, match="target"):
-        ops.cm_margin_forward(x.to(dev), w.to(dev), y.to(dev), *cfg)
-    bad = torch.zeros(2, 3, dtype=torch.float64, device=dev)
-    with pytest.raises(RuntimeError, match="shape"):
-        ops.cm_margin_forward(x.to(dev), w.to(dev), y.to(dev), *cfg[:-1], bad)
-
-
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("backend", ALL)
-def test_row_margins_bad_input(backend):
-    x, w, y = make(5, 4, 3, seed=19)
+def test_row_margins_every_row_ignored(backend, reduction):
+    """No row counts: the mean is NaN (as F.cross_entropy), but no gradient is: dx and the margins'
+    gradients are 0 (the per-row d loss / d phi of ignored rows is masked, not 0 * NaN)."""
+    n = 6
+    x, w, y = make(n, 4, 3, seed=21, ignore=n)
     dev = backend_device(backend)
-    x, w, y = x.to(dev), w.to(dev), y.to(dev)
-    good = torch.zeros(5, dtype=torch.float64, device=dev)
-    with pytest.raises(ValueError, match=r"shape \(5,\)"):
-        ik.cm_margin_loss(x, w, y, margin="combined", m2=torch.zeros(4, dtype=torch.float64, device=dev),
-                          backend=backend)
-    with pytest.raises(ValueError, match=r"shape \(5,\)"):
-        ik.cm_margin_loss(x, w, y, margin="combined", m3=torch.zeros(5, 1, dtype=torch.float64, device=dev),
-                          backend=backend)
-    with pytest.raises(TypeError, match="floating"):
-        ik.cm_margin_loss(x, w, y, margin="combined", m2=torch.zeros(5, dtype=torch.int64, device=dev),
-                          backend=backend)
-    with pytest.raises(ValueError, match="combined"):
-        ik.cm_margin_loss(x, w, y, margin="arcface", m2=good, backend=backend)
-    if dev.type == "cpu":
-        with pytest.raises(ValueError, match="meta"):
-            ik.cm_margin_loss(x, w, y, margin="combined", m2=good.to("meta"), backend=backend)
+    xx = x.to(dev).requires_grad_()
+    m2 = (0.2 + 0.05 * torch.linalg.vector_norm(xx, dim=1))
+    m3 = torch.full((n,), 0.1, dtype=torch.float64, device=dev, requires_grad=True)
+    loss = ik.cm_margin_loss(xx, w.to(dev), y.to(dev), margin="combined", m2=m2, m3=m3, reduction=reduction,
+                             backend=backend)
+    if reduction == "mean":
+        assert torch.isnan(loss)
+    dx, dm3 = torch.autograd.grad(loss.sum(), (xx, m3))
+    assert torch.equal(dx.cpu(), torch.zeros_like(x)) and torch.equal(dm3.cpu(), torch.zeros(n, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_learned_margins_alone_need_no_backward_kernel(backend):
+    """Frozen features and weights with learnable margins: the margins' gradient, without the
+    dx / dW pass (cpp/cuda skip the backward op; triton's returns before any kernel)."""
+    n = 9
+    x, w, y = make(n, 6, 4, seed=22)
+    dev = backend_device(backend)
+    grads = []
+    for b, d in (("reference", torch.device("cpu")), (backend, dev)):
+        m2, m3 = (t.to(d).requires_grad_() for t in _row_margins("both", n, seed=23))
+        log = OpLog()
+        with log:
+            loss = ik.cm_margin_loss(x.to(d), w.to(d), y.to(d), margin="combined", m2=m2, m3=m3, backend=b)
+            grads.append([t.cpu() for t in torch.autograd.grad(loss, (m2, m3))])
+    for a, b in zip(grads[1], grads[0]):
+        assert rel_err(a, b) <= 1e-12
+    assert backend == "triton" or "cm_margin_backward" not in log.ops

@@ -134,7 +134,9 @@ def loss_and_grads(fn, x, w):
     x = x.detach().clone().requires_grad_()
     w = w.detach().clone().requires_grad_()
     loss = fn(x, w)
-    dx, dw = torch.autograd.grad(loss, (x, w))
+    # per-row losses ("none") take a fixed random upstream gradient
+    up = torch.randn(loss.shape, generator=make_gen(3), dtype=torch.float64).to(loss) if loss.dim() else None
+    dx, dw = torch.autograd.grad(loss, (x, w), up)
     return loss.detach(), dx, dw
 
 
@@ -223,28 +225,45 @@ def test_gradcheck_float64(backend, head):
 
 # ---- reductions, ignore_index, statistics, margins --------------------------------------------------
 
+@pytest.mark.parametrize("class_weight", [False, True], ids=["unweighted", "class_weight"])
 @pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("backend", ALL)
-def test_reductions_and_ignore_index(backend, head):
+def test_reductions_ignore_index_and_class_weight(backend, head, class_weight):
+    """Every reduction and class weights against the reference backend (the official formula with
+    F.cross_entropy's weight / ignore_index / reduction semantics), dx and dW included."""
     n, c, d = 12, 5, 4
     x, w, y = make(head, n, c, d, seed=90)
     y[:2] = -100
     dev = backend_device(backend)
-    losses = {}
+    cw = torch.linspace(0.5, 2.0, c) if class_weight else None
     for red in ("mean", "sum", "none"):
-        module = build(head, c, d, backend, reduction=red).double().to(dev).eval()
-        with torch.no_grad():
-            module.weight.copy_(w)
-        losses[red] = module(x.to(dev), y.to(dev)).cpu()
-    rows = losses["none"]
-    assert rows.shape == (n,) and torch.all(rows[:2] == 0)
-    assert rel_err(losses["sum"], rows.sum()) <= 1e-12
-    if head == "ldam":  # no class weight: the mean is over the 10 rows that count
-        assert rel_err(losses["mean"], rows.sum() / (n - 2)) <= 1e-12
-    module = build(head, c, d, "reference").double().eval()
-    with torch.no_grad():
-        module.weight.copy_(w)
-    assert rel_err(losses["mean"], module(x, y)) <= 1e-10
+        got, truth = [], []
+        for b, d_, out in ((backend, dev, got), ("reference", torch.device("cpu"), truth)):
+            module = build(head, c, d, b, reduction=red, class_weight=cw).double().to(d_).eval()
+            out.extend(ours(module, x, w, y, b))
+        if red == "none":
+            assert got[0].shape == (n,) and torch.all(got[0][:2] == 0)
+        for a, b in zip(got, truth):
+            assert rel_err(a, b) <= 1e-10, (red, rel_err(a, b))
+    if head == "ldam" and not class_weight:  # the mean is over the 10 rows that count
+        module = build(head, c, d, "reference", reduction="none").double().eval()
+        rows = ours(module, x, w, y, "reference")[0]
+        module = build(head, c, d, "reference").double().eval()
+        assert rel_err(ours(module, x, w, y, "reference")[0], rows.sum() / (n - 2)) <= 1e-12
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("backend", ALL)
+def test_compile_fullgraph(backend, head):
+    c, d = 5, 4
+    x, w, y = make(head, 10, c, d, seed=95)
+    dev = backend_device(backend)
+    module = build(head, c, d, backend).double().to(dev).eval()
+    x, y = x.to(dev).requires_grad_(), y.to(dev)
+    eager = module(x, y)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")(x, y)
+    assert rel_err(compiled, eager) <= 1e-12
+    assert rel_err(torch.autograd.grad(compiled, x)[0], torch.autograd.grad(eager, x)[0]) <= 1e-12
 
 
 def test_adaface_statistics_follow_the_official_ema_over_steps():

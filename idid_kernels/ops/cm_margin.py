@@ -19,12 +19,11 @@ import functools
 import torch
 
 from .. import _chunks
-from ..reference.margins import MarginParams, row_target
+from ..reference.cm_margin import scale_of_norm
+from ..reference.margins import GIVEN, MarginParams, row_target, rows_with_target
 from .._autograd import functorch_active, no_double_backward, register_autograd, register_no_double_backward
 
 _KIND = {"none": 0, "cosface": 1, "angular": 2, "sphere": 3, "given": 4}
-# A per-row margin reaches the kernels as kind "given" with each row's phi and phi' in `target`.
-GIVEN = MarginParams("given", "given")
 
 
 def chunk_rows(num_classes: int, itemsize: int = 4, device_type: str = "cpu") -> int:
@@ -42,12 +41,16 @@ def config_args(params: MarginParams, *, s, contraction, norm_offset, norm_tempe
             chunk_rows(num_classes, acc_itemsize, device_type), target)
 
 
-def target_grad(grad_rows, loss_rows, x_norm, cfg):
+def target_grad(grad_rows, loss_rows, x_norm, labels, num_classes, cfg):
     """d loss / d target (2, N) for the forward op's per-row losses: row 0 is
-    grad_n a_n (p_ny - 1) = grad_n a_n expm1(-loss_n) (p_ny = exp(-loss_n)), row 1 (phi') none."""
-    s, contraction, offset, temperature = cfg[0], cfg[8], cfg[9], cfg[10]
-    a = s * torch.sigmoid((x_norm - offset) / temperature) if contraction else torch.full_like(x_norm, s)
-    d_phi = grad_rows.to(a.dtype) * a * torch.expm1(-loss_rows)
+    grad_n a_n (p_ny - 1) = grad_n a_n expm1(-loss_n) (p_ny = exp(-loss_n)) on the rows with a
+    target (0 elsewhere, whatever the upstream holds: a mean over no rows gives 0 * NaN), row 1
+    (phi') none."""
+    s, contraction, offset, temperature, ignore_index = cfg[0], cfg[8], cfg[9], cfg[10], cfg[12]
+    a = scale_of_norm(x_norm, s, contraction, offset, temperature)
+    d_phi = torch.where(rows_with_target(labels, ignore_index, num_classes),
+                        grad_rows.to(a.dtype) * a * torch.expm1(-loss_rows), torch.zeros((), dtype=a.dtype,
+                                                                                           device=a.device))
     return torch.stack((d_phi, torch.zeros_like(d_phi)))
 
 
@@ -99,10 +102,13 @@ def _forward_backward(ns, ctx, grad_rows, grad_stats, grad_x_norm, grad_w_norm):
     x, weight, labels, loss_rows, row_stats, x_norm, w_norm = ctx.saved_tensors
     if grad_rows is None:
         grad_rows = torch.zeros_like(x_norm)
-    dx, dw = getattr(torch.ops, ns).cm_margin_backward(grad_rows, x, weight, labels, row_stats, x_norm, w_norm,
-                                                       *ctx.cfg)
+    dx = dw = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:  # (learnable margins alone need neither)
+        dx, dw = getattr(torch.ops, ns).cm_margin_backward(grad_rows, x, weight, labels, row_stats, x_norm,
+                                                           w_norm, *ctx.cfg)
     # the per-row target (kind "given", the last argument) gets d loss / d phi
-    d_target = target_grad(grad_rows, loss_rows, x_norm, ctx.cfg) if ctx.needs_input_grad[-1] else None
+    d_target = (target_grad(grad_rows, loss_rows, x_norm, labels, weight.shape[0], ctx.cfg)
+                if ctx.needs_input_grad[-1] else None)
     return (dx, dw, None) + (None,) * (len(ctx.cfg) - 1) + (d_target,)
 
 

@@ -42,6 +42,14 @@ def contraction_scale(x: torch.Tensor, s: float, contraction: str = "sigmoid", n
     r = row_norm(x)
     if detach_norm:
         r = r.detach()
+    return scale_of_norm(r, s, True, norm_offset, norm_temperature)
+
+
+def scale_of_norm(r: torch.Tensor, s: float, contraction: bool, norm_offset: float,
+                  norm_temperature: float) -> torch.Tensor:
+    """a_n = s sigmoid((r_n - offset) / T) from the row norms r (the kernels' saved x_norm), or s."""
+    if not contraction:
+        return torch.full_like(r, s)
     return s * torch.sigmoid((r - norm_offset) / norm_temperature)
 
 

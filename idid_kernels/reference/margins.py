@@ -139,6 +139,13 @@ def resolve_margin(
 
 # AdaFace's eps: its cosines are clamped to +-(1 - eps) and its target angle to [eps, pi - eps].
 ADAFACE_EPS = 1e-3
+# How a per-row margin reaches the kernels: kind "given", each row's phi and phi' in a (2, N) target.
+GIVEN = MarginParams("given", "given")
+
+
+def rows_with_target(labels: torch.Tensor, ignore_index: int, num_classes: int) -> torch.Tensor:
+    """(N,) bool: rows whose label is a class (not ignored, in range), the only ones with a target."""
+    return (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
 
 
 def resolve_row_margins(margin, m, m1, m2, m3, sphere_lambda, easy_margin) -> MarginParams:
@@ -249,8 +256,7 @@ def row_target(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, p: M
     Rows that are ignored or whose label is out of range get the values of class 0 (the kernels
     give such rows no loss or a NaN loss, whatever the target holds)."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    safe = torch.where((labels != ignore_index) & (labels >= 0) & (labels < weight.shape[0]), labels,
-                       torch.zeros_like(labels))
+    safe = torch.where(rows_with_target(labels, ignore_index, weight.shape[0]), labels, torch.zeros_like(labels))
     xa = x.detach().to(acc)
     wy = weight.detach()[safe].to(acc)
     eps = 1e-12

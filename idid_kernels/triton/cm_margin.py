@@ -59,7 +59,8 @@ import triton
 import triton.language as tl
 
 from .._autograd import DEVICE_AUTOGRAD_KEYS, register_autograd, register_no_double_backward
-from ..reference.margins import MarginParams, phi, phi_grad, row_target
+from ..reference.cm_margin import scale_of_norm
+from ..reference.margins import GIVEN, MarginParams, phi, phi_grad, row_target, rows_with_target
 from . import _rows
 from ._rows import dot_operand, log1p, no_double_backward
 
@@ -342,18 +343,8 @@ def _backward_classes_kernel(x_ptr, w_ptr, labels_ptr, x_norm_ptr, w_norm_ptr, s
 
 
 # ------------------------------------------------------------------------------------- host side
-# A per-row margin reaches the kernels as kind "given" with each row's phi and phi' in `target`.
-GIVEN = MarginParams("given", "given")
-
 def _margin_params(kind, m1, m2, m3, sphere_lambda, easy_margin) -> MarginParams:
     return MarginParams(kind, kind, m1=m1, m2=m2, m3=m3, sphere_lambda=sphere_lambda, easy_margin=easy_margin)
-
-
-def _scale(x_norm: torch.Tensor, s: float, contraction: bool, offset: float, temperature: float) -> torch.Tensor:
-    """a_n = s sigmoid((r_n - offset) / T), or s."""
-    if not contraction:
-        return torch.full_like(x_norm, s)
-    return s * torch.sigmoid((x_norm - offset) / temperature)
 
 
 def _scale_grad(x_norm: torch.Tensor, s: float, offset: float, temperature: float) -> torch.Tensor:
@@ -374,6 +365,7 @@ def cm_margin_forward(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss_rows (N,), row_stats (6, N), w_norm (C,)), statistics in the accumulation dtype.
     kind "given": ``target`` (2, N) holds each row's phi(c_y) and phi'(c_y) (per-row margins)."""
+    _check_target(kind, target, x)
     n, d = x.shape
     c = weight.shape[0]
     acc = _rows.acc_dtype(x.dtype)
@@ -388,7 +380,7 @@ def cm_margin_forward(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
         _target_cos_kernel[(triton.cdiv(n, block_n),)](
             xs, weight, labels, w_norm, xs_norm, stats[_COS], n, c, d, ignore_index, xs.stride(0), xs.stride(1),
             weight.stride(0), weight.stride(1), BLOCK_N=block_n, BLOCK_D=block_d, ACC=_rows.tl_acc(x.dtype))
-        scale = _scale(r, s, contraction, norm_offset, norm_temperature)
+        scale = scale_of_norm(r, s, contraction, norm_offset, norm_temperature)
         psi_target = _target_phi(stats[_COS], kind, m1, m2, m3, sphere_lambda, easy_margin, target).contiguous()
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         _forward_kernel[grid](xs, weight, labels, xs_norm, w_norm, scale, psi_target, loss, stats[_SHIFT],
@@ -412,6 +404,7 @@ def cm_margin_backward(grad_rows: torch.Tensor, x: torch.Tensor, weight: torch.T
                        norm_offset: float, norm_temperature: float, detach_norm: bool, ignore_index: int,
                        target: Optional[torch.Tensor], need_x: bool, need_w: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dw); a gradient not asked for is an empty (0, d) tensor."""
+    _check_target(kind, target, x)
     n, d = x.shape
     c = weight.shape[0]
     acc = _rows.acc_dtype(x.dtype)
@@ -422,9 +415,9 @@ def cm_margin_backward(grad_rows: torch.Tensor, x: torch.Tensor, weight: torch.T
     r, cos, shift, log_sum, mass, mass_cos = row_stats.unbind(0)
     # ignored rows: no gradient, whatever the upstream holds (a mean over no rows gives 0 * inf there);
     # nor rows whose label is out of range (their loss is NaN; the cuda backend does the same)
-    valid = (labels != ignore_index) & (labels >= 0) & (labels < c)
+    valid = rows_with_target(labels, ignore_index, c)
     g = torch.where(valid, grad_rows.to(acc), torch.zeros((), dtype=acc, device=x.device))
-    scale = _scale(r, s, contraction, norm_offset, norm_temperature)
+    scale = scale_of_norm(r, s, contraction, norm_offset, norm_temperature)
     ag = (scale * g).contiguous()
     if target is not None:
         psi_target, dphi = target.to(acc).unbind(0)
@@ -480,11 +473,23 @@ def _(grad_rows, x, weight, labels, row_stats, w_norm, *cfg_and_needs):
     return dx, dw
 
 
+def _check_target(kind: str, target, x: torch.Tensor) -> None:
+    """A (2, N) target on x's device for kind "given", none otherwise (the C++ driver's checks)."""
+    n = x.shape[0]
+    if kind != "given":
+        if target is not None:
+            raise ValueError(f"cm_margin: a target is read by margin kind 'given' only, got kind {kind!r}")
+        return
+    if target is None:
+        raise ValueError("cm_margin: margin kind 'given' needs the (2, N) target of per-row phi and phi'")
+    if target.shape != (2, n) or target.device != x.device or not target.dtype.is_floating_point:
+        raise ValueError(f"cm_margin: target must be a floating (2, {n}) tensor on {x.device}, got "
+                         f"{tuple(target.shape)} {target.dtype} on {target.device}")
+
+
 def _target_phi(cos, kind, m1, m2, m3, sphere_lambda, easy_margin, target):
     """The target's psi = phi(c_y) per row: the given row 0 of ``target``, or the margin formula."""
     if kind == "given":
-        if target is None:
-            raise ValueError("cm_margin: margin kind 'given' needs the (2, N) target of per-row phi and phi'")
         return target[0].to(cos.dtype)
     return phi(cos, _margin_params(kind, m1, m2, m3, sphere_lambda, easy_margin))
 
@@ -509,9 +514,9 @@ def _backward(ctx, grad_rows, _grad_stats, _grad_w_norm):
     if ctx.needs_input_grad[-1]:  # kind "given": d loss / d phi_n = grad_n a_n (p_ny - 1) = -a_n grad_n P_n
         s, contraction, offset, temperature, ignore_index = ctx.cfg[0], ctx.cfg[8], ctx.cfg[9], ctx.cfg[10], ctx.cfg[12]
         r, mass = row_stats[_R], row_stats[_MASS]
-        valid = (labels != ignore_index) & (labels >= 0) & (labels < weight.shape[0])
+        valid = rows_with_target(labels, ignore_index, weight.shape[0])
         g = torch.where(valid, grad_rows.to(r.dtype), torch.zeros((), dtype=r.dtype, device=r.device))
-        d_phi = -_scale(r, s, contraction, offset, temperature) * g * mass
+        d_phi = -scale_of_norm(r, s, contraction, offset, temperature) * g * mass
         d_target = torch.stack((d_phi, torch.zeros_like(d_phi)))
     return (dx if need_x else None, dw if need_w else None, None) + (None,) * (len(ctx.cfg) - 1) + (d_target,)
 
