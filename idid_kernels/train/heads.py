@@ -163,7 +163,7 @@ def _idid(**kw):
 
 # k of cm-cosface-tuned: the running-statistics candidate with the highest mean validation accuracy
 # in results/train_mnist/tune_contraction.json (CONTRACTION_CANDIDATES below, mnist protocol, seeds 0-2).
-TUNED_TEMPERATURE_FACTOR = 1.0
+TUNED_TEMPERATURE_FACTOR = 2.0
 
 LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in (
     LossSpec("ce", "cross-entropy, linear classifier", lambda d, c, backend: LinearCEHead(d, c)),
