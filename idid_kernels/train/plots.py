@@ -11,7 +11,8 @@
   contraction saturates (scale = s at every level).
 - ``feature_scatter.png`` (2-D features only, ``--feature-dim 2``): the authors' figure, the test
   features of the first seed for softmax, L2-softmax, CM-M-Softmax, margin + L2-softmax (CosFace)
-  and margin + CM-M-Softmax (CM-CosFace), coloured by class and marked by quality level.
+  and margin + CM-M-Softmax (CM-CosFace), coloured by class and marked by quality level; below
+  them the same points coloured by quality level.
 """
 from __future__ import annotations
 
@@ -131,34 +132,49 @@ def plot_norm_by_quality(summary: dict, path: Path) -> None:
 
 
 def plot_feature_scatter(runs: list[RunResult], path: Path) -> bool:
-    """The 2-D feature panels of SCATTER_PANELS that were run; False (nothing written) if none."""
+    """The 2-D feature panels of SCATTER_PANELS that were run; False (nothing written) if none.
+
+    Top row: coloured by class, marked by quality level (the authors' figure). Bottom row: the
+    same points coloured by quality level, degraded images drawn last, so that where the degraded
+    images lie (near the origin = small norm, or not) can be seen through the class colours."""
     by_loss = {r.loss: r for r in runs if r.features is not None and r.features[0].shape[1] == 2}
     panels = [(loss, title) for loss, title in SCATTER_PANELS if loss in by_loss]
     if not panels:
         return False
     plt = _pyplot()
-    fig, axes = _grid(plt, len(panels), 5, size=(3.4, 3.5))
-    colors = plt.get_cmap("tab10")
-    for ax, (loss, title) in zip(axes.flat, panels):
+    n = len(panels)
+    fig, axes = plt.subplots(2, n, figsize=(3.4 * n, 6.8), squeeze=False)
+    classes = plt.get_cmap("tab10")
+    quality_colors = ("#d62728", "#ff7f0e", "#bcbd22", "0.75")       # quality 0 (worst) .. clean
+    for col, (loss, title) in enumerate(panels):
         feats, labels, quality = (t.numpy() for t in by_loss[loss].features)
-        for level in range(CLEAN_QUALITY + 1):
+        top, bottom = axes[0, col], axes[1, col]
+        for level in (CLEAN_QUALITY, *range(CLEAN_QUALITY)):            # clean first, degraded on top
             sel = quality == level
-            ax.scatter(feats[sel, 0], feats[sel, 1], c=[colors(int(c)) for c in labels[sel]], s=5 if level else 9,
-                       marker=QUALITY_MARKERS[level], linewidths=0.5, alpha=0.45 if level == CLEAN_QUALITY else 0.9,
-                       label=f"quality {level}")
+            clean = level == CLEAN_QUALITY
+            top.scatter(feats[sel, 0], feats[sel, 1], c=[classes(int(c)) for c in labels[sel]], s=4 if clean else 12,
+                        marker=QUALITY_MARKERS[level], linewidths=0.6, alpha=0.35 if clean else 0.9)
+            bottom.scatter(feats[sel, 0], feats[sel, 1], color=quality_colors[level], s=4 if clean else 8,
+                           marker="o", linewidths=0, alpha=0.5 if clean else 0.85)
         r = by_loss[loss]
-        ax.set_title(f"{title}\nacc {r.accuracy:.3f}, degraded {r.acc_degraded:.3f}", fontsize=8)
-        ax.set_aspect("equal", adjustable="datalim")
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
+        top.set_title(f"{title}\nacc {r.accuracy:.3f}, degraded {r.acc_degraded:.3f}", fontsize=8)
+        for ax in (top, bottom):
+            ax.set_aspect("equal", adjustable="datalim")
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("colour = class, marker = quality", fontsize=8)
+    axes[1, 0].set_ylabel("colour = quality level", fontsize=8)
     handles = [plt.Line2D([], [], ls="", marker=QUALITY_MARKERS[q], color="0.3",
                           label="clean" if q == CLEAN_QUALITY else f"quality {q}") for q in range(CLEAN_QUALITY + 1)]
-    handles += [plt.Line2D([], [], ls="", marker="o", color=colors(c), label=str(c)) for c in range(10)]
-    fig.legend(handles=handles, loc="lower center", ncol=14, fontsize=7, frameon=False)
+    handles += [plt.Line2D([], [], ls="", marker="o", color=classes(c), label=f"digit {c}") for c in range(10)]
+    handles += [plt.Line2D([], [], ls="", marker="o", color=quality_colors[q],
+                           label=("clean" if q == CLEAN_QUALITY else f"quality {q}") + " (bottom)")
+                for q in range(CLEAN_QUALITY + 1)]
+    fig.legend(handles=handles, loc="lower center", ncol=9, fontsize=7, frameon=False)
     seed = next(iter(by_loss.values())).seed
-    fig.suptitle(f"2-D test features, seed {seed}: colour = class, marker = quality level", fontsize=10)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=130)
+    fig.suptitle(f"2-D test features, seed {seed} (quality 0 = strongest degradation)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
 
