@@ -8,13 +8,13 @@ to carry information: the contraction-mapped losses act on ||x||, and the evalua
   norm and ReLU, about 90k parameters. An MLP rather than a CNN because on 8x8 images it reaches the
   same test accuracy here while a training step costs a few times less on one CPU core (convolutions
   on 8x8 maps are dominated by per-call overhead), which keeps the default evaluation within minutes.
-- ``MnistCNN`` (28x28 MNIST): the layout of the CNN that the contraction-mapping authors (and the
-  center-loss paper before them) train on MNIST for 2-D feature plots: three stages of two
-  convolutions with PReLU, each stage followed by 2x2 max pooling (28 -> 14 -> 7 -> 3), then a linear
-  low-dimensional feature layer. Narrower than theirs (``width`` = 8, 16, 32 channels instead of
-  32, 64, 128), 3x3 kernels instead of 5x5 and batch norm before each PReLU, so that one run costs
-  seconds on one CPU core: at full width (same 3x3 kernels) a training step costs about 5 times more
-  per image here.
+- ``MnistCNN`` (28x28 MNIST): in the style of the contraction-mapping authors' MNIST script, with
+  the layout of LeNet++ (the center-loss paper's network for 2-D MNIST feature plots): three stages
+  of two convolutions with PReLU, each stage followed by 2x2 max pooling (28 -> 14 -> 7 -> 3), then
+  a linear low-dimensional feature layer. Narrower than LeNet++ (``width`` = 8, 16, 32 channels
+  instead of 32, 64, 128), with 3x3 kernels instead of 5x5 and batch norm before each PReLU, so that
+  one run costs seconds on one CPU core: at full width (same 3x3 kernels) a training step costs
+  about 5 times more per image here.
 """
 from __future__ import annotations
 
