@@ -93,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="versions and which backends can run here")
     info.set_defaults(func=_cmd_info)
     from .train.runner import add_arguments as add_train_arguments
-    train = sub.add_parser("train", help="train a small MLP with every loss on long-tailed, partly degraded "
-                                         "digits and compare accuracy, macro-F1, G-mean, tail recall")
+    train = sub.add_parser("train", help="train a small network with every loss on long-tailed, partly degraded "
+                                         "digits (8x8, or 28x28 MNIST with --dataset mnist) and compare "
+                                         "accuracy, macro-F1, G-mean, tail recall")
     add_train_arguments(train)
     train.set_defaults(func=_cmd_train)
     return parser

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
 from . import metrics
-from .data import CLEAN_QUALITY, DigitsData
-from .heads import build_head
-from .model import DigitsNet
+from .data import CLEAN_QUALITY, DigitsData, Split
+from .heads import LossSpec, build_head
+from .model import build_model
 
 
 TAIL_CLASSES = 3
@@ -54,9 +54,16 @@ class RunResult:
     mean_norm_by_quality: list[float]  # mean ||x|| of test images at quality 0..CLEAN_QUALITY
     final_train_loss: float
     seconds: float
+    # mean training logit scale s * sigmoid((||x|| - offset) / T) of test images at each quality level
+    # (margin heads only; empty for the others): s at every level means the contraction saturates
+    mean_scale_by_quality: list[float] = field(default_factory=list)
+    # the evaluated split's (N, d) features, labels, quality levels when asked for (not serialised)
+    features: tuple | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out.pop("features")
+        return out
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator):
@@ -67,21 +74,31 @@ def _batches(n: int, batch_size: int, gen: torch.Generator):
 
 
 @torch.no_grad()
-def _embed(net: DigitsNet, images: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+def _embed(net: torch.nn.Module, images: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     return torch.cat([net(images[i:i + chunk]) for i in range(0, images.shape[0], chunk)])
 
 
-def train_and_evaluate(loss_name: str, data: DigitsData, seed: int, cfg: TrainConfig, on_epoch=None) -> RunResult:
-    """Train ``DigitsNet`` + the loss's head on ``data.train`` and evaluate on ``data.test``.
+def train_and_evaluate(loss_name: str, data: DigitsData, seed: int, cfg: TrainConfig, on_epoch=None, *,
+                       split: str = "test", registry: dict[str, LossSpec] | None = None,
+                       keep_features: bool = False) -> RunResult:
+    """Train the data set's network (model.build_model) + the loss's head on ``data.train`` and
+    evaluate on ``data.test`` (``split="val"``: on ``data.val``, for choosing settings).
 
     ``on_epoch(epoch, epochs, mean_loss)`` is called after every epoch (the progress bar).
+    ``registry``: where ``loss_name`` is looked up (default heads.LOSSES). ``keep_features``: keep
+    the evaluated split's features in ``RunResult.features``.
     """
+    if split not in ("test", "val"):
+        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+    evaluated: Split | None = getattr(data, split)
+    if evaluated is None:
+        raise ValueError("split='val' needs data made with val_frac > 0")
     start = time.perf_counter()
     device = torch.device(cfg.device)
     torch.manual_seed(seed)
-    net = DigitsNet(cfg.embed_dim, cfg.width)
+    net = build_model(data.dataset, cfg.embed_dim, cfg.width)
     torch.manual_seed(seed + 1_000_003)
-    head = build_head(loss_name, cfg.embed_dim, data.num_classes, cfg.backend)
+    head = build_head(loss_name, cfg.embed_dim, data.num_classes, cfg.backend, registry)
     net.to(device)
     head.to(device)
     params = list(net.parameters()) + list(head.parameters())
@@ -116,16 +133,20 @@ def train_and_evaluate(loss_name: str, data: DigitsData, seed: int, cfg: TrainCo
 
     net.eval()
     head.eval()
-    test = data.test
     with torch.no_grad():
-        feats = _embed(net, test.images.to(device))
+        feats = _embed(net, evaluated.images.to(device))
         pred = head.predict(feats).cpu()
+        scale = head.scale(feats)
     norms = torch.linalg.vector_norm(feats, dim=1).cpu()
-    y, q = test.labels, test.quality
+    y, q = evaluated.labels, evaluated.quality
+
+    def by_quality(values: torch.Tensor) -> list[float]:
+        return [float(values[q == level].mean()) if bool((q == level).any()) else math.nan
+                for level in range(CLEAN_QUALITY + 1)]
+
     clean = q == CLEAN_QUALITY
     recall = metrics.per_class_recall(y, pred, data.num_classes)
-    mean_norm = [float(norms[q == level].mean()) if bool((q == level).any()) else math.nan
-                 for level in range(CLEAN_QUALITY + 1)]
+    mean_norm = by_quality(norms)
     return RunResult(
         loss=loss_name, seed=seed,
         accuracy=metrics.accuracy(y, pred),
@@ -141,6 +162,8 @@ def train_and_evaluate(loss_name: str, data: DigitsData, seed: int, cfg: TrainCo
         mean_norm_by_quality=mean_norm,
         final_train_loss=float(mean_loss),
         seconds=time.perf_counter() - start,
+        mean_scale_by_quality=[] if scale is None else by_quality(scale.cpu().to(torch.float64)),
+        features=(feats.cpu(), y, q) if keep_features else None,
     )
 
 
