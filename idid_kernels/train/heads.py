@@ -18,6 +18,10 @@ says so (``cm-cosface-tuned``).
 - ``idid-r1``: this package's reconstruction of the IDID loss (Du et al. 2024) with its defaults,
   and three ablations: no intraclass diversity term, no interclass distillation term, and a fixed
   diversity weight of 1 instead of the adaptive one.
+- ``adaface`` / ``magface``: the heads that also read image quality from the feature norm
+  (:class:`~idid_kernels.AdaFaceLoss`, :class:`~idid_kernels.MagFaceLoss`), official defaults.
+- ``ldam``: the class-imbalance margin (:class:`~idid_kernels.LDAMLoss`, max_m 0.5, s 30) from the
+  training split's class counts, without the deferred re-weighting stage.
 
 Margin heads predict the argmax of their inference logits s * cos (no margin); IDID-R1 heads the
 nearest proxy by cosine.
@@ -35,7 +39,7 @@ import torch
 from torch import nn
 
 from ..functional import cm_margin_loss
-from ..nn import CMMarginLoss, IDIDLoss
+from ..nn import AdaFaceLoss, CMMarginLoss, IDIDLoss, LDAMLoss, MagFaceLoss
 
 
 class LinearCEHead(nn.Module):
@@ -127,6 +131,23 @@ class RunningNormMarginHead(MarginHead):
         return cm_margin_loss(x, self.loss.weight, labels, **cfg)
 
 
+class NormMarginHead(nn.Module):
+    """AdaFace, MagFace or LDAM: the module's loss, and the argmax of its s * cos to predict."""
+
+    def __init__(self, loss: nn.Module):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, x, labels):
+        return self.loss(x, labels)
+
+    def predict(self, x):
+        return self.loss.logits(x).argmax(dim=1)
+
+    def scale(self, x):
+        return None
+
+
 class IDIDHead(nn.Module):
     def __init__(self, in_features: int, num_classes: int, **kwargs):
         super().__init__()
@@ -146,19 +167,24 @@ class IDIDHead(nn.Module):
 class LossSpec:
     name: str
     description: str
-    build: Callable[[int, int, str], nn.Module]     # (in_features, num_classes, backend) -> head
+    # (in_features, num_classes, backend, class_counts) -> head; class_counts: the training split's
+    build: Callable[[int, int, str, list], nn.Module]
 
 
 def _margin(**kw):
-    return lambda d, c, backend: MarginHead(d, c, backend=backend, **kw)
+    return lambda d, c, backend, counts: MarginHead(d, c, backend=backend, **kw)
 
 
 def _running_margin(**kw):
-    return lambda d, c, backend: RunningNormMarginHead(d, c, backend=backend, **kw)
+    return lambda d, c, backend, counts: RunningNormMarginHead(d, c, backend=backend, **kw)
 
 
 def _idid(**kw):
-    return lambda d, c, backend: IDIDHead(d, c, backend=backend, **kw)
+    return lambda d, c, backend, counts: IDIDHead(d, c, backend=backend, **kw)
+
+
+def _norm_margin(cls, **kw):
+    return lambda d, c, backend, counts: NormMarginHead(cls(d, c, backend=backend, **kw))
 
 
 # k of cm-cosface-tuned: the running-statistics candidate with the highest mean validation accuracy
@@ -166,7 +192,7 @@ def _idid(**kw):
 TUNED_TEMPERATURE_FACTOR = 2.0
 
 LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in (
-    LossSpec("ce", "cross-entropy, linear classifier", lambda d, c, backend: LinearCEHead(d, c)),
+    LossSpec("ce", "cross-entropy, linear classifier", lambda d, c, backend, counts: LinearCEHead(d, c)),
     LossSpec("cosface", "CosFace s=30 m=0.4, no contraction", _margin(margin="cosface", contraction="none")),
     LossSpec("arcface", "ArcFace s=30 m=0.5, no contraction", _margin(margin="arcface", contraction="none")),
     LossSpec("cm-cosface", "CosFace s=30 m=0.4 x sigmoid(||x||) (authors' CM head)",
@@ -182,6 +208,11 @@ LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in (
     LossSpec("cm-cosface-tuned", f"CosFace s=30 m=0.4 x sigmoid((||x|| - mu) / ({TUNED_TEMPERATURE_FACTOR:g} sigma)), "
                                  "running norm statistics", _running_margin(margin="cosface",
                                                                             temperature_factor=TUNED_TEMPERATURE_FACTOR)),
+    LossSpec("adaface", "AdaFace m=0.4 h=0.333 s=64 (quality-adaptive margin from ||x||)", _norm_margin(AdaFaceLoss)),
+    LossSpec("magface", "MagFace s=64, margin 0.45-0.8 over ||x|| in [10, 110], lambda_g=35",
+             _norm_margin(MagFaceLoss)),
+    LossSpec("ldam", "LDAM max_m=0.5 s=30 (per-class margin n_j^-1/4), no DRW",
+             lambda d, c, backend, counts: NormMarginHead(LDAMLoss(d, c, counts, backend=backend))),
 )}
 
 # The digits protocol's losses, as published in the README (its default --losses).
@@ -199,8 +230,11 @@ CONTRACTION_CANDIDATES: dict[str, LossSpec] = {spec.name: spec for spec in (
 
 
 def build_head(name: str, in_features: int, num_classes: int, backend: str = "auto",
-               registry: dict[str, LossSpec] | None = None) -> nn.Module:
+               registry: dict[str, LossSpec] | None = None, class_counts=None) -> nn.Module:
+    """The head ``name``; ``class_counts`` (training images per class) for the losses that use them
+    (LDAM; uniform counts when not given)."""
     registry = LOSSES if registry is None else registry
     if name not in registry:
         raise ValueError(f"unknown loss {name!r}; choose from {', '.join(registry)}")
-    return registry[name].build(in_features, num_classes, backend)
+    counts = [1] * num_classes if class_counts is None else list(class_counts)
+    return registry[name].build(in_features, num_classes, backend, counts)

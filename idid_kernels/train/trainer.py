@@ -98,7 +98,8 @@ def train_and_evaluate(loss_name: str, data: DigitsData, seed: int, cfg: TrainCo
     torch.manual_seed(seed)
     net = build_model(data.dataset, cfg.embed_dim, cfg.width)
     torch.manual_seed(seed + 1_000_003)
-    head = build_head(loss_name, cfg.embed_dim, data.num_classes, cfg.backend, registry)
+    head = build_head(loss_name, cfg.embed_dim, data.num_classes, cfg.backend, registry,
+                      class_counts=data.class_counts)
     net.to(device)
     head.to(device)
     params = list(net.parameters()) + list(head.parameters())
