@@ -102,7 +102,7 @@ void epilogue_rows(const CmRowJob<double>& job, int64_t begin, int64_t end) { ep
 // float32 is the fast path: cloned for AVX2+FMA (x86-64-v3) with a runtime pick, so the
 // vectorised sweeps of cm_row.h run 8 wide where the CPU allows and the build stays portable.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target_clones("default", "arch=x86-64-v3")))
+__attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
 #endif
 void epilogue_rows(const CmRowJob<float>& job, int64_t begin, int64_t end) {
   epilogue_rows_impl(job, begin, end);
@@ -164,7 +164,7 @@ IDK_FORCE_INLINE void tile_rows_impl(const TileJob<A>& job, int64_t begin, int64
 
 void tile_rows(const TileJob<double>& job, int64_t begin, int64_t end) { tile_rows_impl(job, begin, end); }
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target_clones("default", "arch=x86-64-v3")))
+__attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
 #endif
 void tile_rows(const TileJob<float>& job, int64_t begin, int64_t end) {
   tile_rows_impl(job, begin, end);

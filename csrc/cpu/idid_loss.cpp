@@ -88,42 +88,91 @@ void normalize_backward(const A* grad_u, const A* unit, const A* norms, const in
   });
 }
 
-// out[k][c] = scale (m[k][c] + m[c][k]) for the rows k with keep(k) (all rows when keep is null),
-// in 32 x 32 tiles so that the transposed reads stay in L1 (a row-by-row pass reads a column with
-// a page stride). Exactly symmetric: the sum commutes. `nonzero` (null: all rows) says which rows
-// of m may hold nonzeros: the others are never read (dPhi has rows for the present classes only,
-// and its other rows are left unwritten).
-template <typename A, typename Out>
-void symmetrize(const A* m, int64_t C, A scale, const int64_t* keep, Out* out, const int64_t* nonzero = nullptr) {
+// out[k][c] = scale (m[k][c] + m[c][k]) for the rows k of the list rows[0..n) (all c): each task
+// owns a block of columns c and gathers m[c][k] for 32 listed rows at a time into a transposed
+// tile, so the writes are contiguous runs and the work is n C, not C^2 (a batch has few of the
+// classes). Exactly symmetric: the sum commutes.
+template <typename A>
+void symmetrize_rows(const A* m, int64_t C, A scale, const int64_t* rows, int64_t n, A* out) {
   constexpr int64_t kTile = 32;
+  const int64_t tiles = (C + kTile - 1) / kTile;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t tc = begin; tc < end; ++tc) {
+      const int64_t c0 = tc * kTile, c1 = std::min(C, c0 + kTile);
+      for (int64_t q0 = 0; q0 < n; q0 += kTile) {
+        const int64_t q1 = std::min(n, q0 + kTile);
+        A tr[kTile][kTile];  // tr[q - q0][c - c0] = m[c][rows[q]]
+        for (int64_t c = c0; c < c1; ++c) {
+          const A* col = m + c * C;
+          for (int64_t q = q0; q < q1; ++q) tr[q - q0][c - c0] = col[rows[q]];
+        }
+        for (int64_t q = q0; q < q1; ++q) {
+          const A* t = tr[q - q0];
+          const A* row = m + rows[q] * C;
+          A* o = out + rows[q] * C;
+#pragma omp simd
+          for (int64_t c = c0; c < c1; ++c) o[c] = scale * (row[c] + t[c - c0]);
+        }
+      }
+    }
+  });
+}
+
+// The classes with count[c] != 0, in increasing order.
+inline std::vector<int64_t> present_classes(const int64_t* count, int64_t C) {
+  std::vector<int64_t> present;
+  for (int64_t c = 0; c < C; ++c) {
+    if (count[c] != 0) present.push_back(c);
+  }
+  return present;
+}
+
+// The similarity gradient out = scale (m + m^T) with a zero diagonal, for an m whose only nonzero
+// rows are those of the present classes (count[k] != 0; the other rows of m are never read). The
+// present rows of out are written whole; the others are zero-filled and get the present columns,
+// gathered from m's present rows in 32 x 32 tiles (contiguous reads, writes within the tile's
+// rows). out[k][c] is scale (m[k][c] + m[c][k])
+// where both rows are present, scale m[k][c] or scale m[c][k] where one is: exactly symmetric.
+template <typename A, typename Out>
+void symmetrize_present(const A* m, int64_t C, A scale, const int64_t* count, Out* out) {
+  constexpr int64_t kTile = 32;
+  const std::vector<int64_t> present = present_classes(count, C);
+  const int64_t P = static_cast<int64_t>(present.size());
+  const int64_t* pc = present.data();
   const int64_t tiles = (C + kTile - 1) / kTile;
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t tk = begin; tk < end; ++tk) {
       const int64_t k0 = tk * kTile, k1 = std::min(C, k0 + kTile);
-      if (keep != nullptr && std::all_of(keep + k0, keep + k1, [](int64_t v) { return v == 0; })) continue;
-      for (int64_t c0 = 0; c0 < C; c0 += kTile) {
-        const int64_t c1 = std::min(C, c0 + kTile);
-        // The (c, k) tile of m read along its rows into a transposed copy, so that both sweeps
-        // below are contiguous (a column walk of m would touch one cache line per element).
-        A tr[kTile][kTile];
-        for (int64_t c = c0; c < c1; ++c) {
-          const A* col = m + c * C;
-          const bool zero = nonzero != nullptr && nonzero[c] == 0;
-          for (int64_t k = k0; k < k1; ++k) tr[k - k0][c - c0] = zero ? A(0) : col[k];
+      for (int64_t k = k0; k < k1; ++k) {
+        Out* o = out + k * C;
+        if (count[k] == 0) {
+          std::fill(o, o + C, Out(0));
+          continue;
+        }
+        const A* row = m + k * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) o[c] = static_cast<Out>(scale * row[c]);
+      }
+      for (int64_t q0 = 0; q0 < P; q0 += kTile) {
+        const int64_t q1 = std::min(P, q0 + kTile);
+        A tr[kTile][kTile];  // tr[k - k0][q - q0] = m[present[q]][k]
+        for (int64_t q = q0; q < q1; ++q) {
+          const A* col = m + pc[q] * C;
+          for (int64_t k = k0; k < k1; ++k) tr[k - k0][q - q0] = col[k];
         }
         for (int64_t k = k0; k < k1; ++k) {
-          if (keep != nullptr && keep[k] == 0) continue;
           const A* t = tr[k - k0];
           Out* o = out + k * C;
-          if (nonzero != nullptr && nonzero[k] == 0) {
-#pragma omp simd
-            for (int64_t c = c0; c < c1; ++c) o[c] = static_cast<Out>(scale * t[c - c0]);
+          if (count[k] == 0) {
+            for (int64_t q = q0; q < q1; ++q) o[pc[q]] = static_cast<Out>(scale * t[q - q0]);
             continue;
           }
           const A* row = m + k * C;
-#pragma omp simd
-          for (int64_t c = c0; c < c1; ++c) o[c] = static_cast<Out>(scale * (row[c] + t[c - c0]));
+          for (int64_t q = q0; q < q1; ++q) o[pc[q]] = static_cast<Out>(scale * (row[pc[q]] + t[q - q0]));
         }
+      }
+      for (int64_t k = k0; k < k1; ++k) {
+        if (count[k] != 0) out[k * C + k] = Out(0);
       }
     }
   });
@@ -134,7 +183,8 @@ void symmetrize(const A* m, int64_t C, A scale, const int64_t* keep, Out* out, c
 // no part); log r of absent classes is 0 and their r rows are left unwritten.
 template <typename A>
 void teacher_rows(const A* theta, const int64_t* count, int64_t C, A* log_r, A* r) {
-  symmetrize(theta, C, A(0.5), count, log_r);  // Phi rows of the present classes
+  const std::vector<int64_t> present = present_classes(count, C);
+  symmetrize_rows(theta, C, A(0.5), present.data(), static_cast<int64_t>(present.size()), log_r);  // Phi rows
   at::parallel_for(0, C, grain_rows(C), [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       A* lr = log_r + k * C;
@@ -535,9 +585,8 @@ struct CpuPolicy {
     Tensor out = at::empty({C, C}, dphi.options().dtype(dtype));
     const A scale = static_cast<A>(0.5) * grad_ic.item<A>();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "idid_symmetrize_grad", [&] {
-      scalar_t* o = out.mutable_data_ptr<scalar_t>();
-      symmetrize(dphi.const_data_ptr<A>(), C, scale, nullptr, o, L.count.const_data_ptr<int64_t>());
-      for (int64_t k = 0; k < C; ++k) o[k * C + k] = scalar_t(0);
+      symmetrize_present(dphi.const_data_ptr<A>(), C, scale, L.count.const_data_ptr<int64_t>(),
+                         out.mutable_data_ptr<scalar_t>());
     });
     return out;
   }

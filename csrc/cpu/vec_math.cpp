@@ -18,7 +18,7 @@
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && defined(__linux__) && \
     !defined(IDID_KERNELS_NO_CLONES)
-#define IDK_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define IDK_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define IDK_CPU_CLONES
 #endif
