@@ -124,6 +124,40 @@ void cm_project_rows_cpu(at::Tensor& dw, const at::Tensor& w, const at::Tensor& 
   });
 }
 
+// dx_n = s g'(r_n) R_n u_n + (dU_n - <dU_n, u_n> u_n) / max(r_n, eps) for a chunk's rows, u_n =
+// x_n / max(r_n, eps), the radial part dropped where r_n is not above the floor (as
+// cm_radial_dot): one pass per row on the CPU, for the five (rows x d) temporaries of the ATen form.
+template <typename A>
+void cm_dx_rows_cpu(at::Tensor& dx, const at::Tensor& x, const at::Tensor& du, const at::Tensor& radial,
+                    const at::Tensor& norm, const at::Tensor& inv_norm) {
+  const int64_t rows = x.size(0), d = x.size(1);
+  A* out = dx.mutable_data_ptr<A>();
+  const A* xp = x.const_data_ptr<A>();
+  const A* dup = du.const_data_ptr<A>();
+  const A* rad = radial.const_data_ptr<A>();
+  const A* nrm = norm.const_data_ptr<A>();
+  const A* inv = inv_norm.const_data_ptr<A>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / std::max<int64_t>(d, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const A* xr = xp + i * d;
+      const A* g = dup + i * d;
+      A* o = out + i * d;
+      const A s = inv[i];
+      A dot = A(0);
+      if (nrm[i] > A(kNormEps)) {
+#pragma omp simd reduction(+ : dot)
+        for (int64_t k = 0; k < d; ++k) dot += g[k] * (xr[k] * s);
+      }
+      const A r = rad[i];
+#pragma omp simd
+      for (int64_t k = 0; k < d; ++k) {
+        const A u = xr[k] * s;
+        o[k] = u * r + (g[k] - dot * u) * s;
+      }
+    }
+  });
+}
+
 // An epilogue may run the forward-only mode itself with `tiled_forward(xa, wa, labels, cfg,
 // ignore_index, chunk, gemm, o)` (the CPU's class-tiled forward, csrc/cpu/cm_margin.cpp): the
 // int overload is chosen where that member exists, the long one (no hook) otherwise.
@@ -159,7 +193,10 @@ void cm_drive(CmMode mode, const at::Tensor& xa, const at::Tensor& wa, const at:
   const bool shard = mode == kCmShardForward || mode == kCmShardBackward;
   at::Tensor buffer = at::empty({chunk, c}, xa.options());
   at::Tensor radial = want_grad ? at::empty({chunk}, xa.options()) : at::Tensor();
-  at::Tensor dw_acc = want_grad ? at::zeros({c, d}, xa.options()) : at::Tensor();
+  // dW' is written by the first chunk's GEMM and accumulated into by the others (no zero fill).
+  at::Tensor dw_acc = want_grad ? (n > 0 ? at::empty({c, d}, xa.options()) : at::zeros({c, d}, xa.options()))
+                                : at::Tensor();
+  at::Tensor du_buffer = want_grad && !shard_grad ? at::empty({chunk, d}, xa.options()) : at::Tensor();
 
   CmRowJob<A> job{cfg,
                   nullptr,
@@ -192,17 +229,26 @@ void cm_drive(CmMode mode, const at::Tensor& xa, const at::Tensor& wa, const at:
     if (!want_grad) continue;
     const at::Tensor norm_c = o.x_norm.narrow(0, n0, rows);
     const at::Tensor g_op = gemm.operand_of(s);
-    const at::Tensor du = gemm.mm(g_op, wa);  // sum_j G_nj w^_j
-    gemm.addmm_(dw_acc, g_op.t(), u_op);      // sum_n G'_nj u_n
+    at::Tensor du = shard_grad ? gemm.mm(g_op, wa) : du_buffer.narrow(0, 0, rows);  // sum_j G_nj w^_j
+    if (!shard_grad) gemm.mm_out(du, g_op, wa);
+    if (n0 == 0) {
+      gemm.mm_out(dw_acc, g_op.t(), u_op);  // sum_n G'_nj u_n
+    } else {
+      gemm.addmm_(dw_acc, g_op.t(), u_op);
+    }
     if (shard_grad) {  // the caller adds the shards' parts, then projects
       o.du.narrow(0, n0, rows).copy_(du);
       o.radial.narrow(0, n0, rows).copy_(radial.narrow(0, 0, rows));
       continue;
     }
     // dx_n = s g'(r) R_n u_n + (dU_n - <dU_n, u_n> u_n) / max(r_n, eps)
+    at::Tensor dx_c = o.dx.narrow(0, n0, rows);
+    if (dx_c.is_cpu()) {
+      cm_dx_rows_cpu<A>(dx_c, xa.narrow(0, n0, rows), du, radial.narrow(0, 0, rows), norm_c, inv_c);
+      continue;
+    }
     const at::Tensor dot = cm_radial_dot(du, u, norm_c);
-    o.dx.narrow(0, n0, rows)
-        .copy_(u * radial.narrow(0, 0, rows).unsqueeze(1) + (du - dot.unsqueeze(1) * u) * inv_c.unsqueeze(1));
+    dx_c.copy_(u * radial.narrow(0, 0, rows).unsqueeze(1) + (du - dot.unsqueeze(1) * u) * inv_c.unsqueeze(1));
   }
   if (!want_grad) return;
   if (dw_acc.is_cpu()) {
