@@ -1,8 +1,9 @@
 // Row epilogues of the contraction-mapped margin softmax (spec/cm_margin.md), shared by the CPU
 // driver (csrc/cpu/cm_margin.cpp) and written so a CUDA row kernel can reuse the scalar pieces.
 //
-// A row n arrives as its C cosines c_j = <u_n, w_j> / ||w_j|| (the GEMM of the unit row u_n with
-// the raw class rows, scaled by the inverse class norms). With a = s g(r_n) > 0, psi_j = c_j off
+// A row n arrives as its C dots <u_n, w_j> (the GEMM of the unit row u_n with the raw class rows)
+// and becomes its cosines c_j = <u_n, w_j> / ||w_j|| (scaled by the inverse class norms) in the
+// first sweep. With a = s g(r_n) > 0, psi_j = c_j off
 // target and phi(c_y) on target, z_j = a psi_j:
 //   shift   m = max_j psi_j (in cosine units: max_j z_j = a m, as a > 0)
 //   forward t = a (m - psi_y) >= 0,  P = sum_{j != y} exp(a (c_j - m)),
@@ -115,6 +116,32 @@ IDK_FORCE_INLINE A cm_max(const A* row, int64_t lo, int64_t hi, A m) {
   return m;
 }
 
+// Dots <u_n, w_j> to cosines in place over [lo, hi), returning max(m, those cosines) (a NaN start
+// stays NaN): the conversion and the max in one sweep. The cosine is rounded to A before it enters
+// the max, and the sweeps after it read the stored (rounded) value.
+template <typename A>
+IDK_FORCE_INLINE A cm_cosines_max(A* row, const A* inv_wn, int64_t lo, int64_t hi, A m) {
+#pragma omp simd reduction(max : m)
+  for (int64_t j = lo; j < hi; ++j) {
+    const A c = row[j] * inv_wn[j];
+    row[j] = c;
+    m = c > m ? c : m;
+  }
+  return m;
+}
+
+// A row of dots to cosines in place, with its margined target psi_y (and psi'_y into dphi, when
+// not null) and the shift m = max(psi_y, max_{j != y} c_j).
+template <typename A>
+IDK_FORCE_INLINE A cm_row_shift(const CmConfig<A>& cfg, A* row, const A* inv_wn, int64_t num_classes, int64_t y,
+                                int64_t row_id, A& psi_y, A* dphi) {
+  row[y] = row[y] * inv_wn[y];
+  psi_y = target_phi(row[y], cfg.margin, row_id, dphi);
+  // The shift is the exact max of the margined row: the target's plain cosine must not enter it
+  // (SphereFace's psi can sit far below c, and a too-large shift underflows every term).
+  return cm_cosines_max(row, inv_wn, y + 1, num_classes, cm_cosines_max(row, inv_wn, 0, y, psi_y));
+}
+
 // sum + sum_j exp(a (c_j - shift)).
 template <typename A>
 IDK_FORCE_INLINE A cm_sum_exp(const A* row, int64_t lo, int64_t hi, A a, A shift, A sum) {
@@ -165,15 +192,13 @@ IDK_FORCE_INLINE void cm_prob_grad(A* row, const A* inv_wn, int64_t lo, int64_t 
   sum_pc = spc;
 }
 
-// Forward of one row of cosines (left unchanged); y is a valid class.
+// Forward of one row of dots (left as its cosines); y is a valid class.
 template <typename A>
-IDK_FORCE_INLINE CmRowOut<A> cm_row_forward(const CmConfig<A>& cfg, const A* row, int64_t num_classes, int64_t y,
-                                            int64_t row_id, A r) {
+IDK_FORCE_INLINE CmRowOut<A> cm_row_forward(const CmConfig<A>& cfg, A* row, const A* inv_wn, int64_t num_classes,
+                                            int64_t y, int64_t row_id, A r) {
   const A a = cm_scale(cfg, r);
-  const A psi_y = target_phi(row[y], cfg.margin, row_id, static_cast<A*>(nullptr));
-  // The shift is the exact max of the margined row: the target's plain cosine must not enter it
-  // (SphereFace's psi can sit far below c, and a too-large shift underflows every term).
-  const A m = cm_max(row, y + 1, num_classes, cm_max(row, 0, y, psi_y));
+  A psi_y;
+  const A m = cm_row_shift(cfg, row, inv_wn, num_classes, y, row_id, psi_y, static_cast<A*>(nullptr));
   const A off = cm_sum_exp(row, y + 1, num_classes, a, m, cm_sum_exp(row, 0, y, a, m, A(0)));
   const A t = a * (m - psi_y);
   const A log_sum = cm_log_sum(t, off);
@@ -197,17 +222,16 @@ IDK_FORCE_INLINE A cm_row_grad(const CmConfig<A>& cfg, A* row, const A* inv_wn, 
   return cm_scale_grad(cfg, r) * g * (sum_pc - sum_p * psi_y);
 }
 
-// Forward and gradient of one row of cosines in a single visit, for a row weight g known in
-// advance: one exponential per class (the forward's e_j = exp(a (c_j - m)) become p_j = e_j / sum).
-// The row becomes G'; returns loss, shift, log_sum and the radial coefficient.
+// Forward and gradient of one row of dots in a single visit, for a row weight g known in advance:
+// one exponential per class (the forward's e_j = exp(a (c_j - m)) become p_j = e_j / sum). The row
+// becomes G'; returns loss, shift, log_sum and the radial coefficient.
 template <typename A>
 IDK_FORCE_INLINE CmRowOut<A> cm_row_fused(const CmConfig<A>& cfg, A* row, const A* inv_wn, int64_t num_classes,
                                           int64_t y, int64_t row_id, A r, A g) {
   using std::exp;
   const A a = cm_scale(cfg, r);
-  A dphi;
-  const A psi_y = target_phi(row[y], cfg.margin, row_id, &dphi);
-  const A m = cm_max(row, y + 1, num_classes, cm_max(row, 0, y, psi_y));
+  A dphi, psi_y;
+  const A m = cm_row_shift(cfg, row, inv_wn, num_classes, y, row_id, psi_y, &dphi);
   A sum_off = A(0), sum_ec = A(0);
   cm_store_exp(row, 0, y, a, m, sum_off, sum_ec);
   cm_store_exp(row, y + 1, num_classes, a, m, sum_off, sum_ec);

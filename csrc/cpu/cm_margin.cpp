@@ -67,23 +67,21 @@ IDK_FORCE_INLINE void epilogue_rows_impl(const CmRowJob<A>& job, int64_t begin, 
         job.loss[row_id] = A(0);
         job.shift[row_id] = job.log_sum[row_id] = A(0);
       }
+    } else if (job.mode == kCmFused && job.g[row_id] != A(0)) {
+      const CmRowOut<A> out =
+          cm_row_fused(job.cfg, row, job.inv_wn, c, y, row_id, job.x_norm[row_id], job.g[row_id]);
+      job.loss[row_id] = out.loss;
+      job.shift[row_id] = out.shift;
+      job.log_sum[row_id] = out.log_sum;
+      job.radial[i] = out.radial;
+      continue;
+    } else if (job.mode != kCmBackward) {
+      const CmRowOut<A> out = cm_row_forward(job.cfg, row, job.inv_wn, c, y, row_id, job.x_norm[row_id]);
+      job.loss[row_id] = out.loss;
+      job.shift[row_id] = out.shift;
+      job.log_sum[row_id] = out.log_sum;
     } else {
       cm_to_cosines(row, job.inv_wn, c);
-      if (job.mode == kCmFused && job.g[row_id] != A(0)) {
-        const CmRowOut<A> out = cm_row_fused(job.cfg, row, job.inv_wn, c, y, row_id, job.x_norm[row_id],
-                                                job.g[row_id]);
-        job.loss[row_id] = out.loss;
-        job.shift[row_id] = out.shift;
-        job.log_sum[row_id] = out.log_sum;
-        job.radial[i] = out.radial;
-        continue;
-      }
-      if (job.mode != kCmBackward) {
-        const CmRowOut<A> out = cm_row_forward(job.cfg, row, c, y, row_id, job.x_norm[row_id]);
-        job.loss[row_id] = out.loss;
-        job.shift[row_id] = out.shift;
-        job.log_sum[row_id] = out.log_sum;
-      }
     }
     if (!want_grad) continue;
     const A gi = job.g[row_id];
@@ -99,8 +97,9 @@ IDK_FORCE_INLINE void epilogue_rows_impl(const CmRowJob<A>& job, int64_t begin, 
 
 void epilogue_rows(const CmRowJob<double>& job, int64_t begin, int64_t end) { epilogue_rows_impl(job, begin, end); }
 
-// float32 is the fast path: cloned for AVX2+FMA (x86-64-v3) with a runtime pick, so the
-// vectorised sweeps of cm_row.h run 8 wide where the CPU allows and the build stays portable.
+// float32 is the fast path: cloned for AVX2+FMA (x86-64-v3) and AVX-512 (x86-64-v4) with a runtime
+// pick, so the vectorised sweeps of cm_row.h run 8 or 16 wide where the CPU allows and the build
+// stays portable.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
 #endif
@@ -139,17 +138,17 @@ IDK_FORCE_INLINE void tile_rows_impl(const TileJob<A>& job, int64_t begin, int64
     const int64_t y = job.labels[row_id];
     if (y == job.ignore_index) continue;
     A* row = job.s + i * job.ld;
-    cm_to_cosines(row, job.inv_wn + job.c0, ct);
+    const A* inv = job.inv_wn + job.c0;
     const A a = cm_scale(job.cfg, job.x_norm[row_id]);
     const int64_t yl = y - job.c0;
     const bool here = yl >= 0 && yl < ct;
     A mt;
     if (here) {
-      const A psi_y = target_phi(row[yl], job.cfg.margin, row_id, static_cast<A*>(nullptr));
+      A psi_y;
+      mt = cm_row_shift(job.cfg, row, inv, ct, yl, row_id, psi_y, static_cast<A*>(nullptr));
       job.psi[row_id] = psi_y;
-      mt = cm_max(row, yl + 1, ct, cm_max(row, 0, yl, psi_y));
     } else {
-      mt = cm_max(row, 0, ct, -std::numeric_limits<A>::infinity());
+      mt = cm_cosines_max(row, inv, 0, ct, -std::numeric_limits<A>::infinity());
     }
     const A m_old = job.m[row_id];
     // NaN stays: a NaN running max (from a NaN psi_y) is kept, as cm_max keeps a NaN start.
