@@ -23,9 +23,12 @@ struct IdidChunk {
   const int64_t* perm;   // (B,) batch row of each sorted position
   const int64_t* start;  // (C + 1,) class c holds the sorted positions [start[c], start[c + 1])
   A* stats;              // (kNumStats, B) row_stats: forward writes lse..ce of valid rows, backward reads all
-  const A* r;            // (C, C) teacher probabilities r_kc (r_kk = 0); null without distillation
+  const A* r;            // teacher probabilities r_kc (r_kk = 0), row teacher_row[k]; null without distillation
   const A* log_r;        // (C, C) teacher log-probabilities (log r_kk = 0); null without distillation
-  A* dphi;               // (C, C) accumulator of dL_IC/dPhi (backward with distillation), else null
+  A* dphi;               // accumulator of dL_IC/dPhi, row teacher_row[k] (backward with distillation), else null
+  // Row of class k in r and dphi: the CPU keeps only the present classes' rows (P x C); null: row k
+  // of a (C, C) array (the GPU).
+  const int64_t* teacher_row;
   const A* grad_ic;      // backward: the upstream coefficient of L_IC, one scalar in the same memory
   int64_t j0, rows, num_classes, batch;
   A inv_tau;

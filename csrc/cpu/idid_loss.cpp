@@ -48,6 +48,9 @@ int64_t grain_rows(int64_t row_len) { return std::max<int64_t>(1, kGrainElems / 
 // Rows of sorted positions that take part: the valid rows sort first (host read: CPU tensors).
 int64_t valid_rows(const idid::Layout& L) { return L.start.const_data_ptr<int64_t>()[L.num_classes]; }
 
+// Classes with n_c >= 1: the rows of the compact teacher arrays (host read).
+int64_t present_count(const idid::Layout& L) { return L.classes_present.item<int64_t>(); }
+
 template <typename A>
 void row_norms(const A* x, int64_t n, int64_t d, A* out) {
   at::parallel_for(0, n, grain_rows(d), [&](int64_t begin, int64_t end) {
@@ -128,13 +131,13 @@ inline std::vector<int64_t> present_classes(const int64_t* count, int64_t C) {
 }
 
 // The similarity gradient out = scale (m + m^T) with a zero diagonal, for an m whose only nonzero
-// rows are those of the present classes (count[k] != 0; the other rows of m are never read). The
+// rows are those of the present classes (count[k] != 0), held compactly: class k's row at trow[k]. The
 // present rows of out are written whole; the others are zero-filled and get the present columns,
 // gathered from m's present rows in 32 x 32 tiles (contiguous reads, writes within the tile's
 // rows). out[k][c] is scale (m[k][c] + m[c][k])
 // where both rows are present, scale m[k][c] or scale m[c][k] where one is: exactly symmetric.
 template <typename A, typename Out>
-void symmetrize_present(const A* m, int64_t C, A scale, const int64_t* count, Out* out) {
+void symmetrize_present(const A* m, int64_t C, A scale, const int64_t* count, const int64_t* trow, Out* out) {
   constexpr int64_t kTile = 32;
   const std::vector<int64_t> present = present_classes(count, C);
   const int64_t P = static_cast<int64_t>(present.size());
@@ -149,7 +152,7 @@ void symmetrize_present(const A* m, int64_t C, A scale, const int64_t* count, Ou
           std::fill(o, o + C, Out(0));
           continue;
         }
-        const A* row = m + k * C;
+        const A* row = m + trow[k] * C;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) o[c] = static_cast<Out>(scale * row[c]);
       }
@@ -157,7 +160,7 @@ void symmetrize_present(const A* m, int64_t C, A scale, const int64_t* count, Ou
         const int64_t q1 = std::min(P, q0 + kTile);
         A tr[kTile][kTile];  // tr[k - k0][q - q0] = m[present[q]][k]
         for (int64_t q = q0; q < q1; ++q) {
-          const A* col = m + pc[q] * C;
+          const A* col = m + trow[pc[q]] * C;
           for (int64_t k = k0; k < k1; ++k) tr[k - k0][q - q0] = col[k];
         }
         for (int64_t k = k0; k < k1; ++k) {
@@ -167,7 +170,7 @@ void symmetrize_present(const A* m, int64_t C, A scale, const int64_t* count, Ou
             for (int64_t q = q0; q < q1; ++q) o[pc[q]] = static_cast<Out>(scale * t[q - q0]);
             continue;
           }
-          const A* row = m + k * C;
+          const A* row = m + trow[k] * C;
           for (int64_t q = q0; q < q1; ++q) o[pc[q]] = static_cast<Out>(scale * (row[pc[q]] + t[q - q0]));
         }
       }
@@ -180,9 +183,10 @@ void symmetrize_present(const A* m, int64_t C, A scale, const int64_t* count, Ou
 
 // Teacher rows: log r_kc = Phi_kc - logsumexp_{c' != k} Phi_kc', Phi = (Theta + Theta^T) / 2, for
 // the classes present (the only rows the loss reads); log r_kk = 0 and r_kk = 0 (the diagonal takes
-// no part); log r of absent classes is 0 and their r rows are left unwritten.
+// no part); log r of absent classes is 0. r holds the present classes' rows only, class k at row
+// trow[k].
 template <typename A>
-void teacher_rows(const A* theta, const int64_t* count, int64_t C, A* log_r, A* r) {
+void teacher_rows(const A* theta, const int64_t* count, const int64_t* trow, int64_t C, A* log_r, A* r) {
   const std::vector<int64_t> present = present_classes(count, C);
   symmetrize_rows(theta, C, A(0.5), present.data(), static_cast<int64_t>(present.size()), log_r);  // Phi rows
   at::parallel_for(0, C, grain_rows(C), [&](int64_t begin, int64_t end) {
@@ -196,8 +200,9 @@ void teacher_rows(const A* theta, const int64_t* count, int64_t C, A* log_r, A* 
       const A lse = m + std::log(cpu::vsum_exp(lr, k, A(1), m) + cpu::vsum_exp(lr + k + 1, C - k - 1, A(1), m));
       for (int64_t c = 0; c < C; ++c) lr[c] -= lse;
       lr[k] = 0;
-      cpu::vexp(lr, r + k * C, C, A(1), A(0));
-      r[k * C + k] = 0;
+      A* rk = r + trow[k] * C;
+      cpu::vexp(lr, rk, C, A(1), A(0));
+      rk[k] = 0;
     }
   });
 }
@@ -280,6 +285,9 @@ struct CpuPolicy {
       key[fill[c]] = c;
       perm[fill[c]++] = i;
     }
+    L.teacher_row = at::empty({C}, lopts);
+    int64_t* trow = L.teacher_row.mutable_data_ptr<int64_t>();
+    for (int64_t c = 0, next = 0; c < C; ++c) trow[c] = count[c] > 0 ? next++ : -1;
     L.classes_present = at::scalar_tensor(present, lopts);
     L.classes_multi = at::scalar_tensor(multi, lopts);
     L.valid_rows = at::scalar_tensor(start[C], lopts);
@@ -367,41 +375,40 @@ struct CpuPolicy {
   template <typename A>
   static std::tuple<Tensor, Tensor> teacher(const Tensor& theta, const idid::Layout& L) {
     const int64_t C = L.num_classes;
-    Tensor log_r = at::empty({C, C}, theta.options()), r = at::empty({C, C}, theta.options());
-    teacher_rows(theta.const_data_ptr<A>(), L.count.const_data_ptr<int64_t>(), C, log_r.mutable_data_ptr<A>(),
-                 r.mutable_data_ptr<A>());
+    Tensor log_r = at::empty({C, C}, theta.options()), r = at::empty({present_count(L), C}, theta.options());
+    teacher_rows(theta.const_data_ptr<A>(), L.count.const_data_ptr<int64_t>(), L.teacher_row.const_data_ptr<int64_t>(),
+                 C, log_r.mutable_data_ptr<A>(), r.mutable_data_ptr<A>());
     return {log_r, r};
   }
 
-  // dPhi: zeros on the rows of the present classes, the only ones the gradient pass accumulates
-  // into and symmetrize_grad reads (a (C, C) zero fill is most of a small batch's teacher cost).
+  // dPhi: zeros, one row per present class (teacher_row), the only ones the gradient pass
+  // accumulates into and symmetrize_grad reads.
   template <typename A>
   static Tensor teacher_grad(const idid::Layout& L, const at::TensorOptions& opts) {
     const int64_t C = L.num_classes;
-    const int64_t* count = L.count.const_data_ptr<int64_t>();
-    Tensor dphi = at::empty({C, C}, opts);
+    Tensor dphi = at::empty({present_count(L), C}, opts);
     A* p = dphi.mutable_data_ptr<A>();
-    at::parallel_for(0, C, grain_rows(C), [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k) {
-        if (count[k] != 0) std::fill(p + k * C, p + (k + 1) * C, A(0));
-      }
+    at::parallel_for(0, dphi.size(0), grain_rows(C), [&](int64_t begin, int64_t end) {
+      std::fill(p + begin * C, p + end * C, A(0));
     });
     return dphi;
   }
 
-  // r = exp(log r) on the present rows, 0 on the diagonal; the other rows are never read.
+  // r = exp(log r) on the present rows (row teacher_row[k]), 0 on the diagonal.
   template <typename A>
   static Tensor teacher_probs(const Tensor& log_r_t, const idid::Layout& L) {
     const int64_t C = L.num_classes;
     const int64_t* count = L.count.const_data_ptr<int64_t>();
-    Tensor r_t = at::empty({C, C}, log_r_t.options());
+    const int64_t* trow = L.teacher_row.const_data_ptr<int64_t>();
+    Tensor r_t = at::empty({present_count(L), C}, log_r_t.options());
     const A* log_r = log_r_t.const_data_ptr<A>();
     A* r = r_t.mutable_data_ptr<A>();
     at::parallel_for(0, C, grain_rows(C), [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         if (count[k] == 0) continue;
-        cpu::vexp(log_r + k * C, r + k * C, C, A(1), A(0));
-        r[k * C + k] = 0;
+        A* rk = r + trow[k] * C;
+        cpu::vexp(log_r + k * C, rk, C, A(1), A(0));
+        rk[k] = 0;
       }
     });
     return r_t;
@@ -417,7 +424,8 @@ struct CpuPolicy {
         const int64_t i = job.perm[j];
         const RowStats<A> s =
             forward_row(job.z + jj * C, C, k, job.distillation, job.inv_tau, job.unit_tau,
-                        job.distillation ? job.r + k * C : nullptr, job.distillation ? job.log_r + k * C : nullptr);
+                        job.distillation ? job.r + job.teacher_row[k] * C : nullptr,
+                        job.distillation ? job.log_r + k * C : nullptr);
         job.stats[kStatLse * B + i] = s.lse;
         job.stats[kStatLseNt * B + i] = s.lse_nt;
         job.stats[kStatKd * B + i] = s.kd;
@@ -443,8 +451,8 @@ struct CpuPolicy {
           const A lse_nt = st[kStatLseNt * B + i];
           const cpu::IcRow<A> row{lse,   lse_nt, job.inv_tau, gi * aj, aj, lse_nt - st[kStatKd * B + i],
                                   job.unit_tau ? std::exp(lse_nt - lse) : A(0), job.unit_tau};
-          cpu::ic_grad_distill(z + c0, job.r + k * C + c0, job.log_r + k * C + c0, job.dphi + k * C + c0, c1 - c0,
-                               row);
+          const int64_t tk = job.teacher_row[k] * C;
+          cpu::ic_grad_distill(z + c0, job.r + tk + c0, job.log_r + k * C + c0, job.dphi + tk + c0, c1 - c0, row);
         } else {
           cpu::ic_grad_plain(z + c0, c1 - c0, lse, gi * aj);
         }
@@ -581,12 +589,12 @@ struct CpuPolicy {
   template <typename A>
   static Tensor symmetrize_grad(const Tensor& dphi, const Tensor& grad_ic, const idid::Layout& L,
                                 at::ScalarType dtype) {
-    const int64_t C = dphi.size(0);
+    const int64_t C = L.num_classes;
     Tensor out = at::empty({C, C}, dphi.options().dtype(dtype));
     const A scale = static_cast<A>(0.5) * grad_ic.item<A>();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "idid_symmetrize_grad", [&] {
       symmetrize_present(dphi.const_data_ptr<A>(), C, scale, L.count.const_data_ptr<int64_t>(),
-                         out.mutable_data_ptr<scalar_t>());
+                         L.teacher_row.const_data_ptr<int64_t>(), out.mutable_data_ptr<scalar_t>());
     });
     return out;
   }

@@ -13,14 +13,15 @@
 //                                                         rows (ignored ones zero) when sorted != null
 //   normalize_backward<A>(g, u, norm, sorted, dtype)      F.normalize backward; sorted rows in, batch
 //                                                         order out when sorted != null
-//   teacher<A>(theta, layout) -> (log r, r)               teacher rows of the present classes
+//   teacher<A>(theta, layout) -> (log r, r)               teacher rows of the present classes (r: rows
+//                                                         layout.teacher_row[k] where defined, else k)
 //   teacher_probs<A>(log_r, layout) -> r                  backward: r from the saved log r
 //   forward_rows<A>(chunk)                                per row: lse, lse_nt, kd, ce into row_stats
 //   grad_rows<A>(chunk)                                   per row: z <- G in place, dPhi accumulated
 //   class_density<A>(U, layout, t, chunk_rows)            (C,) D_c (0 where n_c < 2)
 //   diversity_backward<A>(U, layout, t, grad_id, chunk_rows, dU)   dU += grad_id dL_ID/dU
 //   loss_terms<A>(row_stats, density, layout, cfg, dtype) (loss, L_IC, L_ID, lambda)
-//   teacher_grad<A>(layout, opts) -> dphi                 (C, C), zeros where the gradient pass accumulates
+//   teacher_grad<A>(layout, opts) -> dphi                 zeros where the gradient pass accumulates (rows as r)
 //   symmetrize_grad<A>(dphi, grad_ic, layout, dtype)      dTheta = grad_ic (dPhi + dPhi^T) / 2
 //   may_be_nonzero(scalar)                                false only where a zero is seen for free
 // AtenPolicy below implements all but the four row/diversity passes with ATen ops that never read
@@ -87,6 +88,8 @@ struct Layout {
   Tensor valid_rows;       // 0-dim: rows not ignored
   Tensor valid;            // (B,) batch order: the row takes part (label in [0, C), not ignore_index)
   Tensor bad_labels;       // 0-dim bool: some label is outside [0, C) and not ignore_index
+  Tensor teacher_row;      // CPU: (C,) row of each present class in the compact (P, C) r and dPhi (-1 for
+                           // absent ones); undefined where they are (C, C) (the GPU)
 };
 
 // The device-agnostic policy members, with ATen ops only.
@@ -254,6 +257,7 @@ IdidChunk<A> make_chunk(const Layout& L, const Tensor& row_stats, const Config& 
   job.r = nullptr;
   job.log_r = nullptr;
   job.dphi = nullptr;
+  job.teacher_row = L.teacher_row.defined() ? L.teacher_row.const_data_ptr<int64_t>() : nullptr;
   job.grad_ic = nullptr;
   job.j0 = 0;
   job.rows = 0;
