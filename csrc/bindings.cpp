@@ -79,6 +79,22 @@ void define_ops(torch::Library& m) {
       "Tensor row_stats, Tensor x_norm, Tensor w_norm, Tensor teacher_log_prob, float alpha, float tau, float t, "
       "bool distillation, bool diversity, int ignore_index, int chunk_rows) -> (Tensor dx, Tensor dproxies, "
       "Tensor dsimilarity)");
+  // Forward and gradients in one pass, for a loss that needs a gradient: the loss terms, then the
+  // gradients at unit upstream coefficients in the accumulation dtype: dx_ic (B, d) and dproxies
+  // (C, d) of l_ic, dx_id (B, d) of l_id ((0, d) without diversity), and dphi, the gradient of l_ic
+  // with respect to the symmetrised similarity Phi ((0, 0) without distillation; (C, C) on a GPU;
+  // on the CPU (min(B, C), C), one row per class present, in class order).
+  m.def(
+      "idid_loss_fused(Tensor x, Tensor proxies, Tensor similarity, Tensor labels, float alpha, float tau, "
+      "float t, float eps, bool distillation, bool diversity, bool adaptive_weight, float diversity_weight, "
+      "bool class_balanced, int ignore_index, int chunk_rows) -> (Tensor loss, Tensor l_ic, Tensor l_id, "
+      "Tensor lam, Tensor dx_ic, Tensor dx_id, Tensor dproxies, Tensor dphi)");
+  // (dx, dproxies, dsimilarity) in dtype: grad_ic dx_ic + grad_id dx_id, grad_ic dproxies and
+  // grad_ic (dphi + dphi^T) / 2 as (C, C) where similarity_grad, else (0, 0).
+  m.def(
+      "idid_loss_fused_backward(Tensor grad_ic, Tensor grad_id, Tensor dx_ic, Tensor dx_id, Tensor dproxies, "
+      "Tensor dphi, Tensor labels, int ignore_index, bool similarity_grad, int num_classes, ScalarType dtype) -> "
+      "(Tensor dx, Tensor dproxies, Tensor dsimilarity)");
 }
 
 }  // namespace

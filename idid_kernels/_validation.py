@@ -142,12 +142,21 @@ def check_labels(labels, n: int, num_classes: int, device: torch.device, ignore_
         raise ValueError(f"{name} is on {labels.device} but the features are on {device}")
     if labels.dtype != torch.int64:
         labels = labels.to(torch.int64)
-    if _label_check_enabled(device):
-        bad = (labels < 0) | (labels >= num_classes)
-        if ignore_index is not None:
-            bad &= labels != ignore_index
-        if bool(bad.any()):
-            index = int(bad.nonzero()[0, 0])
-            allowed = f"[0, {num_classes})" + (f" or ignore_index={ignore_index}" if ignore_index is not None else "")
-            raise ValueError(f"{name}[{index}] = {int(labels[index])} is out of range: labels must be in {allowed}")
+    if _label_check_enabled(device) and labels.numel() > 0:
+        # One reduction decides the common case (every label in range); only a batch whose extremes
+        # fall outside (ignored rows, or a bad label) is checked element by element.
+        lo, hi = torch.aminmax(labels)
+        lo, hi = (lo.item(), hi.item()) if labels.device.type == "cpu" else torch.stack((lo, hi)).tolist()
+        if lo < 0 or hi >= num_classes:
+            _check_label_values(labels, num_classes, ignore_index, name)
     return labels
+
+
+def _check_label_values(labels: torch.Tensor, num_classes: int, ignore_index: int | None, name: str) -> None:
+    bad = (labels < 0) | (labels >= num_classes)
+    if ignore_index is not None:
+        bad &= labels != ignore_index
+    if bool(bad.any()):
+        index = int(bad.nonzero()[0, 0])
+        allowed = f"[0, {num_classes})" + (f" or ignore_index={ignore_index}" if ignore_index is not None else "")
+        raise ValueError(f"{name}[{index}] = {int(labels[index])} is out of range: labels must be in {allowed}")

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Without a GPU, the Triton kernels run in Triton's interpreter on CPU tensors. The variable must be
 # set before triton is first imported; with a GPU the same tests run natively.
@@ -138,3 +139,17 @@ def deterministic(enabled: bool = True):
         yield
     finally:
         torch.use_deterministic_algorithms(before, warn_only=warn)
+
+
+class OpLog(TorchDispatchMode):
+    """Records the idid custom ops that run (below autograd) while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if name.startswith("idid_"):
+            self.ops.add(name.split(".")[1])
+        return func(*args, **(kwargs or {}))

@@ -333,8 +333,8 @@ def test_idid_small_budget_equals_one_chunk_and_the_reference(monkeypatch):
     _chunks.reload()
     assert op._rows_per_chunk(48, 7, F64, "cpu") == 2
     passed = []
-    real_op = torch.ops.idid_kernels.idid_loss_forward
-    monkeypatch.setattr(op.torch.ops.idid_kernels, "idid_loss_forward",
+    real_op = torch.ops.idid_kernels.idid_loss_fused  # the loss needs a gradient: the fused op
+    monkeypatch.setattr(op.torch.ops.idid_kernels, "idid_loss_fused",
                         lambda *args: passed.append(args[-1]) or real_op(*args))
     small = run("cpp")
     assert passed == [2]  # the op was handed the budget's rows

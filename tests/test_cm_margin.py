@@ -20,11 +20,10 @@ import zlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import idid_kernels as ik
 from conftest import (
-    GPU, backend_device, backend_params, deterministic, fused_backends, is_slow, kernel_ops, make_gen, rel_err, sized,
+    GPU, OpLog, backend_device, backend_params, deterministic, fused_backends, is_slow, kernel_ops, make_gen, rel_err, sized,
 )
 from idid_kernels import _backends, _chunks
 from idid_kernels.reference.margins import resolve_margin
@@ -69,20 +68,6 @@ def _cases(backends, fast, slow=None):
             params.append(pytest.param(backend, *case, marks=p.marks, id="-".join([backend, *ids])))
     return params
 
-
-
-class OpLog(TorchDispatchMode):
-    """Records the idid custom ops that run (below autograd) while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func)
-        if name.startswith("idid_"):
-            self.ops.add(name.split(".")[1])
-        return func(*args, **(kwargs or {}))
 
 
 def make(n, c, d, seed=0, ignore=0, dtype=torch.float64, scale=1.0):

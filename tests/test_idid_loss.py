@@ -28,7 +28,7 @@ import torch
 
 import idid_kernels as ik
 from conftest import (
-    GPU, backend_device, backend_params, deterministic, fused_backends, is_slow, kernel_ops, make_gen, rel_err, sized,
+    GPU, OpLog, backend_device, backend_params, deterministic, fused_backends, is_slow, kernel_ops, make_gen, rel_err, sized,
 )
 from idid_kernels import _backends, _chunks
 
@@ -577,6 +577,77 @@ def test_no_grad_forward_matches(backend):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-12, atol=1e-14)
 
 
+# The ops each backend runs: cpp and cuda form the gradients in the forward pass (idid_loss_fused)
+# for a loss that needs a gradient outside torch.func, and use idid_loss_forward alone without one
+# and idid_loss_forward / idid_loss_backward under torch.func; triton always runs its own pair.
+_PATH_OPS = {"fused": {"idid_loss_fused", "idid_loss_fused_backward"}, "no_grad": {"idid_loss_forward"},
+             "func": {"idid_loss_forward", "idid_loss_backward"}}
+
+
+@pytest.mark.parametrize("backend,case", per_backend(backend_params(OP, include=("cpp", "cuda")), lambda b: [
+    s + (ignore,) for s in (FEW_SWITCHES if is_slow(b) else SWITCHES) for ignore in (False, True)]))
+def test_fused_and_forward_backward_paths_agree(backend, case):
+    *switches, ignore = case
+    kw = _kw(**dict(zip(("distillation", "diversity", "adaptive_weight", "class_balanced"), switches)))
+    labels = [0, 1, 0, 2, 1, 0, 3, 4, 0, 2] + ([IGNORE, IGNORE] if ignore else [])
+    tensors, labels = _inputs(76, labels, c=6, d=5)  # class 5 absent
+    dev = backend_device(backend)
+    labels = labels.to(dev)
+    up = torch.randn(3, generator=make_gen(77), dtype=F64).tolist()
+
+    def total(terms):
+        return up[0] * terms.loss + up[1] * terms.l_ic + up[2] * terms.l_id
+
+    leaves = _leaves(backend, tensors, F64)
+    with OpLog() as log:
+        fused = ik.idid_loss(*leaves, labels, backend=backend, return_terms=True, **kw)
+        fused_grads = torch.autograd.grad(total(fused), leaves, allow_unused=True)
+    assert log.ops == _PATH_OPS["fused"]
+    assert (fused_grads[2] is not None) == kw["distillation"]
+    # torch.func: the forward/backward pair (its backward refuses a second derivative)
+    plain = [t.detach() for t in leaves]
+    argnums = (0, 1, 2) if kw["distillation"] else (0, 1)
+    with OpLog() as log:
+        func_grads = torch.func.grad(
+            lambda *t: total(ik.idid_loss(*t, labels, backend=backend, return_terms=True, **kw)), argnums=argnums)(*plain)
+    assert log.ops == _PATH_OPS["func"]
+    for a, b in zip(func_grads, fused_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+    # no gradient needed: the forward op alone, the same terms
+    with OpLog() as log, torch.no_grad():
+        value = ik.idid_loss(*leaves, labels, backend=backend, return_terms=True, **kw)
+    assert log.ops == _PATH_OPS["no_grad"]
+    for a, b in zip(value, fused):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=0)
+    # against the float64 reference
+    truth = ik.idid_loss(*[t.requires_grad_(True) for t in tensors], labels.cpu(), backend="reference",
+                         return_terms=True, **kw)
+    truth_grads = torch.autograd.grad(total(truth), tensors, allow_unused=True)
+    for a, b in zip(fused, truth):
+        assert rel_err(a.detach().cpu(), b.detach()) <= F64_TOL[0]
+    for a, b in zip(fused_grads, truth_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert rel_err(a.cpu(), b) <= F64_TOL[1]
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, include=("cpp", "cuda")))
+def test_fused_backward_reuses_nothing_across_calls(backend):
+    # The saved gradients are combined into new tensors: two backward passes through one graph
+    # (retain_graph), with different upstream scalars, give each its own scaled gradients, and an
+    # in-place edit of the first result leaves the second untouched.
+    tensors, labels = _inputs(78, [0, 1, 0, 2, 1, 0, 3, 2], c=5, d=4)
+    leaves = _leaves(backend, tensors, F64)
+    terms = ik.idid_loss(*leaves, labels.to(leaves[0].device), backend=backend, return_terms=True)
+    first = torch.autograd.grad(terms.loss, leaves, retain_graph=True)
+    kept = [g.clone() for g in first]
+    for g in first:
+        g.mul_(100.0)
+    second = torch.autograd.grad(2.0 * terms.loss, leaves)
+    for a, b in zip(second, kept):
+        torch.testing.assert_close(a, 2.0 * b, rtol=1e-14, atol=0)
+
+
 @pytest.mark.parametrize("backend", FUSED)
 def test_noncontiguous_inputs_are_not_modified(backend):
     g = make_gen(54)
@@ -673,6 +744,34 @@ def test_bitwise_determinism(backend, mode, monkeypatch):
     assert max(rel_err(a.cpu(), b_) for a, b_ in zip(first[4:], truth)) <= F32_TOL[1]
 
 
+@pytest.mark.parametrize("pattern", ["mixed", "imbalanced"])
+def test_cpp_thread_count_does_not_change_the_result(pattern):
+    """The cpp row passes split work between threads along class runs (the fused op's row pass) or
+    class columns (a chunk dominated by one class). C = 300 makes the row tasks a few rows each, so
+    the run boundaries fall inside tasks. With many classes of a few rows ("mixed") every sum is
+    ours and the bits are the same with 1, 2 or 3 threads; a class of most rows ("imbalanced") has
+    its Gram and chunk products formed by BLAS, whose blocking follows the thread count, so there
+    the results agree to float32 rounding."""
+    g = make_gen(64)
+    labels = _labels(pattern, 200, 300, g)
+    labels[:3] = IGNORE
+    tensors, labels = _inputs(65, labels, 300, 16)
+    saved = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            out, grads = _run("cpp", tensors, labels, F32, (1.0, 0.3, 0.2), **_kw())
+            runs.append([v.detach() for v in out] + list(grads))
+    finally:
+        torch.set_num_threads(saved)
+    for other in runs[1:]:
+        if pattern == "mixed":
+            _close_bitwise(runs[0], other)
+        else:
+            assert max(rel_err(a, b) for a, b in zip(runs[0], other)) <= 1e-6
+
+
 # ------------------------------------------------------------------------------------------------
 # op plumbing: opcheck, torch.compile, double backward, the module
 # ------------------------------------------------------------------------------------------------
@@ -723,6 +822,13 @@ def test_opcheck(backend, case):
             _, _, _, lam, row_stats, x_norm, w_norm, teacher = fwd(*args)
         torch.library.opcheck(bwd, (grad_ic, grad_ic * lam.to(acc), x.detach(), proxies.detach(), labels, row_stats,
                                     x_norm, w_norm, teacher, 8.0, 1.3, 2.0, distillation, True, IGNORE, 0))
+        fused, fused_bwd = ops.idid_loss_fused.default, ops.idid_loss_fused_backward.default
+        torch.library.opcheck(fused, args)
+        with torch.no_grad():
+            _, _, _, lam, dx_ic, dx_id, dproxies, dphi = fused(*args)
+        for similarity_grad in ((True, False) if distillation else (False,)):
+            torch.library.opcheck(fused_bwd, (grad_ic, grad_ic * lam.to(acc), dx_ic, dx_id, dproxies, dphi, labels,
+                                              IGNORE, similarity_grad, proxies.shape[0], dtype))
 
 
 @pytest.mark.parametrize("backend", FUSED)

@@ -183,17 +183,17 @@ void symmetrize_present(const A* m, int64_t C, A scale, const int64_t* count, co
 
 // Teacher rows: log r_kc = Phi_kc - logsumexp_{c' != k} Phi_kc', Phi = (Theta + Theta^T) / 2, for
 // the classes present (the only rows the loss reads); log r_kk = 0 and r_kk = 0 (the diagonal takes
-// no part); log r of absent classes is 0. r holds the present classes' rows only, class k at row
-// trow[k].
+// no part); log r of absent classes is 0 (left unwritten unless whole). r holds the present classes'
+// rows only, class k at row trow[k].
 template <typename A>
-void teacher_rows(const A* theta, const int64_t* count, const int64_t* trow, int64_t C, A* log_r, A* r) {
+void teacher_rows(const A* theta, const int64_t* count, const int64_t* trow, int64_t C, bool whole, A* log_r, A* r) {
   const std::vector<int64_t> present = present_classes(count, C);
   symmetrize_rows(theta, C, A(0.5), present.data(), static_cast<int64_t>(present.size()), log_r);  // Phi rows
   at::parallel_for(0, C, grain_rows(C), [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       A* lr = log_r + k * C;
       if (count[k] == 0) {
-        std::fill(lr, lr + C, A(0));
+        if (whole) std::fill(lr, lr + C, A(0));
         continue;
       }
       const A m = std::max(cpu::vmax(lr, k), cpu::vmax(lr + k + 1, C - k - 1));
@@ -373,20 +373,21 @@ struct CpuPolicy {
   }
 
   template <typename A>
-  static std::tuple<Tensor, Tensor> teacher(const Tensor& theta, const idid::Layout& L) {
+  static std::tuple<Tensor, Tensor> teacher(const Tensor& theta, const idid::Layout& L, bool whole) {
     const int64_t C = L.num_classes;
     Tensor log_r = at::empty({C, C}, theta.options()), r = at::empty({present_count(L), C}, theta.options());
     teacher_rows(theta.const_data_ptr<A>(), L.count.const_data_ptr<int64_t>(), L.teacher_row.const_data_ptr<int64_t>(),
-                 C, log_r.mutable_data_ptr<A>(), r.mutable_data_ptr<A>());
+                 C, whole, log_r.mutable_data_ptr<A>(), r.mutable_data_ptr<A>());
     return {log_r, r};
   }
 
   // dPhi: zeros, one row per present class (teacher_row), the only ones the gradient pass
-  // accumulates into and symmetrize_grad reads.
+  // accumulates into and symmetrize_grad reads. min(B, C) rows (at least the P present classes, and
+  // a shape known without reading the labels: the fused op returns it), the rows past P zero.
   template <typename A>
   static Tensor teacher_grad(const idid::Layout& L, const at::TensorOptions& opts) {
     const int64_t C = L.num_classes;
-    Tensor dphi = at::empty({present_count(L), C}, opts);
+    Tensor dphi = at::empty({std::min(L.batch, C), C}, opts);
     A* p = dphi.mutable_data_ptr<A>();
     at::parallel_for(0, dphi.size(0), grain_rows(C), [&](int64_t begin, int64_t end) {
       std::fill(p + begin * C, p + end * C, A(0));
@@ -457,6 +458,54 @@ struct CpuPolicy {
           cpu::ic_grad_plain(z + c0, c1 - c0, lse, gi * aj);
         }
         if (c0 <= k && k < c1) z[k] = gi * aj * std::expm1(-st[kStatCe * B + i]);  // p_ik - 1
+      }
+    });
+  }
+
+  // The fused op's row pass: per row, the statistics then the gradient, while the row is in L1.
+  // Parallel over rows, each task owning whole class runs (the runs that start in its range of
+  // the chunk), so every dPhi row is accumulated by one thread in sorted order: the same bits as
+  // forward_rows + grad_rows for any thread count. A chunk with a run longer than an eighth of
+  // its rows (a dominant class, which would serialise here) takes those two passes instead.
+  template <typename A>
+  static void forward_grad_rows(const IdidChunk<A>& job) {
+    const int64_t C = job.num_classes, B = job.batch, rows = job.rows;
+    int64_t longest = 0;
+    for (int64_t jj = 0, run = 0; jj < rows; ++jj) {
+      run = (jj > 0 && job.key[job.j0 + jj] == job.key[job.j0 + jj - 1]) ? run + 1 : 1;
+      longest = std::max(longest, run);
+    }
+    if (8 * longest > rows && rows >= 16) {
+      forward_rows<A>(job);
+      grad_rows<A>(job);
+      return;
+    }
+    const A gi = *job.grad_ic;
+    A* st = job.stats;
+    at::parallel_for(0, rows, grain_rows(4 * C), [&](int64_t begin, int64_t end) {
+      const int64_t* key = job.key + job.j0;
+      int64_t jj = begin;
+      while (jj > 0 && jj < rows && key[jj] == key[jj - 1]) ++jj;  // that run belongs to the task before
+      for (; jj < rows && (jj < end || key[jj] == key[jj - 1]); ++jj) {
+        const int64_t j = job.j0 + jj, k = key[jj];
+        const int64_t i = job.perm[j];
+        A* z = job.z + jj * C;
+        const A* r = job.distillation ? job.r + job.teacher_row[k] * C : nullptr;
+        const A* log_r = job.distillation ? job.log_r + k * C : nullptr;
+        const RowStats<A> s = forward_row(z, C, k, job.distillation, job.inv_tau, job.unit_tau, r, log_r);
+        st[kStatLse * B + i] = s.lse;
+        st[kStatLseNt * B + i] = s.lse_nt;
+        st[kStatKd * B + i] = s.kd;
+        st[kStatCe * B + i] = s.ce;
+        const A aj = st[kStatA * B + i];
+        if (job.distillation) {
+          const cpu::IcRow<A> row{s.lse,  s.lse_nt, job.inv_tau, gi * aj, aj, s.lse_nt - s.kd,
+                                  job.unit_tau ? std::exp(s.lse_nt - s.lse) : A(0), job.unit_tau};
+          cpu::ic_grad_distill(z, r, log_r, job.dphi + job.teacher_row[k] * C, C, row);
+        } else {
+          cpu::ic_grad_plain(z, C, s.lse, gi * aj);
+        }
+        z[k] = gi * aj * std::expm1(-s.ce);  // p_ik - 1
       }
     });
   }
@@ -590,6 +639,9 @@ struct CpuPolicy {
   static Tensor symmetrize_grad(const Tensor& dphi, const Tensor& grad_ic, const idid::Layout& L,
                                 at::ScalarType dtype) {
     const int64_t C = L.num_classes;
+    TORCH_CHECK(dphi.dim() == 2 && dphi.size(0) >= present_count(L) && dphi.size(1) == C,
+                "idid_loss: the teacher gradient must hold a row for each of the ", present_count(L),
+                " classes present, (rows, ", C, "), got ", dphi.sizes());
     Tensor out = at::empty({C, C}, dphi.options().dtype(dtype));
     const A scale = static_cast<A>(0.5) * grad_ic.item<A>();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "idid_symmetrize_grad", [&] {
@@ -610,6 +662,8 @@ using CpuOps = idid::IdidOps<CpuPolicy>;
 TORCH_LIBRARY_IMPL(idid_kernels, CPU, m) {
   m.impl("idid_loss_forward", &CpuOps::forward);
   m.impl("idid_loss_backward", &CpuOps::backward);
+  m.impl("idid_loss_fused", &CpuOps::fused);
+  m.impl("idid_loss_fused_backward", &CpuOps::fused_backward);
 }
 
 }  // namespace idid_kernels

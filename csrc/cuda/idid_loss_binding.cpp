@@ -31,6 +31,13 @@ struct CudaPolicy : idid::AtenPolicy {
     cuda::check_launch(cuda::idid_grad_rows<A>(job, cuda::current_stream()), "idid_loss CUDA gradient epilogue");
   }
 
+  // The fused op's row pass: the two epilogues, one after the other.
+  template <typename A>
+  static void forward_grad_rows(const IdidChunk<A>& job) {
+    forward_rows<A>(job);
+    grad_rows<A>(job);
+  }
+
   // D_c over the sorted unit rows (ignored positions carry the label C: they belong to no class).
   template <typename A>
   static Tensor class_density(const Tensor& U, const idid::Layout& L, A t, int64_t /*chunk_rows*/) {
@@ -95,11 +102,34 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad_ic, const Te
                        t, distillation, diversity, ignore_index, chunk_rows);
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_cuda(
+    const Tensor& x, const Tensor& proxies, const Tensor& similarity, const Tensor& labels, double alpha, double tau,
+    double t, double eps, bool distillation, bool diversity, bool adaptive_weight, double diversity_weight,
+    bool class_balanced, int64_t ignore_index, int64_t chunk_rows) {
+  const cuda::DeviceGuard guard(x.device());
+  check_grid(x, proxies);
+  return Ops::fused(x, proxies, similarity, labels, alpha, tau, t, eps, distillation, diversity, adaptive_weight,
+                    diversity_weight, class_balanced, ignore_index, chunk_rows);
+}
+
+std::tuple<Tensor, Tensor, Tensor> fused_backward_cuda(const Tensor& grad_ic, const Tensor& grad_id,
+                                                       const Tensor& dx_ic, const Tensor& dx_id,
+                                                       const Tensor& dproxies, const Tensor& dphi,
+                                                       const Tensor& labels, int64_t ignore_index,
+                                                       bool similarity_grad, int64_t num_classes,
+                                                       at::ScalarType dtype) {
+  const cuda::DeviceGuard guard(dx_ic.device());
+  return Ops::fused_backward(grad_ic, grad_id, dx_ic, dx_id, dproxies, dphi, labels, ignore_index, similarity_grad,
+                             num_classes, dtype);
+}
+
 }  // namespace
 
 IDK_CUDA_LIBRARY_IMPL(m) {
   m.impl("idid_loss_forward", &forward_cuda);
   m.impl("idid_loss_backward", &backward_cuda);
+  m.impl("idid_loss_fused", &fused_cuda);
+  m.impl("idid_loss_fused_backward", &fused_backward_cuda);
 }
 
 }  // namespace idid_kernels

@@ -13,15 +13,18 @@
 //                                                         rows (ignored ones zero) when sorted != null
 //   normalize_backward<A>(g, u, norm, sorted, dtype)      F.normalize backward; sorted rows in, batch
 //                                                         order out when sorted != null
-//   teacher<A>(theta, layout) -> (log r, r)               teacher rows of the present classes (r: rows
-//                                                         layout.teacher_row[k] where defined, else k)
+//   teacher<A>(theta, layout, whole) -> (log r, r)        teacher rows of the present classes (r: rows
+//                                                         layout.teacher_row[k] where defined, else k);
+//                                                         whole: log r's absent rows are written too (0)
 //   teacher_probs<A>(log_r, layout) -> r                  backward: r from the saved log r
 //   forward_rows<A>(chunk)                                per row: lse, lse_nt, kd, ce into row_stats
 //   grad_rows<A>(chunk)                                   per row: z <- G in place, dPhi accumulated
+//   forward_grad_rows<A>(chunk)                           the fused op's: forward_rows then grad_rows
 //   class_density<A>(U, layout, t, chunk_rows)            (C,) D_c (0 where n_c < 2)
 //   diversity_backward<A>(U, layout, t, grad_id, chunk_rows, dU)   dU += grad_id dL_ID/dU
 //   loss_terms<A>(row_stats, density, layout, cfg, dtype) (loss, L_IC, L_ID, lambda)
-//   teacher_grad<A>(layout, opts) -> dphi                 zeros where the gradient pass accumulates (rows as r)
+//   teacher_grad<A>(layout, opts) -> dphi                 zeros where the gradient pass accumulates (rows as r;
+//                                                         (C, C), or (min(B, C), C) where teacher_row is defined)
 //   symmetrize_grad<A>(dphi, grad_ic, layout, dtype)      dTheta = grad_ic (dPhi + dPhi^T) / 2
 //   may_be_nonzero(scalar)                                false only where a zero is seen for free
 // AtenPolicy below implements all but the four row/diversity passes with ATen ops that never read
@@ -34,6 +37,14 @@
 // Forward, per chunk of sorted rows: z = U_c (alpha V)^T (GEMM), then the row statistics. Backward,
 // per chunk: the same GEMM, z <- G in place, dU_c = G (alpha V) and dV += G^T U_c (GEMMs). Extra
 // memory: one chunk of at most ~32 MB, O(B d + C d) unit rows and gradients, the C x C teacher.
+//
+// Fused (a loss that needs a gradient): one pass does both, at unit upstream coefficients, since
+// the gradient is linear in them: per chunk the GEMM, the row statistics, z <- G and the two
+// gradient GEMMs, then the diversity pull into its own buffer. It returns the gradients of L_IC
+// (dx, dproxies, dPhi) and of L_ID (dx), and fused_backward only combines them with the upstream
+// coefficients: dx = grad_ic dx_ic + grad_id dx_id, dproxies = grad_ic dproxies_ic and
+// dTheta = grad_ic (dPhi + dPhi^T) / 2. Three GEMMs instead of four, one row pass fewer, and no
+// recomputation of the layout, unit rows and teacher in backward.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -165,7 +176,7 @@ struct AtenPolicy {
   // log r_kc = Phi_kc - logsumexp_{c' != k} Phi_kc', Phi = (Theta + Theta^T) / 2, for every row; the
   // diagonal and the rows of classes absent from the batch hold 0 in both log r and r.
   template <typename A>
-  static std::tuple<Tensor, Tensor> teacher(const Tensor& theta, const Layout& L) {
+  static std::tuple<Tensor, Tensor> teacher(const Tensor& theta, const Layout& L, bool /*whole*/) {
     Tensor log_r = theta + theta.t();
     log_r.mul_(0.5);
     log_r.diagonal().fill_(-std::numeric_limits<double>::infinity());
@@ -290,7 +301,7 @@ ForwardOutputs forward_impl(const Tensor& x_in, const Tensor& proxies_in, const 
   Tensor row_stats = at::zeros({kNumStats, B}, opts);
   row_stats.select(0, kStatA).copy_(P::template sample_weights<A>(labels, L, cfg.class_balanced));
   Tensor log_r = at::empty({0, 0}, opts), r;
-  if (cfg.distillation) std::tie(log_r, r) = P::template teacher<A>(similarity_in.to(acc).contiguous(), L);
+  if (cfg.distillation) std::tie(log_r, r) = P::template teacher<A>(similarity_in.to(acc).contiguous(), L, true);
 
   IdidChunk<A> job = make_chunk<A>(L, row_stats, cfg);
   job.stats = row_stats.mutable_data_ptr<A>();
@@ -395,13 +406,114 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& grad_ic_in, const
   return {dx, dw, dsim};
 }
 
+using FusedOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// The loss and its gradients at unit upstream coefficients, in one pass (the file comment): (loss,
+// l_ic, l_id, lam, dx_ic, dx_id, dproxies_ic, dphi). The gradients stay in the accumulation dtype;
+// dx_id is (0, d) without the diversity term, dphi (0, 0) without distillation.
+template <typename A, typename P>
+FusedOutputs fused_impl(const Tensor& x_in, const Tensor& proxies_in, const Tensor& similarity_in,
+                        const Tensor& labels_in, const Config& cfg) {
+  const auto acc = acc_dtype_of(x_in);
+  const auto opts = x_in.options().dtype(acc);
+  const Tensor x = x_in.to(acc).contiguous();
+  const Tensor w = proxies_in.to(acc).contiguous();
+  const Tensor labels = labels_in.contiguous();
+  const int64_t B = x.size(0), d = x.size(1), C = w.size(0);
+  const Layout L = P::make_layout(labels, C, cfg.ignore_index);
+
+  const Tensor x_norm = P::template row_norms<A>(x);
+  const Tensor w_norm = P::template row_norms<A>(w);
+  const Tensor U = P::template unit_rows<A>(x, x_norm, &L, 1.0);
+  const Tensor V = P::template unit_rows<A>(w, w_norm, nullptr, 1.0);
+  const Tensor Va = P::template unit_rows<A>(w, w_norm, nullptr, cfg.alpha);
+  const HalfGemm gemm = HalfGemm::for_input(x_in, acc);
+  const Tensor U_op = gemm.operand_of(U), Va_op = gemm.operand_of(Va);
+
+  Tensor row_stats = at::zeros({kNumStats, B}, opts);
+  row_stats.select(0, kStatA).copy_(P::template sample_weights<A>(labels, L, cfg.class_balanced));
+  // Absent classes' rows of log r are never read here: they are left unwritten.
+  Tensor log_r, r;
+  if (cfg.distillation) std::tie(log_r, r) = P::template teacher<A>(similarity_in.to(acc).contiguous(), L, false);
+  Tensor dphi = cfg.distillation ? P::template teacher_grad<A>(L, opts) : at::empty({0, 0}, opts);
+  const Tensor unit = at::ones({}, opts);
+
+  IdidChunk<A> job = make_chunk<A>(L, row_stats, cfg);
+  job.stats = row_stats.mutable_data_ptr<A>();
+  job.grad_ic = unit.const_data_ptr<A>();
+  if (cfg.distillation) {
+    job.r = r.const_data_ptr<A>();
+    job.log_r = log_r.const_data_ptr<A>();
+    job.dphi = dphi.mutable_data_ptr<A>();
+  }
+  Tensor dU = at::empty({B, d}, opts), dV = at::empty({C, d}, opts);
+  const int64_t active = P::active_rows(L);
+  if (active < B) dU.narrow(0, active, B - active).zero_();  // the ignored rows, sorted last
+  if (active > 0) {
+    const int64_t chunk = chunk_rows_for(cfg.chunk_rows, C, sizeof(A), active);
+    Tensor zbuf = at::empty({chunk, C}, opts);
+    for (int64_t j0 = 0; j0 < active; j0 += chunk) {
+      const int64_t rows = std::min(chunk, active - j0);
+      Tensor zc = zbuf.narrow(0, 0, rows);
+      const Tensor Uc = U_op.narrow(0, j0, rows);
+      gemm.mm_out(zc, Uc, Va_op.t());
+      job.z = zc.mutable_data_ptr<A>();
+      job.j0 = j0;
+      job.rows = rows;
+      P::template forward_grad_rows<A>(job);  // the row statistics, then z <- G (grad_ic = 1), dPhi
+      const Tensor g_op = gemm.operand_of(zc);
+      Tensor dUc = dU.narrow(0, j0, rows);
+      gemm.mm_out(dUc, g_op, Va_op);  // alpha G V
+      if (j0 == 0) {
+        gemm.mm_out(dV, g_op.t(), Uc);  // G^T U, scaled by alpha below
+      } else {
+        gemm.addmm_(dV, g_op.t(), Uc);
+      }
+    }
+    dV.mul_(cfg.alpha);
+  } else {
+    dV.zero_();
+  }
+  Tensor dU_id = at::empty({0, d}, opts), density;
+  if (cfg.diversity) {
+    density = P::template class_density<A>(U, L, static_cast<A>(cfg.t), cfg.chunk_rows);
+    dU_id = at::zeros({B, d}, opts);
+    if (active > 0) P::template diversity_backward<A>(U, L, static_cast<A>(cfg.t), unit, cfg.chunk_rows, dU_id);
+  }
+  const auto [loss, l_ic, l_id, lam] = P::template loss_terms<A>(row_stats, density, L, cfg, x_in.scalar_type());
+  const Tensor dx_ic = P::template normalize_backward<A>(dU, U, x_norm, &L, acc);  // sorted -> batch order
+  const Tensor dx_id = cfg.diversity ? P::template normalize_backward<A>(dU_id, U, x_norm, &L, acc) : dU_id;
+  const Tensor dw = P::template normalize_backward<A>(dV, V, w_norm, nullptr, acc);
+  return {loss, l_ic, l_id, lam, dx_ic, dx_id, dw, dphi};
+}
+
+// (dx, dproxies, dsimilarity) from the fused pass's gradients and the upstream coefficients, cast
+// to dtype; dsimilarity is (0, 0) unless similarity_grad (distillation, and the similarity needs it).
+template <typename A, typename P>
+std::tuple<Tensor, Tensor, Tensor> fused_backward_impl(const Tensor& grad_ic_in, const Tensor& grad_id_in,
+                                                       const Tensor& dx_ic, const Tensor& dx_id, const Tensor& dw,
+                                                       const Tensor& dphi, const Tensor& labels, int64_t ignore_index,
+                                                       bool similarity_grad, int64_t C, at::ScalarType dtype) {
+  const auto opts = dx_ic.options();
+  const Tensor gi = grad_ic_in.to(opts).reshape({});
+  const Tensor gd = grad_id_in.to(opts).reshape({});
+  Tensor dx = dx_ic * gi;
+  if (dx_id.numel() > 0) dx.addcmul_(dx_id, gd);
+  Tensor dsim = at::empty({0, 0}, opts.dtype(dtype));
+  if (similarity_grad) {
+    const Layout L = P::make_layout(labels.contiguous(), C, ignore_index);
+    dsim = P::template symmetrize_grad<A>(dphi, gi, L, dtype);
+  }
+  return {dx.to(dtype), (dw * gi).to(dtype), dsim};
+}
+
 // The two op entry points over one device's policy.
 template <typename P>
 struct IdidOps {
-  static ForwardOutputs forward(const Tensor& x, const Tensor& proxies, const Tensor& similarity,
-                                const Tensor& labels, double alpha, double tau, double t, double eps,
-                                bool distillation, bool diversity, bool adaptive_weight, double diversity_weight,
-                                bool class_balanced, int64_t ignore_index, int64_t chunk_rows) {
+  static Config forward_config(const Tensor& x, const Tensor& proxies, const Tensor& similarity, const Tensor& labels,
+                               double alpha, double tau, double t, double eps, bool distillation, bool diversity,
+                               bool adaptive_weight, double diversity_weight, bool class_balanced,
+                               int64_t ignore_index, int64_t chunk_rows) {
     check_inputs(x, proxies, labels);
     const int64_t C = proxies.size(0);
     TORCH_CHECK(similarity.dim() == 2 && similarity.size(0) == C && similarity.size(1) == C,
@@ -411,10 +523,68 @@ struct IdidOps {
     TORCH_CHECK(similarity.device() == x.device(), "idid_loss: similarity is on ", similarity.device(),
                 " but x is on ", x.device());
     TORCH_CHECK(alpha > 0 && tau > 0 && t > 0 && eps > 0, "idid_loss: alpha, tau, t, eps must be > 0");
-    const Config cfg{alpha,           tau,         t, eps, distillation, diversity, adaptive_weight, diversity_weight,
-                     class_balanced, ignore_index, chunk_rows};
+    return Config{alpha,           tau,         t, eps, distillation, diversity, adaptive_weight, diversity_weight,
+                  class_balanced, ignore_index, chunk_rows};
+  }
+
+  static ForwardOutputs forward(const Tensor& x, const Tensor& proxies, const Tensor& similarity,
+                                const Tensor& labels, double alpha, double tau, double t, double eps,
+                                bool distillation, bool diversity, bool adaptive_weight, double diversity_weight,
+                                bool class_balanced, int64_t ignore_index, int64_t chunk_rows) {
+    const Config cfg = forward_config(x, proxies, similarity, labels, alpha, tau, t, eps, distillation, diversity,
+                                      adaptive_weight, diversity_weight, class_balanced, ignore_index, chunk_rows);
     if (x.scalar_type() == at::kDouble) return forward_impl<double, P>(x, proxies, similarity, labels, cfg);
     return forward_impl<float, P>(x, proxies, similarity, labels, cfg);
+  }
+
+  static FusedOutputs fused(const Tensor& x, const Tensor& proxies, const Tensor& similarity, const Tensor& labels,
+                            double alpha, double tau, double t, double eps, bool distillation, bool diversity,
+                            bool adaptive_weight, double diversity_weight, bool class_balanced, int64_t ignore_index,
+                            int64_t chunk_rows) {
+    const Config cfg = forward_config(x, proxies, similarity, labels, alpha, tau, t, eps, distillation, diversity,
+                                      adaptive_weight, diversity_weight, class_balanced, ignore_index, chunk_rows);
+    if (x.scalar_type() == at::kDouble) return fused_impl<double, P>(x, proxies, similarity, labels, cfg);
+    return fused_impl<float, P>(x, proxies, similarity, labels, cfg);
+  }
+
+  static std::tuple<Tensor, Tensor, Tensor> fused_backward(const Tensor& grad_ic, const Tensor& grad_id,
+                                                           const Tensor& dx_ic, const Tensor& dx_id,
+                                                           const Tensor& dproxies, const Tensor& dphi,
+                                                           const Tensor& labels, int64_t ignore_index,
+                                                           bool similarity_grad, int64_t num_classes,
+                                                           at::ScalarType dtype) {
+    TORCH_CHECK(grad_ic.numel() == 1 && grad_id.numel() == 1,
+                "idid_loss_fused_backward: grad_ic and grad_id must be scalars");
+    TORCH_CHECK(dx_ic.dim() == 2 && (dx_ic.scalar_type() == at::kFloat || dx_ic.scalar_type() == at::kDouble),
+                "idid_loss_fused_backward: dx_ic must be a 2-D float32 or float64 tensor, got ", dx_ic.sizes(), " ",
+                dx_ic.scalar_type());
+    const int64_t B = dx_ic.size(0), d = dx_ic.size(1);
+    const auto acc = dx_ic.scalar_type();
+    TORCH_CHECK(dx_id.dim() == 2 && (dx_id.size(0) == B || dx_id.size(0) == 0) && dx_id.size(1) == d &&
+                    dx_id.scalar_type() == acc,
+                "idid_loss_fused_backward: dx_id must be (", B, ", ", d, ") or (0, ", d, ") ", acc, ", got ",
+                dx_id.sizes(), " ", dx_id.scalar_type());
+    TORCH_CHECK(dproxies.dim() == 2 && dproxies.size(0) == num_classes && dproxies.size(1) == d &&
+                    dproxies.scalar_type() == acc,
+                "idid_loss_fused_backward: dproxies must be (", num_classes, ", ", d, ") ", acc, ", got ",
+                dproxies.sizes(), " ", dproxies.scalar_type());
+    TORCH_CHECK(labels.dim() == 1 && labels.size(0) == B && labels.scalar_type() == at::kLong,
+                "idid_loss_fused_backward: labels must be (", B, ",) int64, got ", labels.sizes(), " ",
+                labels.scalar_type());
+    if (similarity_grad) {
+      TORCH_CHECK(dphi.dim() == 2 && dphi.size(1) == num_classes && dphi.size(0) <= num_classes &&
+                      dphi.scalar_type() == acc,
+                  "idid_loss_fused_backward: dphi must be (rows <= ", num_classes, ", ", num_classes, ") ", acc,
+                  ", got ", dphi.sizes(), " ", dphi.scalar_type());
+    }
+    const Tensor dx_ic_c = dx_ic.contiguous(), dx_id_c = dx_id.contiguous(), dw_c = dproxies.contiguous();
+    const Tensor dphi_c = dphi.contiguous();
+    if (acc == at::kDouble) {
+      return fused_backward_impl<double, P>(grad_ic, grad_id, dx_ic_c, dx_id_c, dw_c, dphi_c, labels, ignore_index,
+                                            similarity_grad, num_classes, dtype);
+    }
+    return fused_backward_impl<float, P>(grad_ic, grad_id, dx_ic_c, dx_id_c, dw_c, dphi_c, labels, ignore_index,
+                                         similarity_grad, num_classes, dtype);
   }
 
   static std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_ic, const Tensor& grad_id, const Tensor& x,
