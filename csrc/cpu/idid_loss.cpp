@@ -196,13 +196,7 @@ void teacher_rows(const A* theta, const int64_t* count, const int64_t* trow, int
         if (whole) std::fill(lr, lr + C, A(0));
         continue;
       }
-      const A m = std::max(cpu::vmax(lr, k), cpu::vmax(lr + k + 1, C - k - 1));
-      const A lse = m + std::log(cpu::vsum_exp(lr, k, A(1), m) + cpu::vsum_exp(lr + k + 1, C - k - 1, A(1), m));
-      for (int64_t c = 0; c < C; ++c) lr[c] -= lse;
-      lr[k] = 0;
-      A* rk = r + trow[k] * C;
-      cpu::vexp(lr, rk, C, A(1), A(0));
-      rk[k] = 0;
+      cpu::vteacher_row(lr, r + trow[k] * C, C, k);
     }
   });
 }

@@ -50,6 +50,36 @@ IDK_FORCE_INLINE void exp_impl(const A* x, A* y, int64_t n, A scale, A shift) {
   for (int64_t i = 0; i < n; ++i) y[i] = exp_approx(x[i] * scale - shift);
 }
 
+// y[i] = exp(x[i] - shift), returning their sum.
+template <typename A>
+IDK_FORCE_INLINE A store_exp_impl(const A* __restrict x, A* __restrict y, int64_t n, A shift) {
+  A s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) {
+    const A e = exp_approx(x[i] - shift);
+    y[i] = e;
+    s += e;
+  }
+  return s;
+}
+
+// One teacher row, k the diagonal: the max and the exps over c != k once, then log r = phi - lse
+// and r = e / sum (one exp per element).
+template <typename A>
+IDK_FORCE_INLINE void teacher_row_impl(A* __restrict lr, A* __restrict r, int64_t n, int64_t k) {
+  using std::log;
+  const A m = std::max(max_impl(lr, k), max_impl(lr + k + 1, n - k - 1));
+  const A sum = store_exp_impl(lr, r, k, m) + store_exp_impl(lr + k + 1, r + k + 1, n - k - 1, m);
+  const A lse = m + log(sum), inv = A(1) / sum;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    lr[i] -= lse;
+    r[i] *= inv;
+  }
+  lr[k] = 0;
+  r[k] = 0;
+}
+
 template <typename A>
 IDK_FORCE_INLINE A sum_kappa_impl(const A* __restrict g, int64_t n, A t) {
   A s = 0;
@@ -119,6 +149,9 @@ IDK_CPU_CLONES void vexp(const float* x, float* y, int64_t n, float scale, float
   exp_impl(x, y, n, scale, shift);
 }
 void vexp(const double* x, double* y, int64_t n, double scale, double shift) { exp_impl(x, y, n, scale, shift); }
+
+IDK_CPU_CLONES void vteacher_row(float* log_r, float* r, int64_t n, int64_t k) { teacher_row_impl(log_r, r, n, k); }
+void vteacher_row(double* log_r, double* r, int64_t n, int64_t k) { teacher_row_impl(log_r, r, n, k); }
 
 IDK_CPU_CLONES float vsum_kappa(const float* g, int64_t n, float t) { return sum_kappa_impl(g, n, t); }
 double vsum_kappa(const double* g, int64_t n, double t) { return sum_kappa_impl(g, n, t); }

@@ -23,6 +23,11 @@ double vsum_exp(const double* x, int64_t n, double scale, double shift);
 void vexp(const float* x, float* y, int64_t n, float scale, float shift);
 void vexp(const double* x, double* y, int64_t n, double scale, double shift);
 
+// A teacher row from its Phi row (in log_r, diagonal k): log_r[c] = Phi_c - logsumexp_{c' != k}
+// Phi_c' and r[c] = exp(log_r[c]) (formed as e_c / sum e), both 0 at c = k.
+void vteacher_row(float* log_r, float* r, int64_t n, int64_t k);
+void vteacher_row(double* log_r, double* r, int64_t n, int64_t k);
+
 // sum_i kappa(g[i]) and g[i] <- kappa(g[i]) for the diversity kernel kappa(g) = exp(t (g - 1)).
 float vsum_kappa(const float* g, int64_t n, float t);
 double vsum_kappa(const double* g, int64_t n, double t);
