@@ -60,7 +60,9 @@ def no_double_backward(op: str) -> None:
 
 
 def _has_tangent(args) -> bool:
-    if not torch._C._is_fwd_grad_enabled():
+    # No dual level entered (forward_ad.dual_level, which torch.func.jvp enters too): no tensor can
+    # carry a tangent, and the per-argument unpacking below is skipped.
+    if getattr(forward_ad, "_current_level", 0) < 0 or not torch._C._is_fwd_grad_enabled():
         return False
     return any(isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent is not None for a in args)
 

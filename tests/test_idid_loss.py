@@ -744,6 +744,24 @@ def test_bitwise_determinism(backend, mode, monkeypatch):
     assert max(rel_err(a.cpu(), b_) for a, b_ in zip(first[4:], truth)) <= F32_TOL[1]
 
 
+@pytest.mark.parametrize("c", [7, 40, 67, 96])
+@pytest.mark.parametrize("present", ["most", "few"])
+def test_cpp_similarity_gradient_entrywise(c, present):
+    """dTheta = (dPhi + dPhi^T) / 2 in float32 on the cpu: formed whole in 8 x 8 blocks once at least
+    C / 4 classes are present ("most"), from the present rows alone below that ("few"). C takes
+    values off the 8-block and 32-row band sizes, so blocks crossing C run too. Entry by entry
+    against the float64 reference, exactly symmetric, diagonal exactly 0."""
+    g = make_gen(80 + c)
+    labels = (torch.randint(0, c, (3 * c,), generator=g) if present == "most"
+              else torch.randperm(c, generator=g)[:max(1, c // 8)])
+    tensors, labels = _inputs(81, labels, c, 8)
+    _, (_, _, ds) = _run("cpp", tensors, labels, F32, (1.0, 0.3, 0.2), **_kw())
+    _, (_, _, truth) = _truth(tensors, labels, (1.0, 0.3, 0.2), **_kw())
+    assert torch.equal(ds, ds.t())
+    assert torch.count_nonzero(ds.diagonal()) == 0
+    torch.testing.assert_close(ds.double(), truth, rtol=1e-4, atol=1e-5 * truth.abs().max().item())
+
+
 @pytest.mark.parametrize("pattern", ["mixed", "imbalanced"])
 def test_cpp_thread_count_does_not_change_the_result(pattern):
     """The cpp row passes split work between threads along class runs (the fused op's row pass) or
