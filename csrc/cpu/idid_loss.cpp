@@ -51,6 +51,10 @@ using at::Tensor;
 
 int64_t grain_rows(int64_t row_len) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(row_len, 1)); }
 
+// The (rows x d) passes of the normalisation (norms, unit rows, their backward) are a few flops per
+// element: a quarter of the grain already pays for a second thread.
+int64_t grain_unit_rows(int64_t d) { return std::max<int64_t>(1, kGrainElems / 4 / std::max<int64_t>(d, 1)); }
+
 // Rows of sorted positions that take part: the valid rows sort first (host read: CPU tensors).
 int64_t valid_rows(const idid::Layout& L) { return L.start.const_data_ptr<int64_t>()[L.num_classes]; }
 
@@ -59,7 +63,7 @@ int64_t present_count(const idid::Layout& L) { return L.classes_present.item<int
 
 template <typename A>
 void row_norms(const A* x, int64_t n, int64_t d, A* out) {
-  at::parallel_for(0, n, grain_rows(d), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, grain_unit_rows(d), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) out[i] = cpu::row_norm<A, A>(x + i * d, d);
   });
 }
@@ -67,13 +71,12 @@ void row_norms(const A* x, int64_t n, int64_t d, A* out) {
 // unit[j] = scale * x[src] / max(||x[src]||, 1e-12), src = rows ? rows[j] : j (F.normalize).
 template <typename A>
 void unit_rows(const A* x, const A* norms, const int64_t* rows, int64_t n, int64_t d, A scale, A* unit) {
-  at::parallel_for(0, n, grain_rows(d), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, grain_unit_rows(d), [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       const int64_t src = rows ? rows[j] : j;
       const A inv = scale / norm_floor(norms[src]);
       const A* xr = x + src * d;
-      A* ur = unit + j * d;
-      for (int64_t k = 0; k < d; ++k) ur[k] = xr[k] * inv;
+      cpu::vscale(xr, inv, unit + j * d, d);
     }
   });
 }
@@ -83,7 +86,7 @@ void unit_rows(const A* x, const A* norms, const int64_t* rows, int64_t n, int64
 template <typename scalar_t, typename A>
 void normalize_backward(const A* grad_u, const A* unit, const A* norms, const int64_t* rows, int64_t n, int64_t d,
                         scalar_t* out) {
-  at::parallel_for(0, n, grain_rows(d), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, grain_unit_rows(d), [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       const int64_t dst = rows ? rows[j] : j;
       const A r = norms[dst];
@@ -92,7 +95,11 @@ void normalize_backward(const A* grad_u, const A* unit, const A* norms, const in
       const A radial = norm_above_floor(r) ? cpu::vdot(g, u, d) : A(0);
       const A inv = A(1) / norm_floor(r);
       scalar_t* o = out + dst * d;
-      for (int64_t k = 0; k < d; ++k) o[k] = static_cast<scalar_t>((g[k] - radial * u[k]) * inv);
+      if constexpr (std::is_same_v<scalar_t, A>) {
+        cpu::vproject(g, u, radial, inv, o, d);
+      } else {
+        for (int64_t k = 0; k < d; ++k) o[k] = static_cast<scalar_t>((g[k] - radial * u[k]) * inv);
+      }
     }
   });
 }

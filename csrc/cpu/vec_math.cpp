@@ -103,6 +103,19 @@ IDK_FORCE_INLINE A dot_impl(const A* __restrict a, const A* __restrict b, int64_
 }
 
 template <typename A>
+IDK_FORCE_INLINE void scale_impl(const A* __restrict x, A scale, A* __restrict y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * scale;
+}
+
+template <typename A>
+IDK_FORCE_INLINE void project_impl(const A* __restrict g, const A* __restrict u, A radial, A inv, A* __restrict o,
+                                   int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) o[i] = (g[i] - radial * u[i]) * inv;
+}
+
+template <typename A>
 IDK_FORCE_INLINE A kl_sum_impl(const A* __restrict r, const A* __restrict log_r, const A* __restrict x, int64_t n,
                                A inv_tau) {
   A s = 0;
@@ -161,6 +174,16 @@ void vkappa(double* g, int64_t n, double t) { kappa_impl(g, n, t); }
 
 IDK_CPU_CLONES float vdot(const float* a, const float* b, int64_t n) { return dot_impl(a, b, n); }
 double vdot(const double* a, const double* b, int64_t n) { return dot_impl(a, b, n); }
+
+IDK_CPU_CLONES void vscale(const float* x, float scale, float* y, int64_t n) { scale_impl(x, scale, y, n); }
+void vscale(const double* x, double scale, double* y, int64_t n) { scale_impl(x, scale, y, n); }
+
+IDK_CPU_CLONES void vproject(const float* g, const float* u, float radial, float inv, float* o, int64_t n) {
+  project_impl(g, u, radial, inv, o, n);
+}
+void vproject(const double* g, const double* u, double radial, double inv, double* o, int64_t n) {
+  project_impl(g, u, radial, inv, o, n);
+}
 
 IDK_CPU_CLONES float vkl_sum(const float* r, const float* log_r, const float* x, int64_t n, float inv_tau) {
   return kl_sum_impl(r, log_r, x, n, inv_tau);

@@ -38,6 +38,14 @@ void vkappa(double* g, int64_t n, double t);
 float vdot(const float* a, const float* b, int64_t n);
 double vdot(const double* a, const double* b, int64_t n);
 
+// y[i] = x[i] * scale.
+void vscale(const float* x, float scale, float* y, int64_t n);
+void vscale(const double* x, double scale, double* y, int64_t n);
+
+// o[i] = (g[i] - radial * u[i]) * inv: a row of the normalisation backward.
+void vproject(const float* g, const float* u, float radial, float inv, float* o, int64_t n);
+void vproject(const double* g, const double* u, double radial, double inv, double* o, int64_t n);
+
 // sum_i r[i] * (log_r[i] - x[i] * inv_tau): the KL sum of kd (common/idid_math.h kd_summand).
 float vkl_sum(const float* r, const float* log_r, const float* x, int64_t n, float inv_tau);
 double vkl_sum(const double* r, const double* log_r, const double* x, int64_t n, double inv_tau);
