@@ -154,13 +154,14 @@ def cm_margin_loss(x, weight, labels, params: MarginParams, *, s, contraction, n
                       acc_itemsize=8 if x.dtype == torch.float64 else 4, device_type=x.device.type, target=target)
     acc = _acc(x.dtype)
     valid = labels != ignore_index
-    # The index into class_weight stays in range even for labels the (skippable) label check would
-    # have refused: the kernels give such rows a NaN loss, never an out-of-bounds read here.
-    in_range = valid & (labels >= 0) & (labels < weight.shape[0])
-    safe = torch.where(in_range, labels, torch.zeros_like(labels))
-    w_rows = (torch.ones(labels.shape, dtype=acc, device=x.device) if class_weight is None
-              else class_weight.to(acc)[safe])
-    w_rows = torch.where(valid, w_rows, torch.zeros_like(w_rows))
+    if class_weight is None:
+        w_rows = valid.to(acc)
+    else:
+        # The index into class_weight stays in range even for labels the (skippable) label check
+        # would have refused: the kernels give such rows a NaN loss, never an out-of-bounds read here.
+        in_range = valid & (labels >= 0) & (labels < weight.shape[0])
+        safe = torch.where(in_range, labels, torch.zeros_like(labels))
+        w_rows = torch.where(valid, class_weight.to(acc)[safe], torch.zeros((), dtype=acc, device=x.device))
     # The fused path's backward scales gradients formed in the forward pass, which nothing could
     # differentiate again; under torch.func transforms the forward/backward ops are used, whose
     # backward op refuses a second derivative instead of giving a silently wrong one.
