@@ -280,35 +280,62 @@ IdidChunk<A> make_chunk(const Layout& L, const Tensor& row_stats, const Config& 
   return job;
 }
 
+// What the forward and the fused op set up alike: inputs in the accumulation dtype, the sorted
+// layout, norms, the unit rows U (sorted) and alpha V, zeroed row statistics holding the sample
+// weights, the teacher (log r whole or present rows only) and the chunk job pointing at them.
+template <typename A>
+struct ForwardSetup {
+  at::TensorOptions opts;
+  Tensor x, w, labels;
+  int64_t B, d, C;
+  Layout L;
+  Tensor x_norm, w_norm, U, Va;
+  HalfGemm gemm;
+  Tensor U_op, Va_op, row_stats, log_r, r;
+  IdidChunk<A> job;
+};
+
 template <typename A, typename P>
-ForwardOutputs forward_impl(const Tensor& x_in, const Tensor& proxies_in, const Tensor& similarity_in,
-                            const Tensor& labels_in, const Config& cfg) {
+ForwardSetup<A> setup_forward(const Tensor& x_in, const Tensor& proxies_in, const Tensor& similarity_in,
+                              const Tensor& labels_in, const Config& cfg, bool whole_teacher) {
   const auto acc = acc_dtype_of(x_in);
   const auto opts = x_in.options().dtype(acc);
   const Tensor x = x_in.to(acc).contiguous();
   const Tensor w = proxies_in.to(acc).contiguous();
   const Tensor labels = labels_in.contiguous();
-  const int64_t B = x.size(0), C = w.size(0);
-  const Layout L = P::make_layout(labels, C, cfg.ignore_index);
-
+  const int64_t C = w.size(0);
+  Layout L = P::make_layout(labels, C, cfg.ignore_index);
   const Tensor x_norm = P::template row_norms<A>(x);
   const Tensor w_norm = P::template row_norms<A>(w);
   const Tensor U = P::template unit_rows<A>(x, x_norm, &L, 1.0);
   const Tensor Va = P::template unit_rows<A>(w, w_norm, nullptr, cfg.alpha);
   const HalfGemm gemm = HalfGemm::for_input(x_in, acc);
-  const Tensor U_op = gemm.operand_of(U), Va_op = gemm.operand_of(Va);
-
-  Tensor row_stats = at::zeros({kNumStats, B}, opts);
+  Tensor row_stats = at::zeros({kNumStats, x.size(0)}, opts);
   row_stats.select(0, kStatA).copy_(P::template sample_weights<A>(labels, L, cfg.class_balanced));
   Tensor log_r = at::empty({0, 0}, opts), r;
-  if (cfg.distillation) std::tie(log_r, r) = P::template teacher<A>(similarity_in.to(acc).contiguous(), L, true);
-
+  if (cfg.distillation) {
+    std::tie(log_r, r) = P::template teacher<A>(similarity_in.to(acc).contiguous(), L, whole_teacher);
+  }
   IdidChunk<A> job = make_chunk<A>(L, row_stats, cfg);
   job.stats = row_stats.mutable_data_ptr<A>();
   if (cfg.distillation) {
     job.r = r.const_data_ptr<A>();
     job.log_r = log_r.const_data_ptr<A>();
   }
+  return {opts,   x,      w,      labels,    x.size(0), x.size(1), C,   std::move(L),
+          x_norm, w_norm, U,      Va,        gemm,      gemm.operand_of(U), gemm.operand_of(Va), row_stats,
+          log_r,  r,      job};
+}
+
+template <typename A, typename P>
+ForwardOutputs forward_impl(const Tensor& x_in, const Tensor& proxies_in, const Tensor& similarity_in,
+                            const Tensor& labels_in, const Config& cfg) {
+  ForwardSetup<A> f = setup_forward<A, P>(x_in, proxies_in, similarity_in, labels_in, cfg, true);
+  const Layout& L = f.L;
+  const int64_t C = f.C;
+  const auto& opts = f.opts;
+  const HalfGemm& gemm = f.gemm;
+  IdidChunk<A>& job = f.job;
   const int64_t active = P::active_rows(L);
   if (active > 0) {
     const int64_t chunk = chunk_rows_for(cfg.chunk_rows, C, sizeof(A), active);
@@ -316,7 +343,7 @@ ForwardOutputs forward_impl(const Tensor& x_in, const Tensor& proxies_in, const 
     for (int64_t j0 = 0; j0 < active; j0 += chunk) {
       const int64_t rows = std::min(chunk, active - j0);
       Tensor zc = zbuf.narrow(0, 0, rows);
-      gemm.mm_out(zc, U_op.narrow(0, j0, rows), Va_op.t());
+      gemm.mm_out(zc, f.U_op.narrow(0, j0, rows), f.Va_op.t());
       job.z = zc.mutable_data_ptr<A>();
       job.j0 = j0;
       job.rows = rows;
@@ -325,9 +352,39 @@ ForwardOutputs forward_impl(const Tensor& x_in, const Tensor& proxies_in, const 
   }
 
   const Tensor density =
-      cfg.diversity ? P::template class_density<A>(U, L, static_cast<A>(cfg.t), cfg.chunk_rows) : Tensor();
-  const auto [loss, l_ic, l_id, lam] = P::template loss_terms<A>(row_stats, density, L, cfg, x_in.scalar_type());
-  return {loss, l_ic, l_id, lam, row_stats, x_norm, w_norm, log_r};
+      cfg.diversity ? P::template class_density<A>(f.U, L, static_cast<A>(cfg.t), cfg.chunk_rows) : Tensor();
+  const auto [loss, l_ic, l_id, lam] = P::template loss_terms<A>(f.row_stats, density, L, cfg, x_in.scalar_type());
+  return {loss, l_ic, l_id, lam, f.row_stats, f.x_norm, f.w_norm, f.log_r};
+}
+
+// The chunk loop of the gradient passes over the active (sorted) rows: per chunk z = U (alpha V)^T,
+// row_pass(job) turns z into G in place, then dU's rows = G (alpha V) and dV = alpha G^T U, summed
+// over the chunks (the first chunk's GEMM writes dV, the others add to it, alpha is applied once).
+template <typename A, typename RowPass>
+void gradient_chunks(IdidChunk<A>& job, const HalfGemm& gemm, const Tensor& U_op, const Tensor& Va_op, int64_t active,
+                     const Config& cfg, const at::TensorOptions& opts, Tensor& dU, Tensor& dV, RowPass row_pass) {
+  const int64_t C = Va_op.size(0);
+  const int64_t chunk = chunk_rows_for(cfg.chunk_rows, C, sizeof(A), active);
+  Tensor zbuf = at::empty({chunk, C}, opts);
+  for (int64_t j0 = 0; j0 < active; j0 += chunk) {
+    const int64_t rows = std::min(chunk, active - j0);
+    Tensor zc = zbuf.narrow(0, 0, rows);
+    const Tensor Uc = U_op.narrow(0, j0, rows);
+    gemm.mm_out(zc, Uc, Va_op.t());
+    job.z = zc.mutable_data_ptr<A>();
+    job.j0 = j0;
+    job.rows = rows;
+    row_pass(job);
+    const Tensor g_op = gemm.operand_of(zc);
+    Tensor dUc = dU.narrow(0, j0, rows);
+    gemm.mm_out(dUc, g_op, Va_op);  // alpha G V
+    if (j0 == 0) {
+      gemm.mm_out(dV, g_op.t(), Uc);  // G^T U, scaled by alpha below
+    } else {
+      gemm.addmm_(dV, g_op.t(), Uc);
+    }
+  }
+  dV.mul_(cfg.alpha);
 }
 
 template <typename A, typename P>
@@ -376,23 +433,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& grad_ic_in, const
       job.log_r = log_r.const_data_ptr<A>();
       job.dphi = dphi.mutable_data_ptr<A>();
     }
-    const int64_t chunk = chunk_rows_for(cfg.chunk_rows, C, sizeof(A), active);
-    Tensor zbuf = at::empty({chunk, C}, opts);
-    const Tensor U_op = gemm.operand_of(U), Va_op = gemm.operand_of(Va);
-    for (int64_t j0 = 0; j0 < active; j0 += chunk) {
-      const int64_t rows = std::min(chunk, active - j0);
-      Tensor zc = zbuf.narrow(0, 0, rows);
-      const Tensor Uc = U_op.narrow(0, j0, rows);
-      gemm.mm_out(zc, Uc, Va_op.t());
-      job.z = zc.mutable_data_ptr<A>();
-      job.j0 = j0;
-      job.rows = rows;
-      P::template grad_rows<A>(job);  // z <- G, dPhi accumulated
-      const Tensor g_op = gemm.operand_of(zc);
-      Tensor dUc = dU.narrow(0, j0, rows);
-      gemm.mm_out(dUc, g_op, Va_op);             // alpha G V
-      gemm.addmm_(dV, g_op.t(), Uc, cfg.alpha);  // alpha G^T U
-    }
+    gradient_chunks<A>(job, gemm, gemm.operand_of(U), gemm.operand_of(Va), active, cfg, opts, dU, dV,
+                       [](IdidChunk<A>& j) { P::template grad_rows<A>(j); });  // z <- G, dPhi accumulated
   }
   if (cfg.diversity && active > 0 && P::may_be_nonzero(grad_id)) {
     P::template diversity_backward<A>(U, L, static_cast<A>(cfg.t), grad_id, cfg.chunk_rows, dU);
@@ -414,63 +456,28 @@ using FusedOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, 
 template <typename A, typename P>
 FusedOutputs fused_impl(const Tensor& x_in, const Tensor& proxies_in, const Tensor& similarity_in,
                         const Tensor& labels_in, const Config& cfg) {
-  const auto acc = acc_dtype_of(x_in);
-  const auto opts = x_in.options().dtype(acc);
-  const Tensor x = x_in.to(acc).contiguous();
-  const Tensor w = proxies_in.to(acc).contiguous();
-  const Tensor labels = labels_in.contiguous();
-  const int64_t B = x.size(0), d = x.size(1), C = w.size(0);
-  const Layout L = P::make_layout(labels, C, cfg.ignore_index);
-
-  const Tensor x_norm = P::template row_norms<A>(x);
-  const Tensor w_norm = P::template row_norms<A>(w);
-  const Tensor U = P::template unit_rows<A>(x, x_norm, &L, 1.0);
-  const Tensor V = P::template unit_rows<A>(w, w_norm, nullptr, 1.0);
-  const Tensor Va = P::template unit_rows<A>(w, w_norm, nullptr, cfg.alpha);
-  const HalfGemm gemm = HalfGemm::for_input(x_in, acc);
-  const Tensor U_op = gemm.operand_of(U), Va_op = gemm.operand_of(Va);
-
-  Tensor row_stats = at::zeros({kNumStats, B}, opts);
-  row_stats.select(0, kStatA).copy_(P::template sample_weights<A>(labels, L, cfg.class_balanced));
   // Absent classes' rows of log r are never read here: they are left unwritten.
-  Tensor log_r, r;
-  if (cfg.distillation) std::tie(log_r, r) = P::template teacher<A>(similarity_in.to(acc).contiguous(), L, false);
+  ForwardSetup<A> f = setup_forward<A, P>(x_in, proxies_in, similarity_in, labels_in, cfg, false);
+  const Layout& L = f.L;
+  const int64_t B = f.B, d = f.d, C = f.C;
+  const auto& opts = f.opts;
+  const auto acc = opts.dtype().toScalarType();
+  const HalfGemm& gemm = f.gemm;
+  const Tensor &U = f.U, &U_op = f.U_op, &Va_op = f.Va_op, &x_norm = f.x_norm, &w_norm = f.w_norm;
+  const Tensor& row_stats = f.row_stats;
+  const Tensor V = P::template unit_rows<A>(f.w, w_norm, nullptr, 1.0);
   Tensor dphi = cfg.distillation ? P::template teacher_grad<A>(L, opts) : at::empty({0, 0}, opts);
   const Tensor unit = at::ones({}, opts);
-
-  IdidChunk<A> job = make_chunk<A>(L, row_stats, cfg);
-  job.stats = row_stats.mutable_data_ptr<A>();
+  IdidChunk<A>& job = f.job;
   job.grad_ic = unit.const_data_ptr<A>();
-  if (cfg.distillation) {
-    job.r = r.const_data_ptr<A>();
-    job.log_r = log_r.const_data_ptr<A>();
-    job.dphi = dphi.mutable_data_ptr<A>();
-  }
+  if (cfg.distillation) job.dphi = dphi.mutable_data_ptr<A>();
   Tensor dU = at::empty({B, d}, opts), dV = at::empty({C, d}, opts);
   const int64_t active = P::active_rows(L);
   if (active < B) dU.narrow(0, active, B - active).zero_();  // the ignored rows, sorted last
   if (active > 0) {
-    const int64_t chunk = chunk_rows_for(cfg.chunk_rows, C, sizeof(A), active);
-    Tensor zbuf = at::empty({chunk, C}, opts);
-    for (int64_t j0 = 0; j0 < active; j0 += chunk) {
-      const int64_t rows = std::min(chunk, active - j0);
-      Tensor zc = zbuf.narrow(0, 0, rows);
-      const Tensor Uc = U_op.narrow(0, j0, rows);
-      gemm.mm_out(zc, Uc, Va_op.t());
-      job.z = zc.mutable_data_ptr<A>();
-      job.j0 = j0;
-      job.rows = rows;
-      P::template forward_grad_rows<A>(job);  // the row statistics, then z <- G (grad_ic = 1), dPhi
-      const Tensor g_op = gemm.operand_of(zc);
-      Tensor dUc = dU.narrow(0, j0, rows);
-      gemm.mm_out(dUc, g_op, Va_op);  // alpha G V
-      if (j0 == 0) {
-        gemm.mm_out(dV, g_op.t(), Uc);  // G^T U, scaled by alpha below
-      } else {
-        gemm.addmm_(dV, g_op.t(), Uc);
-      }
-    }
-    dV.mul_(cfg.alpha);
+    // The row statistics, then z <- G (grad_ic = 1), dPhi.
+    gradient_chunks<A>(job, gemm, U_op, Va_op, active, cfg, opts, dU, dV,
+                       [](IdidChunk<A>& j) { P::template forward_grad_rows<A>(j); });
   } else {
     dV.zero_();
   }
