@@ -104,10 +104,6 @@ void normalize_backward(const A* grad_u, const A* unit, const A* norms, const in
   });
 }
 
-// out[k][c] = scale (m[k][c] + m[c][k]) for the rows k of the list rows[0..n) (all c): each task
-// owns a block of columns c and gathers m[c][k] for 32 listed rows at a time into a transposed
-// tile, so the writes are contiguous runs and the work is n C, not C^2 (a batch has few of the
-// classes). Exactly symmetric: the sum commutes.
 // Bands of the symmetric part (cpu/symmetric.h) in parallel, band t paired with band nb - 1 - t.
 inline void symmetric_bands(const float* const* d, int64_t C, float scale, float* const* o) {
   const int64_t nb = cpu::sym_bands(C);
@@ -122,6 +118,11 @@ inline void symmetric_bands(const float* const* d, int64_t C, float scale, float
 // Whether n of C rows are enough for the dense symmetric part to pay (kDenseRowsFactor).
 inline bool dense_symmetric(int64_t n, int64_t C) { return n * kDenseRowsFactor >= C; }
 
+// out[k][c] = scale (m[k][c] + m[c][k]) for the rows k of the list rows[0..n) (all c): each task
+// owns a block of columns c and gathers m[c][k] for 32 listed rows at a time into a transposed
+// tile, so the writes are contiguous runs and the work is n C, not C^2 (a batch has few of the
+// classes). In float32 with n >= C / kDenseRowsFactor the listed rows come from the whole
+// symmetric part in 8 x 8 blocks instead (symmetric_bands). Exactly symmetric: the sum commutes.
 template <typename A>
 void symmetrize_rows(const A* m, int64_t C, A scale, const int64_t* rows, int64_t n, A* out) {
   if constexpr (std::is_same_v<A, float>) {
@@ -171,8 +172,10 @@ inline std::vector<int64_t> present_classes(const int64_t* count, int64_t C) {
 // rows are those of the present classes (count[k] != 0), held compactly: class k's row at trow[k]. The
 // present rows of out are written whole; the others are zero-filled and get the present columns,
 // gathered from m's present rows in 32 x 32 tiles (contiguous reads, writes within the tile's
-// rows). out[k][c] is scale (m[k][c] + m[c][k])
-// where both rows are present, scale m[k][c] or scale m[c][k] where one is: exactly symmetric.
+// rows). out[k][c] is scale (m[k][c] + m[c][k]) where both rows are present, scale m[k][c] or
+// scale m[c][k] where one is: exactly symmetric. In float32 with P >= C / kDenseRowsFactor present
+// classes every entry is formed as scale (m[k][c] + m[c][k]) in 8 x 8 blocks, absent rows read as
+// zero (symmetric_bands), which gives the same values.
 template <typename A, typename Out>
 void symmetrize_present(const A* m, int64_t C, A scale, const int64_t* count, const int64_t* trow, Out* out) {
   constexpr int64_t kTile = 32;
@@ -462,48 +465,56 @@ struct CpuPolicy {
   // The chunks hold valid rows only (active_rows), so every key is a class.
   template <typename A>
   static void forward_rows(const IdidChunk<A>& job) {
-    const int64_t C = job.num_classes, B = job.batch;
-    at::parallel_for(0, job.rows, grain_rows(4 * C), [&](int64_t begin, int64_t end) {
-      for (int64_t jj = begin; jj < end; ++jj) {
-        const int64_t j = job.j0 + jj, k = job.key[j];
-        const int64_t i = job.perm[j];
-        const RowStats<A> s =
-            forward_row(job.z + jj * C, C, k, job.distillation, job.inv_tau, job.unit_tau,
-                        job.distillation ? job.r + job.teacher_row[k] * C : nullptr,
-                        job.distillation ? job.log_r + k * C : nullptr);
-        job.stats[kStatLse * B + i] = s.lse;
-        job.stats[kStatLseNt * B + i] = s.lse_nt;
-        job.stats[kStatKd * B + i] = s.kd;
-        job.stats[kStatCe * B + i] = s.ce;
-      }
+    at::parallel_for(0, job.rows, grain_rows(4 * job.num_classes), [&](int64_t begin, int64_t end) {
+      for (int64_t jj = begin; jj < end; ++jj) forward_row_stats(job, jj);
     });
   }
 
   template <typename A>
   static void grad_rows(const IdidChunk<A>& job) {
-    const int64_t C = job.num_classes, B = job.batch;
-    const A* st = job.stats;
     const A gi = *job.grad_ic;
     // Parallel over class blocks, rows in order within each: dphi row k gets its rows' terms
     // in sorted (for a class: batch) order whatever the thread count.
-    at::parallel_for(0, C, grain_rows(job.rows), [&](int64_t c0, int64_t c1) {
-      for (int64_t jj = 0; jj < job.rows; ++jj) {
-        const int64_t j = job.j0 + jj, k = job.key[j];
-        A* z = job.z + jj * C;
-        const int64_t i = job.perm[j];
-        const A aj = st[kStatA * B + i], lse = st[kStatLse * B + i];
-        if (job.distillation) {
-          const A lse_nt = st[kStatLseNt * B + i];
-          const cpu::IcRow<A> row{lse,   lse_nt, job.inv_tau, gi * aj, aj, lse_nt - st[kStatKd * B + i],
-                                  job.unit_tau ? std::exp(lse_nt - lse) : A(0), job.unit_tau};
-          const int64_t tk = job.teacher_row[k] * C;
-          cpu::ic_grad_distill(z + c0, job.r + tk + c0, job.log_r + k * C + c0, job.dphi + tk + c0, c1 - c0, row);
-        } else {
-          cpu::ic_grad_plain(z + c0, c1 - c0, lse, gi * aj);
-        }
-        if (c0 <= k && k < c1) z[k] = gi * aj * std::expm1(-st[kStatCe * B + i]);  // p_ik - 1
-      }
+    at::parallel_for(0, job.num_classes, grain_rows(job.rows), [&](int64_t c0, int64_t c1) {
+      for (int64_t jj = 0; jj < job.rows; ++jj) grad_row_cols(job, jj, c0, c1, gi);
     });
+  }
+
+  // Row jj of the chunk: its forward_row statistics, stored in the stats rows.
+  template <typename A>
+  static void forward_row_stats(const IdidChunk<A>& job, int64_t jj) {
+    const int64_t C = job.num_classes, B = job.batch;
+    const int64_t j = job.j0 + jj, k = job.key[j];
+    const int64_t i = job.perm[j];
+    const RowStats<A> s = forward_row(job.z + jj * C, C, k, job.distillation, job.inv_tau, job.unit_tau,
+                                      job.distillation ? job.r + job.teacher_row[k] * C : nullptr,
+                                      job.distillation ? job.log_r + k * C : nullptr);
+    job.stats[kStatLse * B + i] = s.lse;
+    job.stats[kStatLseNt * B + i] = s.lse_nt;
+    job.stats[kStatKd * B + i] = s.kd;
+    job.stats[kStatCe * B + i] = s.ce;
+  }
+
+  // Columns [c0, c1) of row jj's gradient from its stored statistics: z <- G there, dPhi
+  // accumulated (distillation), the target column p_ik - 1 where it lies in the range.
+  template <typename A>
+  static void grad_row_cols(const IdidChunk<A>& job, int64_t jj, int64_t c0, int64_t c1, A gi) {
+    const int64_t C = job.num_classes, B = job.batch;
+    const A* st = job.stats;
+    const int64_t j = job.j0 + jj, k = job.key[j];
+    A* z = job.z + jj * C;
+    const int64_t i = job.perm[j];
+    const A aj = st[kStatA * B + i], lse = st[kStatLse * B + i];
+    if (job.distillation) {
+      const A lse_nt = st[kStatLseNt * B + i];
+      const cpu::IcRow<A> row{lse,   lse_nt, job.inv_tau, gi * aj, aj, lse_nt - st[kStatKd * B + i],
+                              job.unit_tau ? std::exp(lse_nt - lse) : A(0), job.unit_tau};
+      const int64_t tk = job.teacher_row[k] * C;
+      cpu::ic_grad_distill(z + c0, job.r + tk + c0, job.log_r + k * C + c0, job.dphi + tk + c0, c1 - c0, row);
+    } else {
+      cpu::ic_grad_plain(z + c0, c1 - c0, lse, gi * aj);
+    }
+    if (c0 <= k && k < c1) z[k] = gi * aj * std::expm1(-st[kStatCe * B + i]);  // p_ik - 1
   }
 
   // The fused op's row pass: per row, the statistics then the gradient, while the row is in L1.
@@ -513,7 +524,7 @@ struct CpuPolicy {
   // its rows (a dominant class, which would serialise here) takes those two passes instead.
   template <typename A>
   static void forward_grad_rows(const IdidChunk<A>& job) {
-    const int64_t C = job.num_classes, B = job.batch, rows = job.rows;
+    const int64_t C = job.num_classes, rows = job.rows;
     int64_t longest = 0;
     for (int64_t jj = 0, run = 0; jj < rows; ++jj) {
       run = (jj > 0 && job.key[job.j0 + jj] == job.key[job.j0 + jj - 1]) ? run + 1 : 1;
@@ -525,31 +536,13 @@ struct CpuPolicy {
       return;
     }
     const A gi = *job.grad_ic;
-    A* st = job.stats;
     at::parallel_for(0, rows, grain_rows(4 * C), [&](int64_t begin, int64_t end) {
       const int64_t* key = job.key + job.j0;
       int64_t jj = begin;
       while (jj > 0 && jj < rows && key[jj] == key[jj - 1]) ++jj;  // that run belongs to the task before
       for (; jj < rows && (jj < end || key[jj] == key[jj - 1]); ++jj) {
-        const int64_t j = job.j0 + jj, k = key[jj];
-        const int64_t i = job.perm[j];
-        A* z = job.z + jj * C;
-        const A* r = job.distillation ? job.r + job.teacher_row[k] * C : nullptr;
-        const A* log_r = job.distillation ? job.log_r + k * C : nullptr;
-        const RowStats<A> s = forward_row(z, C, k, job.distillation, job.inv_tau, job.unit_tau, r, log_r);
-        st[kStatLse * B + i] = s.lse;
-        st[kStatLseNt * B + i] = s.lse_nt;
-        st[kStatKd * B + i] = s.kd;
-        st[kStatCe * B + i] = s.ce;
-        const A aj = st[kStatA * B + i];
-        if (job.distillation) {
-          const cpu::IcRow<A> row{s.lse,  s.lse_nt, job.inv_tau, gi * aj, aj, s.lse_nt - s.kd,
-                                  job.unit_tau ? std::exp(s.lse_nt - s.lse) : A(0), job.unit_tau};
-          cpu::ic_grad_distill(z, r, log_r, job.dphi + job.teacher_row[k] * C, C, row);
-        } else {
-          cpu::ic_grad_plain(z, C, s.lse, gi * aj);
-        }
-        z[k] = gi * aj * std::expm1(-s.ce);  // p_ik - 1
+        forward_row_stats(job, jj);
+        grad_row_cols(job, jj, 0, C, gi);
       }
     });
   }
