@@ -203,6 +203,28 @@ def test_float32_within_tolerance(backend, margin, shape):
     assert_float32_close(ours, truth)
 
 
+@pytest.mark.parametrize("backend", FUSED)
+def test_float32_separated_logits(backend):
+    # Rows on their class's proxy, far from the others, at s=64: most off-target probabilities
+    # times a g / ||w|| fall below float32's smallest normal number; the kernels store those
+    # gradient entries as 0 (csrc/common/fast_exp.h, flush_subnormal), well within tolerance.
+    g = make_gen(31)
+    c, d = (300, 16) if is_slow(backend) else (2048, 64)
+    w = torch.randn(c, d, generator=g, dtype=torch.float64)
+    y = torch.randint(0, c, (48,), generator=g)
+    x = 20 * (torch.nn.functional.normalize(w[y], dim=1) - 0.4 * torch.nn.functional.normalize(w.mean(0), dim=0))
+    cos = torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(w, dim=1).t()
+    p = torch.softmax(64 * torch.sigmoid(x.norm(dim=1, keepdim=True)) * cos, 1) / 48 / w.norm(dim=1)
+    tiny = ((p > 0) & (p < torch.finfo(torch.float32).tiny)).double().mean()
+    assert tiny > 1e-3  # the case holds subnormal candidates
+    for red in ("mean", "none"):
+        kw = dict(margin="cosface", s=64.0, reduction=red)
+        truth = run("reference", x, w, y, **kw)
+        ours = run(backend, x.float(), w.float(), y, **kw)
+        assert_float32_close(ours, truth)
+        assert all(torch.isfinite(t).all() for t in ours)
+
+
 def _big(backend):
     """A shape several blocks and chunks wide in every direction, within the backend's speed."""
     if is_slow(backend):
@@ -485,6 +507,37 @@ def test_fused_and_forward_backward_paths_agree(backend, reduction, margin):
     assert rel_err(fused.detach().cpu(), truth[0]) <= 1e-12
     for a, b in zip(fused_grads, truth[1:]):  # run() draws the same upstream scalar
         assert rel_err(a.cpu(), b) <= 1e-12
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_backward_seeds_retained_graphs_and_accumulation(backend):
+    # loss.backward() seeds 1, which the fused path's backward hands its saved gradients over for
+    # as they are (on the CPU, when the graph is freed). A retained graph, run again, must give the
+    # same gradients and accumulate them without changing its saved state; other seeds scale them.
+    x, w, y = make(13, 9, 6, seed=21, ignore=2)
+    dev = backend_device(backend)
+    x, w, y = x.to(dev), w.to(dev), y.to(dev)
+    xr, wr = x.cpu().clone().requires_grad_(True), w.cpu().clone().requires_grad_(True)
+    truth = (None,) + torch.autograd.grad(ik.cm_margin_loss(xr, wr, y.cpu(), margin="cosface", backend="reference"),
+                                          (xr, wr))
+    xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    loss = ik.cm_margin_loss(xs, ws, y, margin="cosface", backend=backend)
+    for k in (1, 2, 3):
+        loss.backward(retain_graph=k < 3)
+        for leaf, want in zip((xs, ws), truth[1:]):
+            assert rel_err(leaf.grad.cpu(), k * want) <= 1e-12, k
+    for seed in (1.0, 2.5, 0.0, -1.0):
+        xs.grad = ws.grad = None
+        ik.cm_margin_loss(xs, ws, y, margin="cosface", backend=backend).backward(
+            torch.tensor(seed, dtype=x.dtype, device=dev))
+        for leaf, want in zip((xs, ws), truth[1:]):
+            torch.testing.assert_close(leaf.grad.cpu(), seed * want, rtol=1e-12, atol=1e-300)
+    # two losses of one step: their gradients add (the second accumulates into the first's)
+    xs.grad = ws.grad = None
+    ik.cm_margin_loss(xs, ws, y, margin="cosface", backend=backend).backward()
+    ik.cm_margin_loss(xs, ws, y, margin="cosface", backend=backend).backward()
+    for leaf, want in zip((xs, ws), truth[1:]):
+        assert rel_err(leaf.grad.cpu(), 2 * want) <= 1e-12
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])

@@ -94,6 +94,8 @@ def _forward_setup(ctx, inputs, output):
     loss_rows, row_stats, x_norm, w_norm = output
     ctx.save_for_backward(x, weight, labels, loss_rows, row_stats, x_norm, w_norm)
     ctx.cfg = cfg
+    # The statistics get no gradient: None rather than zero tensors (w_norm alone is C values).
+    ctx.set_materialize_grads(False)
 
 
 def _forward_backward(ns, ctx, grad_rows, grad_stats, grad_x_norm, grad_w_norm):
@@ -116,13 +118,40 @@ def _fused_setup(ctx, inputs, output):
     _, dx, dw = output
     ctx.save_for_backward(dx, dw)
     ctx.num_cfg = len(inputs) - 4
+    # dx and dw are saved state: nothing flows into them, and zero-filled upstream gradients for them
+    # (the engine's default) would cost a C x d allocation and fill per step.
+    ctx.mark_non_differentiable(dx, dw)
+    ctx.set_materialize_grads(False)
 
 
 def _fused_backward(ctx, grad_loss, grad_dx, grad_dw):
     no_double_backward("cm_margin_loss")
     dx, dw = ctx.saved_tensors
+    rest = (None, None) + (None,) * ctx.num_cfg
+    if grad_loss is not None and _graph_released() and _is_host_one(grad_loss):
+        # loss.backward() seeds 1: the gradients are the saved ones as they are. Handing them over
+        # saves a pass over (and a fresh allocation of) the C x d dW. Only where the graph is freed
+        # after this backward: a retained graph could run again, and accumulating into a .grad that
+        # is the saved tensor would change it.
+        return (dx, dw) + rest
     g = grad_loss if grad_loss is not None else torch.zeros((), dtype=dx.dtype, device=dx.device)
-    return (g.to(dx.dtype) * dx, g.to(dw.dtype) * dw, None, None) + (None,) * ctx.num_cfg
+    return (g.to(dx.dtype) * dx, g.to(dw.dtype) * dw) + rest
+
+
+_keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+
+
+def _graph_released() -> bool:
+    """Whether the running backward frees the graph (retain_graph=False); False when unknown."""
+    return _keep_graph is not None and not torch.compiler.is_compiling() and not _keep_graph()
+
+
+def _is_host_one(g: torch.Tensor) -> bool:
+    """Whether ``g`` is a CPU scalar equal to 1, read without a device sync and outside any tracing
+    (compile, fake or functional tensors, a dispatch mode that would record the branch)."""
+    return (type(g) is torch.Tensor and g.device.type == "cpu" and g.numel() == 1
+            and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+            and g.item() == 1)
 
 
 def register(ns: str) -> None:
