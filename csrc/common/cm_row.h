@@ -170,7 +170,7 @@ IDK_FORCE_INLINE void cm_store_exp(A* row, int64_t lo, int64_t hi, A a, A shift,
 template <typename A>
 IDK_FORCE_INLINE void cm_scale_by_inv_wn(A* row, const A* inv_wn, int64_t lo, int64_t hi, A factor) {
 #pragma omp simd
-  for (int64_t j = lo; j < hi; ++j) row[j] = flush_subnormal(factor * row[j] * inv_wn[j]);
+  for (int64_t j = lo; j < hi; ++j) row[j] = factor * row[j] * inv_wn[j];
 }
 
 // Off-target gradient sweep over cosines with the row's shift and log_sum known:
@@ -186,7 +186,7 @@ IDK_FORCE_INLINE void cm_prob_grad(A* row, const A* inv_wn, int64_t lo, int64_t 
     const A p = exp_approx(a * (c - shift) - log_sum);
     sp += p;
     spc += p * c;
-    row[j] = flush_subnormal(ag * p * inv_wn[j]);
+    row[j] = ag * p * inv_wn[j];
   }
   sum_p = sp;
   sum_pc = spc;
@@ -218,7 +218,7 @@ IDK_FORCE_INLINE A cm_row_grad(const CmConfig<A>& cfg, A* row, const A* inv_wn, 
   cm_prob_grad(row, inv_wn, 0, y, a, shift, log_sum, ag, sum_p, sum_pc);
   cm_prob_grad(row, inv_wn, y + 1, num_classes, a, shift, log_sum, ag, sum_p, sum_pc);
   // p_y - 1 = -sum_{j != y} p_j: the off-target mass is accurate where p_y rounds to 1.
-  row[y] = flush_subnormal(-ag * sum_p * dphi * inv_wn[y]);
+  row[y] = -ag * sum_p * dphi * inv_wn[y];
   return cm_scale_grad(cfg, r) * g * (sum_pc - sum_p * psi_y);
 }
 
@@ -242,7 +242,7 @@ IDK_FORCE_INLINE CmRowOut<A> cm_row_fused(const CmConfig<A>& cfg, A* row, const 
   cm_scale_by_inv_wn(row, inv_wn, 0, y, ag * inv_sum);
   cm_scale_by_inv_wn(row, inv_wn, y + 1, num_classes, ag * inv_sum);
   const A p_off = sum_off * inv_sum;  // 1 - p_y, accurate where p_y rounds to 1
-  row[y] = flush_subnormal(-ag * p_off * dphi * inv_wn[y]);
+  row[y] = -ag * p_off * dphi * inv_wn[y];
   const A radial = cm_scale_grad(cfg, r) * g * (sum_ec * inv_sum - p_off * psi_y);
   return {t + log_sum, m, log_sum, radial};
 }
@@ -288,7 +288,7 @@ IDK_FORCE_INLINE void cm_prob_grad_lse(A* row, const A* inv_wn, int64_t lo, int6
     const A p = exp_approx(a * c - lse);
     sp += p;
     spc += p * c;
-    row[j] = flush_subnormal(ag * p * inv_wn[j]);
+    row[j] = ag * p * inv_wn[j];
   }
   sum_p = sp;
   sum_pc = spc;
@@ -313,7 +313,7 @@ IDK_FORCE_INLINE A cm_row_shard_grad(const CmConfig<A>& cfg, A* row, const A* in
   cm_prob_grad_lse(row, inv_wn, 0, y, a, lse, ag, sum_p, sum_pc);
   cm_prob_grad_lse(row, inv_wn, y + 1, num_classes, a, lse, ag, sum_p, sum_pc);
   const A py_minus_1 = expm1(a * psi_y - lse);
-  row[y] = flush_subnormal(ag * py_minus_1 * dphi * inv_wn[y]);
+  row[y] = ag * py_minus_1 * dphi * inv_wn[y];
   return cm_scale_grad(cfg, r) * g * (sum_pc + py_minus_1 * psi_y);
 }
 

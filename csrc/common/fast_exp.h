@@ -42,14 +42,4 @@ IDK_HOST_DEVICE IDK_FORCE_INLINE double exp_approx(double x) {
   return exp(x);
 }
 
-// v, or 0 where |v| is below the smallest normal number (a change of < 1.2e-38 in float32, of
-// < 2.3e-308 in float64). The gradient rows G that the backward GEMMs read go through it: x86 CPUs
-// take a microcode assist for every vector instruction with a subnormal operand, and a GEMM whose
-// left operand holds 0.3% (3%) of them ran 1.35x (5.5x) slower here. Well-separated logits (large
-// scales s, rows far from all but their own class) put that many in G (p_j tiny times a g / ||w||).
-IDK_HOST_DEVICE IDK_FORCE_INLINE float flush_subnormal(float v) { return std::fabs(v) < 1.17549435e-38f ? 0.0f : v; }
-IDK_HOST_DEVICE IDK_FORCE_INLINE double flush_subnormal(double v) {
-  return std::fabs(v) < 2.2250738585072014e-308 ? 0.0 : v;
-}
-
 }  // namespace idid_kernels

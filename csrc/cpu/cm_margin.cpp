@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "../driver/cm_margin_driver.h"
+#include "fp_env.h"
 
 namespace idid_kernels {
 namespace {
@@ -247,7 +248,10 @@ struct CpuEpilogue {
   template <typename A>
   void operator()(const CmRowJob<A>& job, int64_t rows) const {
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(job.num_classes, 1));
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { epilogue_rows(job, begin, end); });
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      const cpu::FlushSubnormals no_subnormals;  // G feeds the backward GEMMs (fp_env.h)
+      epilogue_rows(job, begin, end);
+    });
   }
   // The forward-only mode (cm_drive's hook): class tiles instead of row chunks.
   template <typename A>

@@ -31,6 +31,7 @@
 #include "../common/macros.h"
 #include "../common/normalize.h"
 #include "../driver/idid_loss_driver.h"
+#include "fp_env.h"
 #include "normalize.h"
 #include "symmetric.h"
 #include "vec_math.h"
@@ -476,6 +477,7 @@ struct CpuPolicy {
     // Parallel over class blocks, rows in order within each: dphi row k gets its rows' terms
     // in sorted (for a class: batch) order whatever the thread count.
     at::parallel_for(0, job.num_classes, grain_rows(job.rows), [&](int64_t c0, int64_t c1) {
+      const cpu::FlushSubnormals no_subnormals;  // G feeds the backward GEMMs (fp_env.h)
       for (int64_t jj = 0; jj < job.rows; ++jj) grad_row_cols(job, jj, c0, c1, gi);
     });
   }
@@ -537,6 +539,7 @@ struct CpuPolicy {
     }
     const A gi = *job.grad_ic;
     at::parallel_for(0, rows, grain_rows(4 * C), [&](int64_t begin, int64_t end) {
+      const cpu::FlushSubnormals no_subnormals;  // G feeds the backward GEMMs (fp_env.h)
       const int64_t* key = job.key + job.j0;
       int64_t jj = begin;
       while (jj > 0 && jj < rows && key[jj] == key[jj - 1]) ++jj;  // that run belongs to the task before

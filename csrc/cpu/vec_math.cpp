@@ -138,14 +138,14 @@ IDK_FORCE_INLINE void ic_grad_distill_impl(A* __restrict z, const A* __restrict 
     const A q = exp_approx(zt - lse_nt);
     const A p = kUnitTau ? q * p_over_q : exp_approx(zi - lse);
     dphi[i] += teacher_grad_term(r[i], log_r[i], zt, a, shift);
-    z[i] = flush_subnormal(g_scale * ic_logit_grad(p, q, r[i], inv_tau));
+    z[i] = g_scale * ic_logit_grad(p, q, r[i], inv_tau);
   }
 }
 
 template <typename A>
 IDK_FORCE_INLINE void ic_grad_plain_impl(A* __restrict z, int64_t n, A lse, A g_scale) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) z[i] = flush_subnormal(g_scale * exp_approx(z[i] - lse));
+  for (int64_t i = 0; i < n; ++i) z[i] = g_scale * exp_approx(z[i] - lse);
 }
 
 }  // namespace
