@@ -9,19 +9,14 @@ import sys
 
 from idid_kernels.bench import BenchConfig, run_bench
 from idid_kernels.bench.cases import _cm_case
-from idid_kernels.bench.report import format_header, format_notes, format_table, write_csv
+from idid_kernels.bench.report import print_and_save
 
 
 def main(csv_path: str | None) -> int:
     cases = [_cm_case("cosface", 0.4, 1024, 256, 50000), _cm_case("none", None, 1024, 256, 50000)]
     result = run_bench(cases, BenchConfig(progress=False, budget_s=3.0, min_repeats=5),
                        command="python benchmarks/cm_large_case.py")
-    print(format_header(result))
-    print(format_table(result))
-    print(format_notes(result))
-    if csv_path:
-        write_csv(result, csv_path)
-    return 1 if result.failures else 0
+    return print_and_save(result, csv_path)
 
 
 if __name__ == "__main__":

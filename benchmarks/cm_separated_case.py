@@ -15,7 +15,7 @@ import torch
 
 from idid_kernels.bench import BenchConfig, run_bench
 from idid_kernels.bench.cases import _cm_case
-from idid_kernels.bench.report import format_header, format_notes, format_table, write_csv
+from idid_kernels.bench.report import print_and_save
 
 N, C = 256, 2048
 
@@ -52,12 +52,7 @@ def main(csv_path: str | None) -> int:
         s = case.kwargs["s"]
         print(f"{case.label}: {100 * subnormal_share(x, w, s):.2f}% of the gradient entries are float32 subnormals")
     result = run_bench(cases, cfg, command="python benchmarks/cm_separated_case.py")
-    print(format_header(result))
-    print(format_table(result))
-    print(format_notes(result))
-    if csv_path:
-        write_csv(result, csv_path)
-    return 1 if result.failures else 0
+    return print_and_save(result, csv_path)
 
 
 if __name__ == "__main__":

@@ -238,3 +238,16 @@ def write_plots(result: BenchResult, directory: str | Path) -> list[Path]:
                 plt.close(fig)
                 written.append(path)
     return written
+
+
+def print_and_save(result: BenchResult, csv_path: str | None = None) -> int:
+    """Print ``result`` as the bench command does (header, table, notes), write it to ``csv_path``
+    when given, and return the exit status: 1 if any row failed its check, else 0. For scripts
+    that run their own cases (``benchmarks/cm_large_case.py``)."""
+    print(format_header(result))
+    print(format_table(result))
+    print(format_notes(result))
+    if csv_path:
+        write_csv(result, csv_path)
+    return 1 if result.failures else 0
+
