@@ -80,14 +80,18 @@ void check_grid(const Tensor& x, const Tensor& proxies) {
 }
 
 // The device guard makes every allocation and launch use the inputs' device and its current stream.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_cuda(
-    const Tensor& x, const Tensor& proxies, const Tensor& similarity, const Tensor& labels, double alpha, double tau,
-    double t, double eps, bool distillation, bool diversity, bool adaptive_weight, double diversity_weight,
-    bool class_balanced, int64_t ignore_index, int64_t chunk_rows) {
+// The forward and fused ops take the same arguments: one entry point per op, Op = Ops::forward or
+// Ops::fused.
+using ForwardOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+template <auto Op>
+ForwardOutputs forward_like_cuda(const Tensor& x, const Tensor& proxies, const Tensor& similarity,
+                                 const Tensor& labels, double alpha, double tau, double t, double eps,
+                                 bool distillation, bool diversity, bool adaptive_weight, double diversity_weight,
+                                 bool class_balanced, int64_t ignore_index, int64_t chunk_rows) {
   const cuda::DeviceGuard guard(x.device());
   check_grid(x, proxies);
-  return Ops::forward(x, proxies, similarity, labels, alpha, tau, t, eps, distillation, diversity, adaptive_weight,
-                      diversity_weight, class_balanced, ignore_index, chunk_rows);
+  return Op(x, proxies, similarity, labels, alpha, tau, t, eps, distillation, diversity, adaptive_weight,
+            diversity_weight, class_balanced, ignore_index, chunk_rows);
 }
 
 std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad_ic, const Tensor& grad_id, const Tensor& x,
@@ -100,16 +104,6 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad_ic, const Te
   check_grid(x, proxies);
   return Ops::backward(grad_ic, grad_id, x, proxies, labels, row_stats, x_norm, w_norm, teacher_log_prob, alpha, tau,
                        t, distillation, diversity, ignore_index, chunk_rows);
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_cuda(
-    const Tensor& x, const Tensor& proxies, const Tensor& similarity, const Tensor& labels, double alpha, double tau,
-    double t, double eps, bool distillation, bool diversity, bool adaptive_weight, double diversity_weight,
-    bool class_balanced, int64_t ignore_index, int64_t chunk_rows) {
-  const cuda::DeviceGuard guard(x.device());
-  check_grid(x, proxies);
-  return Ops::fused(x, proxies, similarity, labels, alpha, tau, t, eps, distillation, diversity, adaptive_weight,
-                    diversity_weight, class_balanced, ignore_index, chunk_rows);
 }
 
 std::tuple<Tensor, Tensor, Tensor> fused_backward_cuda(const Tensor& grad_ic, const Tensor& grad_id,
@@ -126,9 +120,9 @@ std::tuple<Tensor, Tensor, Tensor> fused_backward_cuda(const Tensor& grad_ic, co
 }  // namespace
 
 IDK_CUDA_LIBRARY_IMPL(m) {
-  m.impl("idid_loss_forward", &forward_cuda);
+  m.impl("idid_loss_forward", &forward_like_cuda<&Ops::forward>);
   m.impl("idid_loss_backward", &backward_cuda);
-  m.impl("idid_loss_fused", &fused_cuda);
+  m.impl("idid_loss_fused", &forward_like_cuda<&Ops::fused>);
   m.impl("idid_loss_fused_backward", &fused_backward_cuda);
 }
 
