@@ -8,6 +8,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/scratch.h"
+
 namespace {
 
 void define_ops(torch::Library& m) {
@@ -109,7 +111,23 @@ TORCH_LIBRARY(idid_kernels_emu, m) { define_ops(m); }
 // registrations above; it also reports whether CUDA kernels were compiled in, natively or for the
 // emulator.
 namespace {
-PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "idid_kernels C++/CUDA kernels", -1, nullptr};
+PyObject* scratch_bytes(PyObject*, PyObject*) { return PyLong_FromLongLong(idid_kernels::cpu::scratch_bytes()); }
+PyObject* scratch_release(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(idid_kernels::cpu::scratch_release());
+}
+PyObject* scratch_keep(PyObject*, PyObject* args) {
+  int keep = -1;
+  if (!PyArg_ParseTuple(args, "|p", &keep)) return nullptr;
+  if (keep >= 0) idid_kernels::cpu::set_scratch_keep(keep != 0);
+  return PyBool_FromLong(idid_kernels::cpu::scratch_keep());
+}
+PyMethodDef module_methods[] = {
+    {"scratch_bytes", scratch_bytes, METH_NOARGS, "Bytes of the kept CPU scratch block (csrc/cpu/scratch.h)."},
+    {"scratch_release", scratch_release, METH_NOARGS, "Free the kept CPU scratch block; returns the bytes freed."},
+    {"scratch_keep", scratch_keep, METH_VARARGS,
+     "scratch_keep([keep]): whether the CPU scratch block is kept between calls (set it with the argument)."},
+    {nullptr, nullptr, 0, nullptr}};
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "idid_kernels C++/CUDA kernels", -1, module_methods};
 }
 
 PyMODINIT_FUNC PyInit__C(void) {

@@ -279,12 +279,12 @@ def test_chunk_budget_defaults_and_read_once(monkeypatch):
     monkeypatch.delenv("IDID_KERNELS_CHUNK_MB", raising=False)
     monkeypatch.delenv("IDID_KERNELS_CHUNK_ROWS", raising=False)
     _chunks.reload()
-    assert (_chunks.budget_mb("cpu"), _chunks.budget_mb("cuda")) == (32.0, 256.0)
+    assert (_chunks.budget_mb("cpu"), _chunks.budget_mb("cuda")) == (256.0, 256.0)
     monkeypatch.setenv("IDID_KERNELS_CHUNK_MB", "")  # empty: unset
     _chunks.reload()
-    assert _chunks.budget_mb("cpu") == 32.0
+    assert _chunks.budget_mb("cpu") == 256.0
     monkeypatch.setenv("IDID_KERNELS_CHUNK_MB", "0.5")
-    assert _chunks.budget_mb("cpu") == 32.0  # read once: a later change needs reload()
+    assert _chunks.budget_mb("cpu") == 256.0  # read once: a later change needs reload()
     _chunks.reload()
     assert (_chunks.budget_mb("cpu"), _chunks.budget_mb("cuda")) == (0.5, 0.5)  # one budget for every device
     monkeypatch.setenv("IDID_KERNELS_CHUNK_MB", "abc")
@@ -300,8 +300,8 @@ def test_idid_rows_come_from_the_shared_budget(monkeypatch):
     monkeypatch.delenv("IDID_KERNELS_CHUNK_MB", raising=False)
     _chunks.reload()
     # a row costs max(B, C) accumulators: C logits, or the CPU kernel's class-density block width n_c <= B
-    assert op._rows_per_chunk(40, 7, F64, "cpu") == 32 * 2**20 // (40 * 8)
-    assert op._rows_per_chunk(40, 700, torch.float32, "cpu") == 32 * 2**20 // (700 * 4)
+    assert op._rows_per_chunk(40, 7, F64, "cpu") == 256 * 2**20 // (40 * 8)
+    assert op._rows_per_chunk(40, 700, torch.float32, "cpu") == 256 * 2**20 // (700 * 4)
     assert op._rows_per_chunk(40, 700, torch.bfloat16, "cuda") == 256 * 2**20 // (700 * 4)
     with op.chunk_rows(3):  # the tests' override still wins
         assert op._rows_per_chunk(40, 700, F64, "cpu") == 3

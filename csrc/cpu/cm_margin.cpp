@@ -113,8 +113,9 @@ void epilogue_rows(const CmRowJob<float>& job, int64_t begin, int64_t end) {
 // exp(a (c_j - m)) and the target's psi_y, so it never holds a row of all C classes: it runs the
 // GEMM over tiles of (up to 1024 rows) x (classes), each tile small enough for the last-level
 // cache, and folds every tile into running statistics, P <- P exp(a (m_old - m_new)) + the tile's
-// sum at m_new. A row-chunked forward would pack W for BLAS once per chunk of rows (7 times for
-// 1024 rows of C = 50000 at the 32 MiB budget); here W is packed once, and each GEMM has M = 1024.
+// sum at m_new. A row-chunked forward would hold a chunk of the budget's size and pack W for BLAS
+// once per chunk of rows (16 times for 1024 rows of C = 1M at 256 MiB); here W is packed once, each
+// GEMM has M = 1024, and the tile stays in the last-level cache.
 // The result is cm_row_forward's up to rounding (same shift, same log_sum formula).
 
 template <typename A>
@@ -187,7 +188,8 @@ void tiled_forward(const at::Tensor& xa, const at::Tensor& wa, const at::Tensor&
   const auto [rows_t, cols_t] = forward_tile(n, c, chunk_rows);
   const at::Tensor inv_xn = o.x_norm.clamp_min(kNormEps).reciprocal();
   const at::Tensor inv_wn = o.w_norm.clamp_min(kNormEps).reciprocal();
-  at::Tensor buffer = at::empty({rows_t * cols_t}, xa.options());
+  const cpu::ScratchLease lease(rows_t * cols_t, xa.options());
+  const at::Tensor& buffer = lease.tensor();
   at::Tensor m = at::full({n}, -std::numeric_limits<A>::infinity(), xa.options());
   at::Tensor p = at::zeros({n}, xa.options());
   at::Tensor psi = at::zeros({n}, xa.options());

@@ -19,12 +19,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 
 #include "../common/cm_row.h"
 #include "../cpu/checks.h"
 #include "../cpu/normalize.h"
+#include "../cpu/scratch.h"
 #include "half_gemm.h"
 #include "normalize_aten.h"
 
@@ -191,7 +193,11 @@ void cm_drive(CmMode mode, const at::Tensor& xa, const at::Tensor& wa, const at:
   const at::Tensor inv_xn = o.x_norm.clamp_min(kNormEps).reciprocal();
   const at::Tensor inv_wn = o.w_norm.clamp_min(kNormEps).reciprocal();
   const bool shard = mode == kCmShardForward || mode == kCmShardBackward;
-  at::Tensor buffer = at::empty({chunk, c}, xa.options());
+  // The chunk buffer: on the CPU the kept scratch block (cpu/scratch.h: a fresh mapping of this size
+  // is faulted in page by page every call), elsewhere the device's caching allocator.
+  std::optional<cpu::ScratchLease> lease;
+  if (xa.is_cpu()) lease.emplace(chunk * c, xa.options());
+  at::Tensor buffer = lease ? lease->tensor().view({chunk, c}) : at::empty({chunk, c}, xa.options());
   at::Tensor radial = want_grad ? at::empty({chunk}, xa.options()) : at::Tensor();
   // dW' is written by the first chunk's GEMM and accumulated into by the others (no zero fill).
   at::Tensor dw_acc = want_grad ? (n > 0 ? at::empty({c, d}, xa.options()) : at::zeros({c, d}, xa.options()))

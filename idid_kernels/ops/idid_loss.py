@@ -32,8 +32,8 @@ backward recomputes nothing. No gradient needed: the forward op alone (one GEMM)
 the forward/backward pair, whose backward op refuses a second derivative.
 
 The logits are processed ``chunk_rows`` rows at a time, computed here from the chunk budget
-``IDID_KERNELS_CHUNK_MB`` shared with cm_margin (:mod:`idid_kernels._chunks`; 32 MiB on a CPU, 256 MiB
-on a GPU). Tests force tiny chunks with :func:`chunk_rows`.
+``IDID_KERNELS_CHUNK_MB`` shared with cm_margin (:mod:`idid_kernels._chunks`; 256 MiB by default).
+Tests force tiny chunks with :func:`chunk_rows`.
 """
 from __future__ import annotations
 
