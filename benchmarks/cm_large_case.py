@@ -1,7 +1,7 @@
 """cm_margin_loss at the size the CPU kernels are judged by (N=1024, d=256, C=50000, float32): CosFace
 and margin "none" with the sigmoid contraction, beside eager, torch.compile, pytorch-metric-learning
 and torch's chunked F.linear_cross_entropy, through the same runner as ``python -m idid_kernels bench``
-(every row checked against the float64 reference first). About 4.5 minutes on 2 cores.
+(every row checked against the float64 reference first). About 6 minutes on 2 cores (AMD EPYC VM).
 
     python benchmarks/cm_large_case.py benchmarks/results/cpu_cm_large.csv
 """
