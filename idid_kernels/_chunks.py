@@ -19,7 +19,7 @@ import os
 
 ENV = "IDID_KERNELS_CHUNK_MB"
 REMOVED_ENV = "IDID_KERNELS_CHUNK_ROWS"
-DEFAULT_MB = {"cpu": 256.0, "cuda": 256.0}
+DEFAULT_MB = 256.0  # every device
 
 _UNREAD = object()
 _budget_mb = _UNREAD  # float MiB from the environment, None for the per-device default
@@ -56,11 +56,11 @@ def reload() -> None:
 
 
 def budget_mb(device_type: str) -> float:
-    """MiB of one chunk of logits on a ``device_type`` ("cpu", "cuda") device."""
+    """MiB of one chunk of logits on a ``device_type`` ("cpu", "cuda") device (the same on every device)."""
     global _budget_mb
     if _budget_mb is _UNREAD:
         _budget_mb = _parse()
-    return DEFAULT_MB.get(device_type, DEFAULT_MB["cpu"]) if _budget_mb is None else _budget_mb
+    return DEFAULT_MB if _budget_mb is None else _budget_mb
 
 
 def rows_for(row_values: int, itemsize: int, device_type: str) -> int:

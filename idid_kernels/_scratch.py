@@ -8,11 +8,7 @@ as GPU libraries keep their workspaces. :func:`empty_cache` frees it; :func:`kee
 """
 from __future__ import annotations
 
-from . import _backends
-
-
-def _ext():
-    return _backends.extension()
+from ._backends import extension as _ext
 
 
 def empty_cache() -> int:
