@@ -4,9 +4,10 @@ C=50000:
 
 - forward only (under ``torch.no_grad``) against its floor, the one bare GEMM X W^T into a kept
   (N, C) output;
-- ``reduction="none"`` (then ``.mean().backward()``) against ``"mean"``, forward + backward. "none"
-  runs the forward/backward ops (the per-row upstream gradient is only known in backward, so the
-  backward recomputes the cosines: 4 GEMMs against the fused op's 3).
+- ``reduction="none"`` (then ``.mean().backward()``) against ``"mean"``, forward + backward. With
+  the batch in one chunk "none" keeps its (N, C) logit gradients from forward to backward
+  (``cm_margin_forward_grad``): 3 GEMMs, as the fused op; over the chunk budget it recomputes the
+  cosines in backward (4).
 
 Each shape times its steps interleaved (forward, GEMM, mean, none in turn, repeated) and reports
 medians; a row whose interquartile range exceeds 20% of its median is measured again and flagged

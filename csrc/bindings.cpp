@@ -52,6 +52,13 @@ void define_ops(torch::Library& m) {
   // loss = sum_n row_weight_n loss_n with its gradients formed in the same pass (scalar reductions).
   m.def("cm_margin_fused(Tensor x, Tensor weight, Tensor labels, Tensor row_weight, " IDK_CM_CFG
         ") -> (Tensor loss, Tensor dx, Tensor dweight)");
+  // reduction="none" with the batch in one chunk: per-row losses, norms, and for an upstream gradient
+  // of 1 on every row dx (accumulation dtype) and the (N, C) logit gradients, kept for
+  // cm_margin_rows_dweight; the gradients for upstream g are g_n dx_n and that op's dweight.
+  m.def("cm_margin_forward_grad(Tensor x, Tensor weight, Tensor labels, " IDK_CM_CFG
+        ") -> (Tensor loss_rows, Tensor x_norm, Tensor w_norm, Tensor dx_rows, Tensor grad_logits)");
+  m.def("cm_margin_rows_dweight(Tensor grad_rows, Tensor grad_logits, Tensor x, Tensor weight, Tensor x_norm, "
+        "Tensor w_norm) -> Tensor");
   // Class shards for class-parallel heads: weight holds the classes [class_offset, class_offset + C_s).
   // Forward: per-row partial max, sum-exp and target logit (0 where the target is in another shard).
   m.def("cm_margin_shard_forward(Tensor x, Tensor weight, Tensor labels, int class_offset, " IDK_CM_CFG

@@ -318,7 +318,11 @@ def test_many_chunks_equal_one_chunk(monkeypatch, backend, chunk_mb, reduction):
     monkeypatch.setenv("IDID_KERNELS_CHUNK_MB", chunk_mb)
     _chunks.reload()
     assert _chunks.rows_for(50, 8, backend_device(backend).type) == {"0.0001": 1, "0.002": 5}[chunk_mb]
-    assert_tight(run(backend, x, w, y, **kw), truth)
+    with OpLog() as log:
+        ours = run(backend, x, w, y, **kw)
+    # "none" keeps its logit gradients only when the batch is one chunk: here it recomputes them
+    assert log.ops == _expected_ops(backend, "chunked" if reduction == "none" else "fused")
+    assert_tight(ours, truth)
 
 
 @pytest.mark.parametrize("aligned", [False, True])
@@ -450,14 +454,17 @@ def test_no_grad_forward(backend):
                                        rtol=1e-12, atol=0)
 
 
-# The ops each backend runs: cpp and cuda form the gradients in the forward pass (cm_margin_fused)
-# for a mean/sum loss that needs a gradient outside torch.func, and use cm_margin_forward /
-# cm_margin_backward otherwise; triton always runs the forward/backward pair.
+# The ops each backend runs: cpp and cuda form the gradients in the forward pass for a loss that
+# needs a gradient outside torch.func: cm_margin_fused for mean/sum, cm_margin_forward_grad (then
+# cm_margin_rows_dweight in backward) for "none" on a batch within one chunk; cm_margin_forward /
+# cm_margin_backward otherwise ("chunked": "none" over the budget). triton always runs the pair.
 def _expected_ops(backend, path):
     if path == "no_grad":
         return {"cm_margin_forward"}
-    if backend == "triton" or path in ("none", "func"):
+    if backend == "triton" or path in ("chunked", "func"):
         return {"cm_margin_forward", "cm_margin_backward"}
+    if path == "none":
+        return {"cm_margin_forward_grad", "cm_margin_rows_dweight"}
     return {"cm_margin_fused"}
 
 
@@ -666,6 +673,11 @@ def test_opcheck(backend, dtype):
     torch.library.opcheck(ops.cm_margin_backward.default,
                           (grad_rows, x.detach(), w.detach(), y, stats, x_norm, w_norm, *cfg))
     torch.library.opcheck(ops.cm_margin_fused.default, (x, w, y, grad_rows, *cfg))
+    torch.library.opcheck(ops.cm_margin_forward_grad.default, (x, w, y, *cfg))
+    _, x_norm, w_norm, dx_rows, grad_logits = ops.cm_margin_forward_grad(x.detach(), w.detach(), y, *cfg)
+    assert dx_rows.shape == (7, 5) and dx_rows.dtype == acc and grad_logits.shape == (7, 6)
+    torch.library.opcheck(ops.cm_margin_rows_dweight.default,
+                          (grad_rows, grad_logits, x.detach(), w.detach(), x_norm, w_norm))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])

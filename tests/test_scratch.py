@@ -69,6 +69,29 @@ def test_kept_block_holds_the_chunk_and_changes_no_bit(reduction):
     assert ik.scratch_bytes() == 0 and ik.empty_cache() == 0
 
 
+def test_none_graph_holds_the_block_until_it_is_freed():
+    # reduction="none" keeps its (N, C) logit gradients on the block from forward to backward: a call
+    # in between takes a fresh buffer (same bits), empty_cache() frees nothing while the graph holds
+    # it, and the block is free again once backward has released the saved tensors.
+    ik.keep_scratch(True)
+    ik.empty_cache()
+    x, w, y = _inputs(64, 16, 900, seed=7)
+    other = _inputs(32, 16, 500, seed=8)
+    ik.keep_scratch(False)
+    want, want_other = _step(x, w, y, "none"), _step(*other)
+    ik.keep_scratch(True)
+    x.grad = w.grad = None
+    loss = ik.cm_margin_loss(x, w, y, s=30.0, margin="cosface", contraction="sigmoid", reduction="none",
+                             backend="cpp")
+    held = ik.scratch_bytes()
+    assert held >= 64 * 900 * 4
+    _same(_step(*other), want_other)  # the block is in use: a fresh buffer
+    assert ik.empty_cache() == 0 and ik.scratch_bytes() == held
+    loss.sum().backward()  # frees the saved tensors (retain_graph=False)
+    _same((loss.detach(), x.grad, w.grad), want)
+    assert ik.empty_cache() == held and ik.scratch_bytes() == 0
+
+
 def test_block_grows_and_smaller_calls_reuse_it():
     ik.keep_scratch(True)
     ik.empty_cache()

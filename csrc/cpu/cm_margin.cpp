@@ -273,6 +273,8 @@ TORCH_LIBRARY_IMPL(idid_kernels, CPU, m) {
   m.impl("cm_margin_forward", &CpuOps::forward);
   m.impl("cm_margin_backward", &CpuOps::backward);
   m.impl("cm_margin_fused", &CpuOps::fused);
+  m.impl("cm_margin_forward_grad", &CpuOps::forward_grad);
+  m.impl("cm_margin_rows_dweight", &cm_rows_dweight);
   m.impl("cm_margin_shard_forward", &CpuOps::shard_forward);
   m.impl("cm_margin_shard_backward", &CpuOps::shard_backward);
 }

@@ -3,6 +3,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <mutex>
 
 namespace idid_kernels {
@@ -59,6 +60,14 @@ ScratchLease::~ScratchLease() {
   std::lock_guard<std::mutex> lock(c.mutex);
   c.in_use = false;
   if (!keep_locked(c)) c.block = at::Tensor();
+}
+
+at::Tensor scratch_tensor(int64_t numel, const at::TensorOptions& options) {
+  auto lease = std::make_shared<ScratchLease>(numel, options);
+  const at::Tensor& t = lease->tensor();
+  // The storage's deleter owns the lease: the block goes back when the last view of it is freed.
+  return at::from_blob(
+      t.data_ptr(), {numel}, [lease](void*) mutable { lease.reset(); }, t.options());
 }
 
 int64_t scratch_bytes() {

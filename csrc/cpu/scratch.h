@@ -30,6 +30,11 @@ class ScratchLease {
   bool cached_ = false;
 };
 
+// A tensor of `numel` values on the kept block that holds the block until the tensor's storage is
+// freed (a fresh buffer when the block is in use or not kept): for a buffer that outlives the call,
+// the logit gradients cm_margin's reduction="none" path saves from forward to backward.
+at::Tensor scratch_tensor(int64_t numel, const at::TensorOptions& options);
+
 // Bytes held by the kept block (0 when none).
 int64_t scratch_bytes();
 // Frees the kept block unless a call holds it; returns the bytes freed.

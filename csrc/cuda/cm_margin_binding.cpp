@@ -65,6 +65,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_cuda(const at::Tensor& x, c
   return Ops::fused(x, weight, labels, row_weight, IDK_CM_FORWARD_ARGS);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_grad_cuda(const at::Tensor& x,
+                                                                                        const at::Tensor& weight,
+                                                                                        const at::Tensor& labels,
+                                                                                        IDK_CM_PARAMS) {
+  const cuda::DeviceGuard guard(x.device());
+  return Ops::forward_grad(x, weight, labels, IDK_CM_FORWARD_ARGS);
+}
+
+at::Tensor rows_dweight_cuda(const at::Tensor& grad_rows, const at::Tensor& grad_logits, const at::Tensor& x,
+                             const at::Tensor& weight, const at::Tensor& x_norm, const at::Tensor& w_norm) {
+  const cuda::DeviceGuard guard(x.device());
+  return cm_rows_dweight(grad_rows, grad_logits, x, weight, x_norm, w_norm);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shard_forward_cuda(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels, int64_t class_offset, IDK_CM_PARAMS) {
   const cuda::DeviceGuard guard(x.device());
@@ -87,6 +101,8 @@ IDK_CUDA_LIBRARY_IMPL(m) {
   m.impl("cm_margin_forward", &forward_cuda);
   m.impl("cm_margin_backward", &backward_cuda);
   m.impl("cm_margin_fused", &fused_cuda);
+  m.impl("cm_margin_forward_grad", &forward_grad_cuda);
+  m.impl("cm_margin_rows_dweight", &rows_dweight_cuda);
   m.impl("cm_margin_shard_forward", &shard_forward_cuda);
   m.impl("cm_margin_shard_backward", &shard_backward_cuda);
 }

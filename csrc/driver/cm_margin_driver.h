@@ -91,6 +91,7 @@ struct CmOutputs {
   at::Tensor lse;              // shard modes: partial max (forward) or the global lse (backward)
   at::Tensor sum_exp, target;  // shard forward (lse holds the partial max)
   at::Tensor du, radial;       // shard backward: sum_j G_nj w^_j before projection, s g'(r) R partial
+  at::Tensor grad_logits;      // keep_logits: the (N, C) G' of the one chunk, for cm_rows_dweight
 };
 
 // u = x / max(||x||, eps) row-wise given the inverse norms.
@@ -160,6 +161,18 @@ void cm_dx_rows_cpu(at::Tensor& dx, const at::Tensor& x, const at::Tensor& du, c
   });
 }
 
+// dW = dW' - <dW', w^> w^ per class (w^ = w / ||w||), dW' = sum_n G'_nj u_n: in place on the CPU.
+template <typename A>
+at::Tensor cm_project_dw(at::Tensor& dw_acc, const at::Tensor& wa, const at::Tensor& inv_wn,
+                         const at::Tensor& w_norm) {
+  if (dw_acc.is_cpu()) {
+    cm_project_rows_cpu<A>(dw_acc, wa, inv_wn, w_norm);
+    return dw_acc;
+  }
+  const at::Tensor w_hat = cm_unit_rows(wa, inv_wn);
+  return dw_acc - cm_radial_dot(dw_acc, w_hat, w_norm).unsqueeze(1) * w_hat;
+}
+
 // An epilogue may run the forward-only mode itself with `tiled_forward(xa, wa, labels, cfg,
 // ignore_index, chunk, gemm, o)` (the CPU's class-tiled forward, csrc/cpu/cm_margin.cpp): the
 // int overload is chosen where that member exists, the long one (no hook) otherwise.
@@ -179,10 +192,12 @@ bool cm_tiled_forward(long, const E&, const at::Tensor&, const at::Tensor&, cons
 }
 
 // xa: the features in the accumulation dtype; wa: the weight as gemm.weight() gives it.
+// keep_logits (mode kCmFused, chunk == N): the chunk buffer is returned as o.grad_logits instead of
+// reused, and dW is left to cm_rows_dweight (the upstream gradient is not known yet).
 template <typename A, typename Epilogue>
 void cm_drive(CmMode mode, const at::Tensor& xa, const at::Tensor& wa, const at::Tensor& labels,
               const CmConfig<A>& cfg, int64_t ignore_index, int64_t class_offset, int64_t chunk, const at::Tensor& g,
-              const HalfGemm& gemm, CmOutputs& o, const Epilogue& epilogue) {
+              const HalfGemm& gemm, CmOutputs& o, const Epilogue& epilogue, bool keep_logits = false) {
   if (mode == kCmForward &&
       cm_tiled_forward<A>(0, epilogue, xa, wa, labels, cfg, ignore_index, chunk, gemm, o)) {
     return;
@@ -195,13 +210,20 @@ void cm_drive(CmMode mode, const at::Tensor& xa, const at::Tensor& wa, const at:
   const bool shard = mode == kCmShardForward || mode == kCmShardBackward;
   // The chunk buffer: on the CPU the kept scratch block (cpu/scratch.h: a fresh mapping of this size
   // is faulted in page by page every call), elsewhere the device's caching allocator.
+  // A kept buffer outlives the call: on the CPU a tensor that holds the block until it is freed.
+  TORCH_CHECK(!keep_logits || (mode == kCmFused && chunk == n), "cm_margin: keep_logits needs one fused chunk");
   std::optional<cpu::ScratchLease> lease;
-  if (xa.is_cpu()) lease.emplace(chunk * c, xa.options());
-  at::Tensor buffer = lease ? lease->tensor().view({chunk, c}) : at::empty({chunk, c}, xa.options());
+  if (xa.is_cpu() && !keep_logits) lease.emplace(chunk * c, xa.options());
+  at::Tensor buffer = lease          ? lease->tensor().view({chunk, c})
+                      : keep_logits ? (xa.is_cpu() ? cpu::scratch_tensor(n * c, xa.options()).view({n, c})
+                                                   : at::empty({n, c}, xa.options()))
+                                    : at::empty({chunk, c}, xa.options());
+  if (keep_logits) o.grad_logits = buffer;
+  const bool want_dw = want_grad && !keep_logits;
   at::Tensor radial = want_grad ? at::empty({chunk}, xa.options()) : at::Tensor();
   // dW' is written by the first chunk's GEMM and accumulated into by the others (no zero fill).
-  at::Tensor dw_acc = want_grad ? (n > 0 ? at::empty({c, d}, xa.options()) : at::zeros({c, d}, xa.options()))
-                                : at::Tensor();
+  at::Tensor dw_acc = want_dw ? (n > 0 ? at::empty({c, d}, xa.options()) : at::zeros({c, d}, xa.options()))
+                              : at::Tensor();
   at::Tensor du_buffer = want_grad && !shard_grad ? at::empty({chunk, d}, xa.options()) : at::Tensor();
 
   CmRowJob<A> job{cfg,
@@ -237,9 +259,9 @@ void cm_drive(CmMode mode, const at::Tensor& xa, const at::Tensor& wa, const at:
     const at::Tensor g_op = gemm.operand_of(s);
     at::Tensor du = shard_grad ? gemm.mm(g_op, wa) : du_buffer.narrow(0, 0, rows);  // sum_j G_nj w^_j
     if (!shard_grad) gemm.mm_out(du, g_op, wa);
-    if (n0 == 0) {
+    if (want_dw && n0 == 0) {
       gemm.mm_out(dw_acc, g_op.t(), u_op);  // sum_n G'_nj u_n
-    } else {
+    } else if (want_dw) {
       gemm.addmm_(dw_acc, g_op.t(), u_op);
     }
     if (shard_grad) {  // the caller adds the shards' parts, then projects
@@ -256,14 +278,8 @@ void cm_drive(CmMode mode, const at::Tensor& xa, const at::Tensor& wa, const at:
     const at::Tensor dot = cm_radial_dot(du, u, norm_c);
     dx_c.copy_(u * radial.narrow(0, 0, rows).unsqueeze(1) + (du - dot.unsqueeze(1) * u) * inv_c.unsqueeze(1));
   }
-  if (!want_grad) return;
-  if (dw_acc.is_cpu()) {
-    cm_project_rows_cpu<A>(dw_acc, wa, inv_wn, o.w_norm);
-    o.dw = dw_acc;
-    return;
-  }
-  const at::Tensor w_hat = cm_unit_rows(wa, inv_wn);
-  o.dw = dw_acc - cm_radial_dot(dw_acc, w_hat, o.w_norm).unsqueeze(1) * w_hat;
+  if (!want_dw) return;
+  o.dw = cm_project_dw<A>(dw_acc, wa, inv_wn, o.w_norm);
 }
 
 // Whether the driver checks CPU labels for the epilogue E (E::kHostLabelCheck, default true): an
@@ -277,7 +293,8 @@ struct HostLabelCheck<E, std::void_t<decltype(E::kHostLabelCheck)>> : std::bool_
 template <typename Epilogue>
 CmOutputs cm_run(CmMode mode, const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& labels_in,
                  const CmArgs& args, const at::Tensor& g_in, const at::Tensor& stats_in, const at::Tensor& x_norm_in,
-                 const at::Tensor& w_norm_in, const Epilogue& epilogue, int64_t class_offset = 0) {
+                 const at::Tensor& w_norm_in, const Epilogue& epilogue, int64_t class_offset = 0,
+                 bool keep_logits = false) {
   const at::Tensor labels = labels_in.contiguous();
   const bool shard = mode == kCmShardForward || mode == kCmShardBackward;
   TORCH_CHECK(class_offset >= 0, "cm_margin: class_offset must be >= 0, got ", class_offset);
@@ -326,16 +343,19 @@ CmOutputs cm_run(CmMode mode, const at::Tensor& x_in, const at::Tensor& w_in, co
     TORCH_CHECK(!args.target.defined(), "cm_margin: a target tensor is read by margin kind ", int(kMarginGiven),
                 " only, got kind ", args.margin_kind);
   }
-  const int64_t chunk = args.chunk_rows > 0 ? std::min(args.chunk_rows, n) : std::min<int64_t>(n, 256);
+  const int64_t chunk =
+      keep_logits ? n : (args.chunk_rows > 0 ? std::min(args.chunk_rows, n) : std::min<int64_t>(n, 256));
   AT_DISPATCH_FLOATING_TYPES(acc, "cm_margin", [&] {
     CmConfig<scalar_t> cfg = make_cm_config<scalar_t>(args);
     if (given.defined()) {
       cfg.margin.given = given.const_data_ptr<scalar_t>();
       cfg.margin.given_stride = n;
     }
-    cm_drive<scalar_t>(mode, xa, wa, labels, cfg, args.ignore_index, class_offset, chunk, g, gemm, o, epilogue);
+    cm_drive<scalar_t>(mode, xa, wa, labels, cfg, args.ignore_index, class_offset, chunk, g, gemm, o, epilogue,
+                       keep_logits);
   });
-  if (o.dx.defined()) o.dx = o.dx.to(x_in.scalar_type());
+  // keep_logits: dx stays in the accumulation dtype until the upstream gradient has scaled it
+  if (o.dx.defined() && !keep_logits) o.dx = o.dx.to(x_in.scalar_type());
   if (o.dw.defined()) o.dw = o.dw.to(w_in.scalar_type());
   return o;
 }
@@ -376,6 +396,18 @@ struct CmOps {
     at::Tensor loss = (o.loss_rows * row_weight.to(o.loss_rows.scalar_type())).sum();
     return {loss, o.dx, o.dw};
   }
+  // reduction="none" with the whole batch in one chunk: the forward's per-row losses and, for the
+  // upstream gradient 1 on every row, dx (accumulation dtype) and the (N, C) logit gradients G'. The
+  // gradients for an upstream g are then g_n dx_n and rows_dweight(g, G', ...): three GEMMs in all,
+  // where forward + backward recompute the cosines in a fourth. Holds N x C values (one chunk)
+  // from forward to backward; chunk_rows is not read.
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_grad(
+      const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels, IDK_CM_ARGS_PARAMS) {
+    const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const at::Tensor ones = at::ones({x.size(0)}, x.options().dtype(acc));
+    CmOutputs o = cm_run(kCmFused, x, weight, labels, IDK_CM_ARGS, ones, {}, {}, {}, Epilogue{}, 0, true);
+    return {o.loss_rows, o.x_norm, o.w_norm, o.dx, o.grad_logits};
+  }
   // Class shards (the classes [class_offset, class_offset + C) of a larger head): per-row partial
   // max, sum-exp and target logit; the x and weight norms as in forward.
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shard_forward(
@@ -401,5 +433,39 @@ struct CmOps {
 
 #undef IDK_CM_ARGS_PARAMS
 #undef IDK_CM_ARGS
+
+// dweight of reduction="none" from forward_grad's G' (N, C) for the upstream gradient grad_rows (N,):
+// dW' = G'^T (g_n u_n) (one GEMM), then projected as in cm_drive. Device-agnostic.
+inline at::Tensor cm_rows_dweight(const at::Tensor& grad_rows, const at::Tensor& grad_logits, const at::Tensor& x,
+                                  const at::Tensor& weight, const at::Tensor& x_norm, const at::Tensor& w_norm) {
+  check_2d_float("x", x);
+  check_2d_float("weight", weight);
+  const int64_t n = x.size(0), c = weight.size(0);
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(x.size(1) == weight.size(1), "cm_margin: x and weight feature dims differ: ", x.size(1), " vs ",
+              weight.size(1));
+  for (const at::Tensor* t : {&grad_rows, &grad_logits, &x_norm, &w_norm}) {
+    TORCH_CHECK(t->device() == x.device() && weight.device() == x.device(), "cm_margin: tensors on different devices");
+  }
+  TORCH_CHECK(grad_logits.dim() == 2 && grad_logits.size(0) == n && grad_logits.size(1) == c &&
+                  grad_logits.scalar_type() == acc,
+              "cm_margin: grad_logits must be (", n, ", ", c, ") in ", acc, ", got ", grad_logits.sizes(), " ",
+              grad_logits.scalar_type());
+  TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == n, "cm_margin: per-row gradient must be (", n, ",)");
+  TORCH_CHECK(x_norm.dim() == 1 && x_norm.size(0) == n && w_norm.dim() == 1 && w_norm.size(0) == c,
+              "cm_margin: norms must be (", n, ",) and (", c, ",)");
+  const HalfGemm gemm = HalfGemm::for_input(x, acc);
+  const at::Tensor xa = x.to(acc).contiguous();
+  const at::Tensor wa = gemm.weight(weight);
+  const at::Tensor xn = x_norm.to(acc).contiguous(), wn = w_norm.to(acc).contiguous();
+  const at::Tensor inv_wn = wn.clamp_min(kNormEps).reciprocal();
+  // g_n u_n = x_n (g_n / max(r_n, eps))
+  const at::Tensor gu = xa * (xn.clamp_min(kNormEps).reciprocal() * grad_rows.to(acc)).unsqueeze(1);
+  at::Tensor dw_acc = at::empty({c, x.size(1)}, xa.options());
+  gemm.mm_out(dw_acc, gemm.operand_of(grad_logits.contiguous()).t(), gemm.operand_of(gu));
+  at::Tensor dw;
+  AT_DISPATCH_FLOATING_TYPES(acc, "cm_rows_dweight", [&] { dw = cm_project_dw<scalar_t>(dw_acc, wa, inv_wn, wn); });
+  return dw.to(weight.scalar_type());
+}
 
 }  // namespace idid_kernels

@@ -275,8 +275,9 @@ def _head_case(op: str, n: int, d: int, c: int) -> Case:
 
 def head_cases(preset: str = "default", device_type: str = "cpu") -> list[Case]:
     """AdaFace and MagFace at the largest C of the cm sweep (every cm shape with ``full``). MagFace's
-    margin differentiates through the norm, so the fused backends run it on the forward/backward
-    ops (4 GEMMs; AdaFace's detached margins take the fused op's 3)."""
+    margin differentiates through the norm, so the fused backends keep its logit gradients from
+    forward to backward (cm_margin_forward_grad; AdaFace's detached margins take the fused op): 3
+    GEMMs either way, 4 (the forward/backward ops) for a batch over one chunk."""
     shapes = _sizes(_CM_SIZES, preset, device_type)
     if preset == "default":
         shapes = [max(shapes, key=lambda nd_c: nd_c[2])]

@@ -6,9 +6,14 @@ Two paths over one kernel driver (csrc/cpu/cm_margin.cpp):
   g_n = w_{y_n} (/ sum of weights) are known before backward, so the kernel forms dx and dW in the
   forward pass while each row of cosines is in cache, and backward only scales them by the
   upstream scalar. The cosines are computed once.
-- ``cm_margin_forward`` / ``cm_margin_backward`` otherwise (``reduction="none"``, or no gradient):
-  per-row losses plus saved statistics (each row's shift and log-sum-exp, norms); backward
-  recomputes each chunk's cosines.
+- ``cm_margin_forward_grad`` / ``cm_margin_rows_dweight`` for ``reduction="none"`` with a gradient
+  (or a per-row margin target that needs one, as MagFace's) when the whole batch fits one chunk (N x C accumulation-dtype values within
+  ``IDID_KERNELS_CHUNK_MB``): the forward forms, for an upstream gradient of 1 on every row, dx and
+  the (N, C) logit gradients G', and keeps G' (that one chunk) for backward, where the gradients for
+  the upstream g are g_n dx_n and dW from one GEMM over G'. Three GEMMs, as the fused path.
+- ``cm_margin_forward`` / ``cm_margin_backward`` otherwise (``reduction="none"`` on a batch over the
+  budget, no gradient, torch.func): per-row losses plus saved statistics (each row's shift and
+  log-sum-exp, norms); backward recomputes each chunk's cosines (a fourth GEMM).
 
 The class weights and the reduction live here, on O(N) vectors; the kernels see one weight per row.
 """
@@ -76,6 +81,18 @@ def _fused_fake(x, weight, labels, row_weight, *cfg):
             torch.empty_like(weight, memory_format=torch.contiguous_format))
 
 
+def _forward_grad_fake(x, weight, labels, *cfg):
+    acc = _acc(x.dtype)
+    n, c = x.shape[0], weight.shape[0]
+    # loss_rows, x_norm, w_norm, dx_rows (accumulation dtype), grad_logits (N, C)
+    return (x.new_empty(n, dtype=acc), x.new_empty(n, dtype=acc), x.new_empty(c, dtype=acc),
+            x.new_empty(x.shape, dtype=acc), x.new_empty((n, c), dtype=acc))
+
+
+def _rows_dweight_fake(grad_rows, grad_logits, x, weight, x_norm, w_norm):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
 def _shard_forward_fake(x, weight, labels, class_offset, *cfg):
     acc = _acc(x.dtype)
     n, c = x.shape[0], weight.shape[0]
@@ -109,6 +126,33 @@ def _forward_backward(ns, ctx, grad_rows, grad_stats, grad_x_norm, grad_w_norm):
         dx, dw = getattr(torch.ops, ns).cm_margin_backward(grad_rows, x, weight, labels, row_stats, x_norm,
                                                            w_norm, *ctx.cfg)
     # the per-row target (kind "given", the last argument) gets d loss / d phi
+    d_target = (target_grad(grad_rows, loss_rows, x_norm, labels, weight.shape[0], ctx.cfg)
+                if ctx.needs_input_grad[-1] else None)
+    return (dx, dw, None) + (None,) * (len(ctx.cfg) - 1) + (d_target,)
+
+
+def _forward_grad_setup(ctx, inputs, output):
+    x, weight, labels, *cfg = inputs
+    loss_rows, x_norm, w_norm, dx_rows, grad_logits = output
+    ctx.save_for_backward(x, weight, labels, loss_rows, x_norm, w_norm, dx_rows, grad_logits)
+    ctx.cfg = cfg
+    ctx.mark_non_differentiable(x_norm, w_norm, dx_rows, grad_logits)
+    ctx.set_materialize_grads(False)
+
+
+def _forward_grad_backward(ns, ctx, grad_rows, grad_x_norm, grad_w_norm, grad_dx, grad_logits_in):
+    no_double_backward("cm_margin_loss")
+    x, weight, labels, loss_rows, x_norm, w_norm, dx_rows, grad_logits = ctx.saved_tensors
+    if grad_rows is None:
+        grad_rows = torch.zeros_like(x_norm)
+    # An ignored row gets no gradient whatever its upstream holds (a mean over no rows gives it
+    # 0 * NaN), as in the backward op, whose kernel skips such rows.
+    g = torch.where(labels != ctx.cfg[12], grad_rows.to(dx_rows.dtype), torch.zeros((), dtype=dx_rows.dtype,
+                                                                                     device=dx_rows.device))
+    # every part of dx_n is linear in row n's upstream gradient
+    dx = (g.unsqueeze(1) * dx_rows).to(x.dtype) if ctx.needs_input_grad[0] else None
+    dw = (getattr(torch.ops, ns).cm_margin_rows_dweight(g, grad_logits, x, weight, x_norm, w_norm)
+          if ctx.needs_input_grad[1] else None)
     d_target = (target_grad(grad_rows, loss_rows, x_norm, labels, weight.shape[0], ctx.cfg)
                 if ctx.needs_input_grad[-1] else None)
     return (dx, dw, None) + (None,) * (len(ctx.cfg) - 1) + (d_target,)
@@ -158,13 +202,17 @@ def register(ns: str) -> None:
     """The fake kernels and autograd of the ops in the library ``ns`` ("idid_kernels", or
     "idid_kernels_emu" for the CUDA kernels under the emulator: ops/__init__.py)."""
     for name, fake in (("forward", _forward_fake), ("backward", _backward_fake), ("fused", _fused_fake),
+                       ("forward_grad", _forward_grad_fake), ("rows_dweight", _rows_dweight_fake),
                        ("shard_forward", _shard_forward_fake), ("shard_backward", _shard_backward_fake)):
         torch.library.register_fake(f"{ns}::cm_margin_{name}")(fake)
     register_autograd(f"{ns}::cm_margin_forward", functools.partial(_forward_backward, ns),
                       setup_context=_forward_setup, public_name="cm_margin_loss")
     register_autograd(f"{ns}::cm_margin_fused", _fused_backward, setup_context=_fused_setup,
                       public_name="cm_margin_loss")
+    register_autograd(f"{ns}::cm_margin_forward_grad", functools.partial(_forward_grad_backward, ns),
+                      setup_context=_forward_grad_setup, public_name="cm_margin_loss")
     register_no_double_backward(f"{ns}::cm_margin_backward", "cm_margin_loss")
+    register_no_double_backward(f"{ns}::cm_margin_rows_dweight", "cm_margin_loss")
 
 
 def cm_margin_loss(x, weight, labels, params: MarginParams, *, s, contraction, norm_offset, norm_temperature,
@@ -194,15 +242,20 @@ def cm_margin_loss(x, weight, labels, params: MarginParams, *, s, contraction, n
     # The fused path's backward scales gradients formed in the forward pass, which nothing could
     # differentiate again; under torch.func transforms the forward/backward ops are used, whose
     # backward op refuses a second derivative instead of giving a silently wrong one.
-    # A target that needs a gradient (margins with grad) takes the forward/backward ops: the fused
-    # op does not return the per-row losses that d loss / d phi is formed from.
-    if (reduction != "none" and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-            and not functorch_active() and not (target is not None and target.requires_grad)):
+    # A target that needs a gradient (margins with grad) does not take the fused op: it returns no
+    # per-row losses to form d loss / d phi from.
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) and not functorch_active()
+    if (reduction != "none" and needs_grad and not (target is not None and target.requires_grad)):
         # mean: w / sum(w), 0/0 = NaN for a batch with no weight, exactly F.cross_entropy.
         row_weight = w_rows / w_rows.sum() if reduction == "mean" else w_rows
         loss, _, _ = getattr(torch.ops, ns).cm_margin_fused(x, weight, labels, row_weight, *cfg)
         return loss.to(x.dtype)
-    loss_rows = getattr(torch.ops, ns).cm_margin_forward(x, weight, labels, *cfg)[0]
+    # "none", or a target that needs its gradient (the fused op has no per-row losses to form it
+    # from), with the batch in one chunk (cfg[13]: chunk_rows): the logit gradients are kept
+    if needs_grad and cfg[13] >= x.shape[0]:
+        loss_rows = getattr(torch.ops, ns).cm_margin_forward_grad(x, weight, labels, *cfg)[0]
+    else:
+        loss_rows = getattr(torch.ops, ns).cm_margin_forward(x, weight, labels, *cfg)[0]
     weighted = loss_rows * w_rows
     if reduction == "none":
         return weighted.to(x.dtype)
