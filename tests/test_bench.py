@@ -15,7 +15,7 @@ from idid_kernels import cli, functional
 from idid_kernels._backends import IMPLEMENTED, available_backends, runs_on
 from idid_kernels.bench import BenchConfig, run_bench, run_case, suite_cases
 from idid_kernels.bench import runner as runner_mod
-from idid_kernels.bench.measure import peak_memory_mb, time_cpu
+from idid_kernels.bench.measure import peak_memory_mb, time_cpu, time_cpu_interleaved
 from idid_kernels.bench.progress import Progress
 from idid_kernels.bench.report import format_markdown, format_notes, format_table, write_csv, write_json, write_plots
 
@@ -263,34 +263,51 @@ def test_margin_none_case_has_the_torch_column_checked_against_the_reference():
     assert row.out_err <= 1e-5 and row.grad_err <= 1e-4
 
 
+def _stand_in_timings(calls, q1, q3):
+    def timings(steps, device, **kw):
+        calls.append(len(steps))
+        for step in steps:
+            step()
+        return [runner_mod.Timing(10.0, q1, q3, 5, "stand-in") for _ in steps]
+    return timings
+
+
 def test_a_noisy_row_is_measured_again_and_flagged(monkeypatch):
     calls = []
-
-    def noisy_timing(step, device, **kw):
-        calls.append(1)
-        step()
-        return runner_mod.Timing(10.0, 5.0, 15.0, 5, "stand-in")  # IQR 100% of the median
-
-    monkeypatch.setattr(runner_mod, "time_step", noisy_timing)
+    monkeypatch.setattr(runner_mod, "time_steps", _stand_in_timings(calls, 5.0, 15.0))  # IQR 100% of the median
     case = suite_cases("primitives", "tiny", "cpu")[-1]
     result = run_bench([case], BenchConfig(compile=False, floor=False, **FAST), command="pytest")
     assert result.rows and all(r.noisy and "noisy: IQR" in r.note for r in result.rows)
-    assert len(calls) == 2 * len(result.rows)  # every row measured twice
+    assert calls == [len(result.rows)] * 2  # every row measured twice, all rows together
     assert "noisy" in format_table(result) and "kept an IQR above 20%" in format_notes(result)
 
 
 def test_a_quiet_row_is_measured_once(monkeypatch):
     calls = []
-
-    def quiet_timing(step, device, **kw):
-        calls.append(1)
-        step()
-        return runner_mod.Timing(10.0, 9.5, 10.5, 5, "stand-in")
-
-    monkeypatch.setattr(runner_mod, "time_step", quiet_timing)
+    monkeypatch.setattr(runner_mod, "time_steps", _stand_in_timings(calls, 9.5, 10.5))
     case = suite_cases("primitives", "tiny", "cpu")[-1]
     result = run_bench([case], BenchConfig(compile=False, floor=False, **FAST), command="pytest")
-    assert len(calls) == len(result.rows) and not any(r.noisy for r in result.rows)
+    assert calls == [len(result.rows)] and not any(r.noisy for r in result.rows)
+
+
+def test_rows_and_floor_are_timed_in_the_same_rounds(monkeypatch):
+    # On a CPU a case's implementations and its bare GEMMs are one call of time_steps: their ratios
+    # (speed-ups, floor fractions) come from the same interleaved rounds.
+    calls = []
+    monkeypatch.setattr(runner_mod, "time_steps", _stand_in_timings(calls, 9.5, 10.5))
+    case = suite_cases("cm", "tiny", "cpu")[0]
+    result = run_bench([case], BenchConfig(compile=False, **FAST), command="pytest")
+    assert calls == [len(result.rows) + 1]
+    assert all(r.floor_ms == 10.0 and r.floor_fraction == 1.0 for r in result.rows)
+
+
+def test_interleaved_timing_rotates_the_steps_each_round():
+    order = []
+    steps = [lambda k=k: order.append(k) for k in range(3)]
+    timings = time_cpu_interleaved(steps, warmup=0, min_repeats=4, max_repeats=4, budget_s=0.0)
+    assert order == [0, 1, 2, 1, 2, 0, 2, 0, 1, 0, 1, 2]
+    assert [t.repeats for t in timings] == [4, 4, 4]
+    assert all(0 < t.q1_ms <= t.median_ms <= t.q3_ms for t in timings)
 
 
 def test_compile_workers_are_stopped_before_timing(monkeypatch):
@@ -299,9 +316,9 @@ def test_compile_workers_are_stopped_before_timing(monkeypatch):
     order = []
     real = runner_mod._quiesce
     monkeypatch.setattr(runner_mod, "_quiesce", lambda: order.append("quiesce") or real())
-    real_measure = runner_mod.CaseRun.measure
-    monkeypatch.setattr(runner_mod.CaseRun, "measure",
-                        lambda self, impl, row: order.append("measure") or real_measure(self, impl, row))
+    real_time_rows = runner_mod.CaseRun.time_rows
+    monkeypatch.setattr(runner_mod.CaseRun, "time_rows",
+                        lambda self, *a, **k: order.append("measure") or real_time_rows(self, *a, **k))
     result = run_bench(suite_cases("cm", "tiny", "cpu")[:1], BenchConfig(**FAST), command="pytest")
     assert order[0] == "quiesce" and order.count("quiesce") == 1 and "measure" in order
     assert not any("child processes still alive" in n for n in result.notes)

@@ -2,7 +2,8 @@
 
 Timing. CPU: ``time.perf_counter`` around each step after a warm-up; the step is repeated until
 ``max_repeats`` or a time budget is reached (at least ``min_repeats``), and the median and the
-quartiles are reported. CUDA: ``triton.testing.do_bench`` (warm-up, L2 flush, quantiles) when
+quartiles are reported. The implementations of one case are timed interleaved, in rounds of one
+step each (``time_steps``), so that a drifting machine load moves them together. CUDA: ``triton.testing.do_bench`` (warm-up, L2 flush, quantiles) when
 triton is importable, else CUDA events around each step.
 
 Peak memory. CUDA: growth of ``torch.cuda.max_memory_allocated`` over one step (the caching
@@ -67,6 +68,34 @@ def time_cpu(step: Callable[[], object], *, warmup: int = 1, min_repeats: int = 
     return Timing(med, q1, q3, len(times), "perf_counter")
 
 
+def time_cpu_interleaved(steps: list[Callable[[], object]], *, warmup: int = 1, min_repeats: int = 5,
+                         max_repeats: int = 30, budget_s: float = 1.0) -> list[Timing]:
+    """Median and quartiles (ms) of each of ``steps`` on the CPU, timed in rounds: every round runs
+    each step once, starting one step later than the round before, until ``max_repeats`` rounds or
+    ``budget_s`` per step (at least ``min_repeats``). Steps measured this way see the same machine
+    load, so their ratios hold even where the load drifts during the run, which back-to-back timings
+    of one step after another would turn into a ratio."""
+    k = len(steps)
+    for _ in range(warmup):
+        for step in steps:
+            step()
+    times: list[list[float]] = [[] for _ in steps]
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_repeats or (rounds < max_repeats and time.perf_counter() - start < budget_s * k):
+        for j in range(k):
+            i = (rounds + j) % k
+            t0 = time.perf_counter()
+            steps[i]()
+            times[i].append(1e3 * (time.perf_counter() - t0))
+        rounds += 1
+    out = []
+    for t in times:
+        q1, med, q3 = _quartiles(t)
+        out.append(Timing(med, q1, q3, rounds, "perf_counter, interleaved"))
+    return out
+
+
 def time_cuda(step: Callable[[], object], *, warmup: int = 3, min_repeats: int = 10, max_repeats: int = 100,
               budget_s: float = 1.0) -> Timing:
     """Median and quartiles (ms) of ``step()`` on the current CUDA device."""
@@ -95,6 +124,14 @@ def time_cuda(step: Callable[[], object], *, warmup: int = 3, min_repeats: int =
 
 def time_step(step: Callable[[], object], device: torch.device, **kw) -> Timing:
     return time_cuda(step, **kw) if device.type == "cuda" else time_cpu(step, **kw)
+
+
+def time_steps(steps: list[Callable[[], object]], device: torch.device, **kw) -> list[Timing]:
+    """Timings of several steps: interleaved on the CPU (:func:`time_cpu_interleaved`), one after
+    another on a GPU (whose timings do not share cores with the rest of the machine)."""
+    if device.type == "cuda":
+        return [time_cuda(step, **kw) for step in steps]
+    return time_cpu_interleaved(steps, **kw)
 
 
 # ----------------------------------------------------------------------------------- memory

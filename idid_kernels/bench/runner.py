@@ -12,8 +12,10 @@ of the package runs while a row is timed; then each one runs steps 2 and 3:
    reference (output and every input gradient, relative error ||a - b|| / ||b||, ARCHITECTURE.md's
    tolerances; bf16/fp16 within 2x the eager error + 1e-2). A mismatch is marked and makes the run
    fail: a fast wrong kernel never looks good. This call also warms up (and compiles);
-2. time of forward + backward (median and quartiles; see :mod:`.measure`). A row whose IQR exceeds
-   20% of its median (``NOISY_IQR``) is measured again; if it is still noisy it is flagged;
+2. time of forward + backward (median and quartiles; see :mod:`.measure`), on a CPU every
+   implementation and the case's bare GEMMs (its floor) in the same interleaved rounds. Rows whose
+   IQR exceeds 20% of their median (``NOISY_IQR``) are measured again (together); a row still noisy
+   is flagged;
 3. peak extra memory of one forward + backward.
 
 Triton on a CPU runs only in its interpreter (TRITON_INTERPRET=1), orders of magnitude slower than
@@ -36,7 +38,7 @@ from .. import functional, reference
 from .._backends import BACKENDS, IMPLEMENTED, available_backends, missing, runs_on
 from ..check import TOLERANCES, _rel
 from .cases import Case
-from .measure import ContentionMonitor, Timing, memory_method, peak_memory_mb, proc_table, time_step
+from .measure import ContentionMonitor, Timing, memory_method, peak_memory_mb, proc_table, time_step, time_steps
 from .progress import Progress
 
 OK, MISMATCH, ERROR, OOM, SKIPPED, UNCHECKED = "ok", "MISMATCH", "ERROR", "oom", "skipped", "UNCHECKED"
@@ -331,27 +333,55 @@ class CaseRun:
         row.check = OK if ok else MISMATCH
         return row
 
-    def measure(self, impl: _Impl, row: Row) -> None:
-        """Time and peak memory of ``impl`` into ``row`` (after :meth:`check`)."""
+    def time_rows(self, pairs: list[tuple[_Impl, Row]], *, with_floor: bool = False) -> float:
+        """Time the steps of ``pairs`` into their rows (after :meth:`check`); with ``with_floor`` the
+        case's bare GEMMs too, whose median is returned (NaN otherwise, or where they do not fit).
+        On a CPU every step, the floor included, runs in the same interleaved rounds
+        (:func:`.measure.time_steps`), so the ratios between them hold under a drifting load; on a
+        GPU one after another."""
+        cfg = self.cfg
+        pairs = [(impl, row) for impl, row in pairs if row.check not in (ERROR, OOM)]
+        kw = dict(min_repeats=cfg.min_repeats, max_repeats=cfg.max_repeats, budget_s=cfg.budget_s)
+        floor = self.case.floor([t.detach() for t in self.inputs]) if with_floor and self.case.floor else None
+        if self.device.type == "cuda":
+            for impl, row in pairs:
+                try:
+                    self._fill(row, time_step(self.step(impl), self.device, **kw))
+                except torch.OutOfMemoryError as exc:
+                    row.check, row.note = OOM, _describe_error(exc)
+                _clear_grads(impl)
+            try:
+                return time_step(floor, self.device, **kw).median_ms if floor is not None else math.nan
+            except torch.OutOfMemoryError:
+                return math.nan
+        steps = [self.step(impl) for impl, _ in pairs]
+        if floor is not None:
+            floor()  # every other step has run once already (check or first_call): no further warm-up
+            steps.append(floor)
+        timings = time_steps(steps, self.device, warmup=0, **kw)
+        for (impl, row), timing in zip(pairs, timings):
+            self._fill(row, timing)
+            _clear_grads(impl)
+        return timings[-1].median_ms if floor is not None else math.nan
+
+    @staticmethod
+    def _fill(row: Row, timing: Timing) -> None:
+        row.median_ms, row.q1_ms, row.q3_ms, row.repeats = timing.median_ms, timing.q1_ms, timing.q3_ms, timing.repeats
+
+    def measure_memory(self, impl: _Impl, row: Row) -> None:
+        """Peak memory of one step of ``impl`` into ``row``: GPU allocator statistics are exact; the
+        CPU's peak RSS takes the median of 3 steps."""
         if row.check in (ERROR, OOM):
             return
-        cfg, step = self.cfg, self.step(impl)
         try:
-            # The check (or first_call) has already run a step: no separate warm-up on a CPU.
-            warm = {"warmup": 0} if self.device.type == "cpu" else {}
-            timing: Timing = time_step(step, self.device, min_repeats=cfg.min_repeats, max_repeats=cfg.max_repeats,
-                                       budget_s=cfg.budget_s, **warm)
-            row.median_ms, row.q1_ms, row.q3_ms, row.repeats = (timing.median_ms, timing.q1_ms, timing.q3_ms,
-                                                                timing.repeats)
-            # GPU allocator statistics are exact; the CPU's peak RSS takes the median of 3 steps.
-            row.peak_mb = peak_memory_mb(step, self.device, repeats=1 if self.device.type == "cuda" else 3,
+            row.peak_mb = peak_memory_mb(self.step(impl), self.device, repeats=1 if self.device.type == "cuda" else 3,
                                          before=lambda: _clear_grads(impl))
         except torch.OutOfMemoryError as exc:
             row.check, row.note = OOM, _describe_error(exc)
         _clear_grads(impl)
 
     def floor_ms(self) -> float:
-        """Median time of the case's bare GEMMs (NaN when it has none or they do not fit)."""
+        """Median time of the case's bare GEMMs alone (NaN when it has none or they do not fit)."""
         if self.case.floor is None:
             return math.nan
         try:
@@ -449,24 +479,24 @@ def run_case(case: Case, cfg: BenchConfig, progress: Progress | None = None) -> 
     children = _quiesce()
     if children:
         run.notes.append(f"child processes still alive while timing: {children}")
-    for impl, row in zip(run.impls, rows):
-        run.measure(impl, row)
-    for impl, row in zip(run.impls, rows):
-        if _noisy(row):
-            first = (row.median_ms, row.q3_ms - row.q1_ms)
-            run.measure(impl, row)
+    if cfg.floor and case.floor is not None and case.floor_note:
+        run.notes.append(f"floor of {case.op}: {case.floor_note}")
+    if progress:
+        progress.step(f"{case.label} timing")
+    pairs = list(zip(run.impls, rows))
+    floor_ms = run.time_rows(pairs, with_floor=cfg.floor and case.floor is not None)
+    for impl, row in pairs:
+        run.measure_memory(impl, row)
+    noisy = [(impl, row) for impl, row in pairs if _noisy(row)]
+    if noisy:
+        first = [(row.median_ms, row.q3_ms - row.q1_ms) for _, row in noisy]
+        run.time_rows(noisy)
+        for (_, row), (med, iqr) in zip(noisy, first):
             if _noisy(row):
                 row.noisy = True
                 extra = (f"noisy: IQR {row.q3_ms - row.q1_ms:.3g} ms of a {row.median_ms:.3g} ms median after a "
-                         f"second measurement (first: {first[1]:.3g} of {first[0]:.3g} ms)")
+                         f"second measurement (first: {iqr:.3g} of {med:.3g} ms)")
                 row.note = f"{row.note}; {extra}" if row.note else extra
-    floor_ms = math.nan
-    if cfg.floor and case.floor is not None and case.floor_note:
-        run.notes.append(f"floor of {case.op}: {case.floor_note}")
-    if cfg.floor and case.floor is not None:
-        if progress:
-            progress.step(f"{case.label} GEMM floor")
-        floor_ms = run.floor_ms()
     by_name = {r.impl: r for r in rows}
     eager = by_name.get("eager")
     comp = by_name.get("compile")
