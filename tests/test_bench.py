@@ -304,10 +304,33 @@ def test_rows_and_floor_are_timed_in_the_same_rounds(monkeypatch):
 def test_interleaved_timing_rotates_the_steps_each_round():
     order = []
     steps = [lambda k=k: order.append(k) for k in range(3)]
-    timings = time_cpu_interleaved(steps, warmup=0, min_repeats=4, max_repeats=4, budget_s=0.0)
-    assert order == [0, 1, 2, 1, 2, 0, 2, 0, 1, 0, 1, 2]
+    # blocks of one call, no settling call: one sizing call each, then the rotating rounds
+    timings = time_cpu_interleaved(steps, warmup=0, min_repeats=4, max_repeats=4, budget_s=0.0, block_s=0.0,
+                                   settle_s=0.0)
+    assert order == [0, 1, 2] + [0, 1, 2, 1, 2, 0, 2, 0, 1, 0, 1, 2]
     assert [t.repeats for t in timings] == [4, 4, 4]
     assert all(0 < t.q1_ms <= t.median_ms <= t.q3_ms for t in timings)
+
+
+def test_interleaved_blocks_settle_short_steps_and_stop_at_max_repeats():
+    import time as _time
+    calls = {"short": 0, "long": 0}
+
+    def short():
+        calls["short"] += 1
+
+    def long():
+        calls["long"] += 1
+        _time.sleep(0.02)
+
+    # short: a settling call, then a block of max_repeats / 4 = 2 timed calls, per round; long (20 ms
+    # > settle_s and block_s): one timed call per round, no settling call
+    fast, slow = time_cpu_interleaved([short, long], warmup=0, min_repeats=3, max_repeats=8, budget_s=10.0,
+                                      block_s=0.01, settle_s=0.005)
+    assert fast.repeats == 8 and slow.repeats == 8
+    assert calls["long"] == 1 + 8
+    assert calls["short"] == 1 + 4 * (1 + 2)  # sizing call, then four rounds of settling call + block
+    assert slow.median_ms >= 19
 
 
 def test_compile_workers_are_stopped_before_timing(monkeypatch):

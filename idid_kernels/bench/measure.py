@@ -69,30 +69,52 @@ def time_cpu(step: Callable[[], object], *, warmup: int = 1, min_repeats: int = 
 
 
 def time_cpu_interleaved(steps: list[Callable[[], object]], *, warmup: int = 1, min_repeats: int = 5,
-                         max_repeats: int = 30, budget_s: float = 1.0) -> list[Timing]:
-    """Median and quartiles (ms) of each of ``steps`` on the CPU, timed in rounds: every round runs
-    each step once, starting one step later than the round before, until ``max_repeats`` rounds or
-    ``budget_s`` per step (at least ``min_repeats``). Steps measured this way see the same machine
-    load, so their ratios hold even where the load drifts during the run, which back-to-back timings
-    of one step after another would turn into a ratio."""
+                         max_repeats: int = 30, budget_s: float = 1.0, block_s: float = 0.05,
+                         settle_s: float = 0.01) -> list[Timing]:
+    """Median and quartiles (ms) of each of ``steps`` on the CPU, timed in rounds. A round runs a
+    block of each step in turn (starting one step later than the round before): a step shorter than
+    ``settle_s`` first runs once untimed, so that the allocator state and caches another step left
+    behind are not charged to its first timed call, then ``block_s`` worth of timed calls (at least
+    one), sized by one call of each step before the rounds. Rounds go on until every step has ``min_repeats`` timed calls and either all have
+    ``max_repeats`` or ``budget_s`` per step has passed. Steps measured this way see the same machine
+    load, so their ratios hold where the load drifts during the run, which back-to-back timings of
+    one step after another would turn into a ratio."""
     k = len(steps)
-    for _ in range(warmup):
-        for step in steps:
+    estimate = []  # one call each (after ``warmup`` untimed ones) sizes the blocks; not a sample
+    for step in steps:
+        for _ in range(warmup):
             step()
+        t0 = time.perf_counter()
+        step()
+        estimate.append(time.perf_counter() - t0)
+    # blocks of at most a quarter of max_repeats: a step's calls spread over four rounds or more
+    cap = max(1, -(-max_repeats // 4))
+    per_block = [max(1, min(cap, int(block_s / max(t, 1e-9)))) for t in estimate]
     times: list[list[float]] = [[] for _ in steps]
     start = time.perf_counter()
     rounds = 0
-    while rounds < min_repeats or (rounds < max_repeats and time.perf_counter() - start < budget_s * k):
+
+    def more() -> bool:
+        if any(len(t) < min_repeats for t in times):
+            return True
+        return any(len(t) < max_repeats for t in times) and time.perf_counter() - start < budget_s * k
+
+    while more():
         for j in range(k):
             i = (rounds + j) % k
-            t0 = time.perf_counter()
-            steps[i]()
-            times[i].append(1e3 * (time.perf_counter() - t0))
+            if len(times[i]) >= max_repeats:
+                continue
+            if estimate[i] < settle_s:
+                steps[i]()
+            for _ in range(min(per_block[i], max_repeats - len(times[i]))):
+                t0 = time.perf_counter()
+                steps[i]()
+                times[i].append(1e3 * (time.perf_counter() - t0))
         rounds += 1
     out = []
     for t in times:
         q1, med, q3 = _quartiles(t)
-        out.append(Timing(med, q1, q3, rounds, "perf_counter, interleaved"))
+        out.append(Timing(med, q1, q3, len(t), "perf_counter, interleaved blocks"))
     return out
 
 
