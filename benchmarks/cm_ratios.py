@@ -13,7 +13,7 @@ Each shape times its steps interleaved (forward, GEMM, mean, none in turn, repea
 medians; a row whose interquartile range exceeds 20% of its median is measured again and flagged
 "noisy" if it still is. Before timing, the forward-only loss is checked against the fused one and
 "none"'s per-row mean against "mean" (float32, relative 1e-5), and at the default shapes the loss
-against the float64 reference. About half a minute on two cores.
+against the float64 reference. About 15 seconds on two cores.
 
     python benchmarks/cm_ratios.py benchmarks/results/cpu_cm_ratios.csv
 """

@@ -12,7 +12,9 @@ from ._backends import extension as _ext
 
 
 def empty_cache() -> int:
-    """Free the CPU scratch block kept between calls; returns the bytes freed (0 without the extension)."""
+    """Free the CPU scratch block kept between calls; returns the bytes freed (0 without the extension,
+    and 0 while a call or a ``reduction="none"`` graph of ``cm_margin_loss``, whose kept logit
+    gradients live on the block until its backward, holds it)."""
     ext = _ext()
     return 0 if ext is None else int(ext.scratch_release())
 
@@ -25,7 +27,8 @@ def scratch_bytes() -> int:
 
 def keep_scratch(keep: bool | None = None) -> bool:
     """Whether the CPU kernels keep their scratch block between calls; ``keep`` sets it (False frees
-    the block). Returns the setting in force. Without the extension there is nothing to keep: False."""
+    the block, or, while something holds it, lets it go when that ends). Returns the setting in
+    force. Without the extension there is nothing to keep: False."""
     ext = _ext()
     if ext is None:
         return False

@@ -301,6 +301,43 @@ def test_rows_and_floor_are_timed_in_the_same_rounds(monkeypatch):
     assert all(r.floor_ms == 10.0 and r.floor_fraction == 1.0 for r in result.rows)
 
 
+def test_a_noisy_row_is_measured_again_with_the_floor(monkeypatch):
+    # The second measurement carries the floor in its rounds: a re-measured row's floor fraction
+    # comes from one set of rounds.
+    calls, floors = [], iter([10.0, 20.0])
+
+    def timings(steps, device, **kw):
+        calls.append(len(steps))
+        for step in steps:
+            step()
+        floor = next(floors)
+        return [runner_mod.Timing(10.0, 5.0, 15.0, 5, "stand-in") for _ in steps[:-1]] + \
+            [runner_mod.Timing(floor, floor, floor, 5, "stand-in")]
+    monkeypatch.setattr(runner_mod, "time_steps", timings)
+    case = suite_cases("cm", "tiny", "cpu")[0]
+    result = run_bench([case], BenchConfig(compile=False, **FAST), command="pytest")
+    assert calls == [len(result.rows) + 1] * 2
+    assert all(r.noisy and r.floor_ms == 20.0 and r.floor_fraction == 2.0 for r in result.rows)
+
+
+def test_steps_that_do_not_fit_together_are_timed_alone(monkeypatch):
+    def no_room(steps, device, **kw):
+        raise torch.OutOfMemoryError("not together")
+    monkeypatch.setattr(runner_mod, "time_steps", no_room)
+    alone = []
+    real = runner_mod.time_step
+    monkeypatch.setattr(runner_mod, "time_step", lambda step, device, **kw: alone.append(step) or real(step, device, **kw))
+    case = suite_cases("cm", "tiny", "cpu")[0]
+    result = run_bench([case], BenchConfig(compile=False, **FAST), command="pytest")
+    assert len(alone) == len(result.rows) + 1  # each row, then the floor
+    assert all(r.check == "ok" and r.median_ms > 0 and r.floor_ms > 0 for r in result.rows)
+
+
+def test_interleaved_timing_rejects_fewer_max_than_min_repeats():
+    with pytest.raises(ValueError, match="max_repeats"):
+        time_cpu_interleaved([lambda: None], min_repeats=5, max_repeats=4)
+
+
 def test_interleaved_timing_rotates_the_steps_each_round():
     order = []
     steps = [lambda k=k: order.append(k) for k in range(3)]

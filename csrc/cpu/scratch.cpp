@@ -17,9 +17,10 @@ struct Cache {
   int keep = -1;  // -1: not read yet
 };
 
+// Never destroyed: a tensor from scratch_tensor may be freed after static destructors have run.
 Cache& cache() {
-  static Cache c;
-  return c;
+  static Cache* c = new Cache;
+  return *c;
 }
 
 // Call with the mutex held.

@@ -3,8 +3,10 @@
 // The chunk of logits of cm_margin (up to the chunk budget, 256 MiB by default) is far above
 // glibc's mmap threshold (32 MiB at most): a fresh buffer every call is a fresh mapping, and the
 // kernel faults in and zeroes every page of it again (N=1024 d=256 C=50000, a 200 MiB chunk, on a
-// two-core VM: 970 ms per fused step against 825 ms with the block kept). One block is kept instead and handed to the next call that
-// fits in it; a call that finds it in use (another thread) gets a fresh buffer. The block is
+// two-core VM: 970 ms per fused step against 825 ms with the block kept). One block is kept
+// instead and handed to the next call that fits in it; a call that finds it in use (another
+// thread, or a reduction="none" graph whose saved logit gradients hold it until its backward:
+// scratch_tensor) gets a fresh buffer. The block is
 // released by idid_kernels.empty_cache() and never kept with IDID_KERNELS_KEEP_SCRATCH=0.
 #pragma once
 

@@ -444,6 +444,7 @@ inline at::Tensor cm_rows_dweight(const at::Tensor& grad_rows, const at::Tensor&
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(x.size(1) == weight.size(1), "cm_margin: x and weight feature dims differ: ", x.size(1), " vs ",
               weight.size(1));
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "cm_margin: x and weight dtypes differ");
   for (const at::Tensor* t : {&grad_rows, &grad_logits, &x_norm, &w_norm}) {
     TORCH_CHECK(t->device() == x.device() && weight.device() == x.device(), "cm_margin: tensors on different devices");
   }

@@ -2,9 +2,10 @@
 
 Timing. CPU: ``time.perf_counter`` around each step after a warm-up; the step is repeated until
 ``max_repeats`` or a time budget is reached (at least ``min_repeats``), and the median and the
-quartiles are reported. The implementations of one case are timed interleaved, in rounds of one
-step each (``time_steps``), so that a drifting machine load moves them together. CUDA: ``triton.testing.do_bench`` (warm-up, L2 flush, quantiles) when
-triton is importable, else CUDA events around each step.
+quartiles are reported. The implementations of one case are timed interleaved (``time_steps``):
+rounds of a short block of each step in turn, a short step after one untimed settling call, so
+that a drifting machine load moves them together. CUDA: ``triton.testing.do_bench`` (warm-up, L2
+flush, quantiles) when triton is importable, else CUDA events around each step.
 
 Peak memory. CUDA: growth of ``torch.cuda.max_memory_allocated`` over one step (the caching
 allocator's live tensors, not what it has reserved). CPU (Linux): growth of the process's peak
@@ -75,10 +76,13 @@ def time_cpu_interleaved(steps: list[Callable[[], object]], *, warmup: int = 1, 
     block of each step in turn (starting one step later than the round before): a step shorter than
     ``settle_s`` first runs once untimed, so that the allocator state and caches another step left
     behind are not charged to its first timed call, then ``block_s`` worth of timed calls (at least
-    one), sized by one call of each step before the rounds. Rounds go on until every step has ``min_repeats`` timed calls and either all have
-    ``max_repeats`` or ``budget_s`` per step has passed. Steps measured this way see the same machine
+    one), sized by one call of each step before the rounds. Rounds go on until every step has
+    ``min_repeats`` timed calls and either all have ``max_repeats`` or ``budget_s`` per step has
+    passed. Steps measured this way see the same machine
     load, so their ratios hold where the load drifts during the run, which back-to-back timings of
     one step after another would turn into a ratio."""
+    if max_repeats < min_repeats:
+        raise ValueError(f"max_repeats ({max_repeats}) must be >= min_repeats ({min_repeats})")
     k = len(steps)
     estimate = []  # one call each (after ``warmup`` untimed ones) sizes the blocks; not a sample
     for step in steps:

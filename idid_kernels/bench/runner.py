@@ -342,27 +342,39 @@ class CaseRun:
         cfg = self.cfg
         pairs = [(impl, row) for impl, row in pairs if row.check not in (ERROR, OOM)]
         kw = dict(min_repeats=cfg.min_repeats, max_repeats=cfg.max_repeats, budget_s=cfg.budget_s)
-        floor = self.case.floor([t.detach() for t in self.inputs]) if with_floor and self.case.floor else None
-        if self.device.type == "cuda":
-            for impl, row in pairs:
-                try:
-                    self._fill(row, time_step(self.step(impl), self.device, **kw))
-                except torch.OutOfMemoryError as exc:
-                    row.check, row.note = OOM, _describe_error(exc)
-                _clear_grads(impl)
-            try:
-                return time_step(floor, self.device, **kw).median_ms if floor is not None else math.nan
+        floor = None
+        if with_floor and self.case.floor is not None:
+            try:  # the floor's own buffers (the bare GEMMs' outputs) may not fit: NaN then
+                floor = self.case.floor([t.detach() for t in self.inputs])
+                if self.device.type != "cuda":
+                    floor()  # every other step has run once already (check or first_call)
             except torch.OutOfMemoryError:
-                return math.nan
-        steps = [self.step(impl) for impl, _ in pairs]
-        if floor is not None:
-            floor()  # every other step has run once already (check or first_call): no further warm-up
-            steps.append(floor)
-        timings = time_steps(steps, self.device, warmup=0, **kw)
+                floor = None
+        if self.device.type == "cuda":
+            return self._time_each(pairs, floor, kw)
+        steps = [self.step(impl) for impl, _ in pairs] + ([floor] if floor is not None else [])
+        try:
+            timings = time_steps(steps, self.device, warmup=0, **kw)
+        except torch.OutOfMemoryError:  # one of them does not fit beside the others: each alone
+            return self._time_each(pairs, floor, kw)
         for (impl, row), timing in zip(pairs, timings):
             self._fill(row, timing)
             _clear_grads(impl)
         return timings[-1].median_ms if floor is not None else math.nan
+
+    def _time_each(self, pairs: list[tuple[_Impl, Row]], floor, kw: dict) -> float:
+        """Time each step of ``pairs`` alone, then the floor (``None``: none); a step that runs out of
+        memory marks its row OOM, a floor that does so gives NaN."""
+        for impl, row in pairs:
+            try:
+                self._fill(row, time_step(self.step(impl), self.device, **kw))
+            except torch.OutOfMemoryError as exc:
+                row.check, row.note = OOM, _describe_error(exc)
+            _clear_grads(impl)
+        try:
+            return time_step(floor, self.device, **kw).median_ms if floor is not None else math.nan
+        except torch.OutOfMemoryError:
+            return math.nan
 
     @staticmethod
     def _fill(row: Row, timing: Timing) -> None:
@@ -379,18 +391,6 @@ class CaseRun:
         except torch.OutOfMemoryError as exc:
             row.check, row.note = OOM, _describe_error(exc)
         _clear_grads(impl)
-
-    def floor_ms(self) -> float:
-        """Median time of the case's bare GEMMs alone (NaN when it has none or they do not fit)."""
-        if self.case.floor is None:
-            return math.nan
-        try:
-            run = self.case.floor([t.detach() for t in self.inputs])
-            return time_step(run, self.device, min_repeats=self.cfg.min_repeats, max_repeats=self.cfg.max_repeats,
-                             budget_s=self.cfg.budget_s).median_ms
-        except torch.OutOfMemoryError:
-            return math.nan
-
 
 # A row whose interquartile range exceeds this fraction of its median is measured again; when the
 # second measurement is noisy too, the row is flagged (Row.noisy, the table's "noisy" mark).
@@ -485,12 +485,18 @@ def run_case(case: Case, cfg: BenchConfig, progress: Progress | None = None) -> 
         progress.step(f"{case.label} timing")
     pairs = list(zip(run.impls, rows))
     floor_ms = run.time_rows(pairs, with_floor=cfg.floor and case.floor is not None)
+    row_floor: dict[int, float] = {}  # re-measured rows: the floor of their own rounds
     for impl, row in pairs:
         run.measure_memory(impl, row)
     noisy = [(impl, row) for impl, row in pairs if _noisy(row)]
     if noisy:
+        # measured again with the floor, so a re-measured row's floor fraction comes from one set of
+        # rounds (its ratios to the rows that were quiet the first time mix two sets)
         first = [(row.median_ms, row.q3_ms - row.q1_ms) for _, row in noisy]
-        run.time_rows(noisy)
+        again = run.time_rows(noisy, with_floor=cfg.floor and case.floor is not None)
+        for _, row in noisy:
+            if not math.isnan(again):
+                row_floor[id(row)] = again
         for (_, row), (med, iqr) in zip(noisy, first):
             if _noisy(row):
                 row.noisy = True
@@ -507,8 +513,8 @@ def run_case(case: Case, cfg: BenchConfig, progress: Progress | None = None) -> 
         if comp is not None:
             r.speedup_vs_compile = comp.median_ms / r.median_ms
         if case.floor_flops is not None:
-            r.floor_ms = floor_ms
-            r.floor_fraction = floor_ms / r.median_ms
+            r.floor_ms = row_floor.get(id(r), floor_ms)
+            r.floor_fraction = r.floor_ms / r.median_ms
             r.tflops = case.floor_flops / (r.median_ms * 1e-3) / 1e12
     return rows, run.notes
 
@@ -533,7 +539,7 @@ def run_bench(cases: list[Case], cfg: BenchConfig, *, command: str | None = None
     load_start = _loadavg()
     contention = ContentionMonitor().start()
     units = sum(1 + bool(cfg.compile) + len(_backend_names(c.op, device, cfg.backends)[0])
-                + (len(c.externals) if cfg.externals else 0) + bool(cfg.floor and c.floor) for c in cases)
+                + (len(c.externals) if cfg.externals else 0) + 1 for c in cases)  # + 1: the case's timing
     progress = Progress(units, enabled=cfg.progress)
     rows: list[Row] = []
     notes: list[str] = []
@@ -557,7 +563,8 @@ def run_bench(cases: list[Case], cfg: BenchConfig, *, command: str | None = None
         else "not run",
         "timing": ("triton.testing.do_bench, else CUDA events" if device.type == "cuda"
                    else f"time.perf_counter after the checked first call, {cfg.min_repeats}..{cfg.max_repeats} repeats "
-                        f"within ~{cfg.budget_s:g} s"),
+                        f"each, the implementations and the floor interleaved in rounds of short blocks within "
+                        f"~{cfg.budget_s:g} s per implementation"),
         "memory": memory_method(device),
         "load_avg_start": load_start,
         "load_avg_end": _loadavg(),
