@@ -6,8 +6,11 @@
 // defines the same schemas in the idid_kernels_emu library, whose CPU kernels are the CUDA kernels
 // of cuda/*.cu run by the emulator (backend="cuda" on CPU tensors, IDID_KERNELS_CUDA_EMULATE=1).
 #include <Python.h>
+
+#include <cstring>
 #include <torch/library.h>
 
+#include "cpu/gemm.h"
 #include "cpu/scratch.h"
 
 namespace {
@@ -128,7 +131,39 @@ PyObject* scratch_keep(PyObject*, PyObject* args) {
   if (keep >= 0) idid_kernels::cpu::set_scratch_keep(keep != 0);
   return PyBool_FromLong(idid_kernels::cpu::scratch_keep());
 }
+// cpu_gemm([engine]): engine "auto", "aten" or "onednn" sets the CPU GEMM engine (cpu/gemm.h);
+// returns the one float32 GEMMs take.
+PyObject* cpu_gemm(PyObject*, PyObject* args) {
+  const char* engine = nullptr;
+  if (!PyArg_ParseTuple(args, "|s", &engine)) return nullptr;
+  try {
+    using idid_kernels::cpu::GemmEngine;
+    if (engine != nullptr) {
+      GemmEngine e;
+      if (std::strcmp(engine, "auto") == 0) {
+        e = GemmEngine::kAuto;
+      } else if (std::strcmp(engine, "aten") == 0) {
+        e = GemmEngine::kAten;
+      } else if (std::strcmp(engine, "onednn") == 0) {
+        e = GemmEngine::kOneDnn;
+      } else {
+        PyErr_Format(PyExc_ValueError, "engine must be 'auto', 'aten' or 'onednn', got '%s'", engine);
+        return nullptr;
+      }
+      idid_kernels::cpu::set_gemm_engine(e);
+    }
+    return PyUnicode_FromString(idid_kernels::cpu::gemm_engine_in_use());
+  } catch (const std::exception& exc) {
+    PyErr_SetString(PyExc_RuntimeError, exc.what());
+    return nullptr;
+  }
+}
+PyObject* onednn_calls(PyObject*, PyObject*) { return PyLong_FromLongLong(idid_kernels::cpu::onednn_calls()); }
+PyObject* onednn_available(PyObject*, PyObject*) { return PyBool_FromLong(idid_kernels::cpu::onednn_available()); }
 PyMethodDef module_methods[] = {
+    {"cpu_gemm", cpu_gemm, METH_VARARGS, "cpu_gemm([engine]): the CPU GEMM engine (cpu/gemm.h); sets it if given."},
+    {"onednn_available", onednn_available, METH_NOARGS, "Whether torch's oneDNN float32 matmul is reachable."},
+    {"onednn_calls", onednn_calls, METH_NOARGS, "GEMMs the CPU kernels ran through oneDNN so far."},
     {"scratch_bytes", scratch_bytes, METH_NOARGS, "Bytes of the kept CPU scratch block (csrc/cpu/scratch.h)."},
     {"scratch_release", scratch_release, METH_NOARGS, "Free the kept CPU scratch block; returns the bytes freed."},
     {"scratch_keep", scratch_keep, METH_VARARGS,

@@ -28,6 +28,7 @@
 
 #include "../common/density.h"
 #include "checks.h"
+#include "gemm.h"
 #include "normalize.h"
 
 namespace idid_kernels {
@@ -152,7 +153,7 @@ double tile_kernel_sum(const at::Tensor& us, int64_t off, int64_t nc, int64_t r0
   // Columns from r0 on: the strict upper triangle of rows [r0, r1) lies there.
   const at::Tensor uc = us.narrow(0, off, nc);
   const int64_t ld = nc - r0;
-  const at::Tensor k = at::mm(uc.narrow(0, r0, r1 - r0), uc.narrow(0, r0, ld).t()).contiguous();
+  const at::Tensor k = cpu::mm(uc.narrow(0, r0, r1 - r0), uc.narrow(0, r0, ld).t()).contiguous();
   const acc* kp = k.const_data_ptr<acc>();
   for (int64_t a = 0; a < r1 - r0; ++a) total += static_cast<double>(kernel_sum(kp + a * ld + a + 1, ld - a - 1, t));
   return total;
@@ -183,13 +184,13 @@ void tile_backward(const at::Tensor& us, int64_t off, int64_t nc, int64_t r0, in
     return;
   }
   const at::Tensor uc = us.narrow(0, off, nc);
-  at::Tensor w = at::mm(uc.narrow(0, r0, r1 - r0), uc.t()).contiguous();  // cosines, then weights
+  at::Tensor w = cpu::mm(uc.narrow(0, r0, r1 - r0), uc.t()).contiguous();  // cosines, then weights
   acc* wp = w.mutable_data_ptr<acc>();
   for (int64_t a = 0; a < r1 - r0; ++a) {
     kernel_grad_row(wp + a * nc, nc, t);
     wp[a * nc + r0 + a] = 0;  // i != j
   }
-  const at::Tensor pull = at::mm(w, uc).contiguous();  // (r1 - r0, d)
+  const at::Tensor pull = cpu::mm(w, uc).contiguous();  // (r1 - r0, d)
   const acc* pp = pull.const_data_ptr<acc>();
   for (int64_t a = 0; a < r1 - r0; ++a) {
     const int64_t i = order[r0 + a];

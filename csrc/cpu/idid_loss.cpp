@@ -32,6 +32,7 @@
 #include "../common/normalize.h"
 #include "../driver/idid_loss_driver.h"
 #include "fp_env.h"
+#include "gemm.h"
 #include "normalize.h"
 #include "symmetric.h"
 #include "vec_math.h"
@@ -584,7 +585,7 @@ struct CpuPolicy {
       for (int64_t i0 = 0; i0 < n; i0 += block) {
         const int64_t rows = std::min(block, n - i0);
         Tensor g = gram.narrow(0, 0, rows);
-        at::mm_out(g, Uc.narrow(0, i0, rows), Uc.t());
+        cpu::mm_out(g, Uc.narrow(0, i0, rows), Uc.t());
         const A* gp = g.const_data_ptr<A>();
         at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
           for (int64_t ii = begin; ii < end; ++ii) {
@@ -650,7 +651,7 @@ struct CpuPolicy {
       for (int64_t i0 = 0; i0 < n; i0 += block) {
         const int64_t rows = std::min(block, n - i0);
         Tensor g = gram.narrow(0, 0, rows);
-        at::mm_out(g, Uc.narrow(0, i0, rows), Uc.t());
+        cpu::mm_out(g, Uc.narrow(0, i0, rows), Uc.t());
         A* gp = g.mutable_data_ptr<A>();
         at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
           for (int64_t ii = begin; ii < end; ++ii) {
@@ -659,7 +660,7 @@ struct CpuPolicy {
           }
         });
         Tensor h = pull.narrow(0, 0, rows);
-        at::mm_out(h, g, Uc);
+        cpu::mm_out(h, g, Uc);
         const A* hp = h.const_data_ptr<A>();
         at::parallel_for(0, rows, grain_rows(d), [&](int64_t begin, int64_t end) {
           for (int64_t ii = begin; ii < end; ++ii) {

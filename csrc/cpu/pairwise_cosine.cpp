@@ -1,8 +1,9 @@
 // CPU registration of pairwise_cosine: the ops of csrc/driver/pairwise_cosine_driver.h with the
-// hand-written row loops of csrc/cpu/normalize.h.
+// hand-written row loops of csrc/cpu/normalize.h and the GEMMs of csrc/cpu/gemm.h.
 #include <torch/library.h>
 
 #include "../driver/pairwise_cosine_driver.h"
+#include "gemm.h"
 #include "normalize.h"
 
 namespace idid_kernels {
@@ -17,6 +18,7 @@ struct CpuRows {
                                        at::ScalarType dtype) {
     return cpu::normalize_backward(g, u, norm, dtype);
   }
+  static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) { return cpu::mm(a, b); }
 };
 
 using Ops = PairwiseCosineOps<CpuRows>;

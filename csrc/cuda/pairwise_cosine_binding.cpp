@@ -19,6 +19,7 @@ struct AtenRows {
                                        at::ScalarType dtype) {
     return aten::normalize_backward(g, u, norm, dtype);
   }
+  static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) { return at::mm(a, b); }
 };
 
 using Ops = PairwiseCosineOps<AtenRows>;

@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 
+#include "../cpu/gemm.h"
+
 namespace idid_kernels {
 
 // The GEMMs' operand dtype. Half inputs (bfloat16, float16) multiply in their own dtype with
@@ -11,7 +13,8 @@ namespace idid_kernels {
 // The operands are then the accumulation-dtype operands (unit rows, logit gradients) rounded to the
 // half dtype, and weight gradients accumulate in float32. On the CPU the same rounded operands are
 // multiplied as float32 (a product of two half values is exact in float32), so both devices compute
-// the same thing. Other dtypes multiply in the accumulation dtype, unchanged.
+// the same thing. Other dtypes multiply in the accumulation dtype, unchanged. CPU GEMMs go through
+// cpu/gemm.h (oneDNN or at::mm).
 struct HalfGemm {
   at::ScalarType operand, acc;
   bool native;  // CUDA half inputs: half operands, float32 out_dtype
@@ -30,15 +33,22 @@ struct HalfGemm {
   void mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) const {
     if (native) {
       at::mm_out(out, a, b, acc);
+    } else if (out.is_cpu()) {
+      cpu::mm_out(out, a, b);
     } else {
       at::mm_out(out, a, b);
     }
   }
-  at::Tensor mm(const at::Tensor& a, const at::Tensor& b) const { return native ? at::mm(a, b, acc) : at::mm(a, b); }
+  at::Tensor mm(const at::Tensor& a, const at::Tensor& b) const {
+    if (native) return at::mm(a, b, acc);
+    return a.is_cpu() ? cpu::mm(a, b) : at::mm(a, b);
+  }
   // out += alpha a b
   void addmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double alpha = 1.0) const {
     if (native) {
       out.add_(at::mm(a, b, acc), alpha);
+    } else if (out.is_cpu()) {
+      cpu::addmm_(out, a, b, alpha);
     } else {
       out.addmm_(a, b, 1, alpha);
     }

@@ -1,5 +1,5 @@
-// pairwise_cosine ops over a row-normalisation policy `Rows` (cpu:: loops on the CPU, aten:: tensor
-// ops on CUDA): S = U V^T with U, V the rows of x, y scaled to unit norm (F.normalize semantics;
+// pairwise_cosine ops over a row-normalisation and GEMM policy `Rows` (cpu:: loops and GEMMs on the
+// CPU, aten:: tensor ops on CUDA): S = U V^T with U, V the rows of x, y scaled to unit norm (F.normalize semantics;
 // V = U when y is absent).
 //
 // Forward normalises each row once into the accumulation dtype (float32, float64 for float64) and
@@ -40,10 +40,10 @@ struct PairwiseCosineOps {
     if (y_in.has_value() && y_in->defined()) {
       pairwise_check_pair(x, *y_in);
       auto [v, ny] = Rows::unit_rows(y_in->contiguous());
-      cos = at::mm(u, v.t());
+      cos = Rows::mm(u, v.t());
       norm_y = ny;
     } else {
-      cos = at::mm(u, u.t());
+      cos = Rows::mm(u, u.t());
       norm_y = at::empty({0}, norm_x.options());
     }
     return {cos.to(x.scalar_type()), norm_x, norm_y};
@@ -66,14 +66,14 @@ struct PairwiseCosineOps {
     at::Tensor dx = at::empty({0, d}, x.options());
     at::Tensor dy = at::empty({0, d}, x.options());
     if (!has_y) {
-      if (output_mask[0]) dx = Rows::normalize_backward(at::mm(g + g.t(), u), u, norm_x, x.scalar_type());
+      if (output_mask[0]) dx = Rows::normalize_backward(Rows::mm(g + g.t(), u), u, norm_x, x.scalar_type());
       return {dx, dy};
     }
     pairwise_check_pair(x, *y_in);
     const at::Tensor y = y_in->contiguous();
     const at::Tensor v = Rows::unit_rows_from_norm(y, norm_y);
-    if (output_mask[0]) dx = Rows::normalize_backward(at::mm(g, v), u, norm_x, x.scalar_type());
-    if (output_mask[1]) dy = Rows::normalize_backward(at::mm(g.t(), u), v, norm_y, y.scalar_type());
+    if (output_mask[0]) dx = Rows::normalize_backward(Rows::mm(g, v), u, norm_x, x.scalar_type());
+    if (output_mask[1]) dy = Rows::normalize_backward(Rows::mm(g.t(), u), v, norm_y, y.scalar_type());
     return {dx, dy};
   }
 };

@@ -117,7 +117,8 @@ def format_header(result: BenchResult) -> str:
             f"forward+backward per step; median and interquartile range; ratios are the eager (or compile) "
             f"time over this row's; 'floor' = time of the bare GEMMs / this time, FLOP/s = the "
             f"GEMM floor's flops / this time;\nchecks: relative error of the output / worst input gradient against the "
-            f"float64 reference.\ntiming: {m['timing']}\nmemory: {m['memory']}\ncompile: {m['compile_mode']}{busy}")
+            f"float64 reference.\ntiming: {m['timing']}\nmemory: {m['memory']}\n"
+            + (f"GEMMs: {m['gemm']}\n" if m.get("gemm") else "") + f"compile: {m['compile_mode']}{busy}")
 
 
 def format_notes(result: BenchResult) -> str:

@@ -35,6 +35,7 @@ from typing import Callable
 import torch
 
 from .. import functional, reference
+from .._gemm import cpu_gemm
 from .._backends import BACKENDS, IMPLEMENTED, available_backends, missing, runs_on
 from ..check import TOLERANCES, _rel
 from .cases import Case
@@ -566,6 +567,9 @@ def run_bench(cases: list[Case], cfg: BenchConfig, *, command: str | None = None
                         f"each, the implementations and the floor interleaved in rounds of short blocks within "
                         f"~{cfg.budget_s:g} s per implementation"),
         "memory": memory_method(device),
+        "gemm": ("cuBLAS (torch.mm) for every implementation and the floor" if device.type == "cuda"
+                 else f"this package's CPU kernels: {cpu_gemm()} (idid_kernels.cpu_gemm); eager, compile and the floor: "
+                      f"torch.mm's BLAS"),
         "load_avg_start": load_start,
         "load_avg_end": _loadavg(),
         "other_busy_cores": contention.stop(),
