@@ -3,7 +3,7 @@ the bench's fwd+bwd table does not show, at the default bench's cm shapes and at
 C=50000:
 
 - forward only (under ``torch.no_grad``) against its floor, the one bare GEMM X W^T into a kept
-  (N, C) output;
+  (N, C) output, in the kernels' GEMM engine (``idid_kernels.bench.cases.floor_mm``);
 - ``reduction="none"`` (then ``.mean().backward()``) against ``"mean"``, forward + backward. With
   the batch in one chunk "none" keeps its (N, C) logit gradients from forward to backward
   (``cm_margin_forward_grad``): 3 GEMMs, as the fused op; over the chunk budget it recomputes the
@@ -28,6 +28,7 @@ import time
 import torch
 
 import idid_kernels as ik
+from idid_kernels.bench.cases import floor_mm
 from idid_kernels.bench.runner import _cpu_name
 
 SHAPES = [(256, 128, 2048, 40), (256, 128, 8192, 20), (1024, 128, 2048, 20), (1024, 256, 50000, 5)]
@@ -49,13 +50,14 @@ def measure(n, d, c, reps):
     w = torch.randn(c, d, generator=g, requires_grad=True)
     y = torch.randint(0, c, (n,), generator=g)
     out = torch.empty(n, c)
+    mm = floor_mm(x)
 
     def forward():
         with torch.no_grad():
             return ik.cm_margin_loss(x, w, y, backend="cpp", **KW)
 
     def gemm():
-        torch.mm(x.detach(), w.detach().t(), out=out)
+        mm(x.detach(), w.detach().t(), out=out)
 
     def mean():
         x.grad = w.grad = None
@@ -108,7 +110,7 @@ def measure(n, d, c, reps):
 def main(csv_path: str | None) -> int:
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     print(f"cm_margin_loss cpp ratios  {stamp}  {_cpu_name()}, torch threads {torch.get_num_threads()}, "
-          f"torch {torch.__version__}")
+          f"torch {torch.__version__}, GEMMs (kernels and floor): {ik.cpu_gemm()}")
     print(f"{'case':28s} {'fwd ms':>8s} {'GEMM ms':>8s} {'fwd floor':>9s} {'mean ms':>8s} {'none ms':>8s} "
           f"{'none/mean':>9s}  check")
     rows = []
@@ -122,7 +124,8 @@ def main(csv_path: str | None) -> int:
     if csv_path:
         meta = dict(date=stamp, device_name=_cpu_name(), torch_threads=torch.get_num_threads(),
                     version_torch=torch.__version__, version_idid_kernels=ik.__version__,
-                    command="python benchmarks/cm_ratios.py", config="cosface+sigmoid s=30 float32")
+                    command="python benchmarks/cm_ratios.py", config="cosface+sigmoid s=30 float32",
+                    gemm_engine=ik.cpu_gemm())
         with open(csv_path, "w", newline="") as f:
             wr = csv.DictWriter(f, fieldnames=list(meta) + list(rows[0]))
             wr.writeheader()

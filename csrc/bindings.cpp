@@ -131,26 +131,19 @@ PyObject* scratch_keep(PyObject*, PyObject* args) {
   if (keep >= 0) idid_kernels::cpu::set_scratch_keep(keep != 0);
   return PyBool_FromLong(idid_kernels::cpu::scratch_keep());
 }
-// cpu_gemm([engine]): engine "auto", "aten" or "onednn" sets the CPU GEMM engine (cpu/gemm.h);
-// returns the one float32 GEMMs take.
+// cpu_gemm([engine]): engine 0, 1 or 2 (GemmEngine: auto, aten, onednn; idid_kernels/_gemm.py
+// maps the names) sets the CPU GEMM engine (cpu/gemm.h); returns the one float32 GEMMs take.
 PyObject* cpu_gemm(PyObject*, PyObject* args) {
-  const char* engine = nullptr;
-  if (!PyArg_ParseTuple(args, "|s", &engine)) return nullptr;
+  int engine = -1;
+  if (!PyArg_ParseTuple(args, "|i", &engine)) return nullptr;
   try {
     using idid_kernels::cpu::GemmEngine;
-    if (engine != nullptr) {
-      GemmEngine e;
-      if (std::strcmp(engine, "auto") == 0) {
-        e = GemmEngine::kAuto;
-      } else if (std::strcmp(engine, "aten") == 0) {
-        e = GemmEngine::kAten;
-      } else if (std::strcmp(engine, "onednn") == 0) {
-        e = GemmEngine::kOneDnn;
-      } else {
-        PyErr_Format(PyExc_ValueError, "engine must be 'auto', 'aten' or 'onednn', got '%s'", engine);
+    if (engine != -1) {
+      if (engine < static_cast<int>(GemmEngine::kAuto) || engine > static_cast<int>(GemmEngine::kOneDnn)) {
+        PyErr_Format(PyExc_ValueError, "cpu_gemm: engine index must be 0, 1 or 2, got %d", engine);
         return nullptr;
       }
-      idid_kernels::cpu::set_gemm_engine(e);
+      idid_kernels::cpu::set_gemm_engine(static_cast<GemmEngine>(engine));
     }
     return PyUnicode_FromString(idid_kernels::cpu::gemm_engine_in_use());
   } catch (const std::exception& exc) {
@@ -161,7 +154,7 @@ PyObject* cpu_gemm(PyObject*, PyObject* args) {
 PyObject* onednn_calls(PyObject*, PyObject*) { return PyLong_FromLongLong(idid_kernels::cpu::onednn_calls()); }
 PyObject* onednn_available(PyObject*, PyObject*) { return PyBool_FromLong(idid_kernels::cpu::onednn_available()); }
 PyMethodDef module_methods[] = {
-    {"cpu_gemm", cpu_gemm, METH_VARARGS, "cpu_gemm([engine]): the CPU GEMM engine (cpu/gemm.h); sets it if given."},
+    {"cpu_gemm", cpu_gemm, METH_VARARGS, "cpu_gemm([engine index]): the CPU GEMM engine (cpu/gemm.h); sets it if given."},
     {"onednn_available", onednn_available, METH_NOARGS, "Whether torch's oneDNN float32 matmul is reachable."},
     {"onednn_calls", onednn_calls, METH_NOARGS, "GEMMs the CPU kernels ran through oneDNN so far."},
     {"scratch_bytes", scratch_bytes, METH_NOARGS, "Bytes of the kept CPU scratch block (csrc/cpu/scratch.h)."},

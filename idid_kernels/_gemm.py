@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from ._backends import extension as _ext
 
-ENGINES = ("auto", "aten", "onednn")
+ENGINES = ("auto", "aten", "onednn")  # in the order of csrc/cpu/gemm.h's GemmEngine
 
 
 def cpu_gemm(engine: str | None = None) -> str:
@@ -28,7 +28,7 @@ def cpu_gemm(engine: str | None = None) -> str:
         if engine is not None:
             raise RuntimeError("cpu_gemm: the C++ extension is not built")
         return "aten"
-    return str(ext.cpu_gemm() if engine is None else ext.cpu_gemm(engine))
+    return str(ext.cpu_gemm() if engine is None else ext.cpu_gemm(ENGINES.index(engine)))
 
 
 def onednn_available() -> bool:

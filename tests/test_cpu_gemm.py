@@ -51,12 +51,20 @@ def test_cpu_mm_matches_torch(engine, layout, shape):
         torch.randn(n, k, generator=g, dtype=torch.float64).t()
     truth = a @ b
     assert torch.equal(torch.ops.idid_kernels.cpu_mm(a, b), truth)  # float64: always torch.mm's BLAS
-    before = _onednn_calls()
-    out = torch.ops.idid_kernels.cpu_mm(a.float(), b.float())
-    assert out.dtype == torch.float32 and out.shape == (m, n)
-    assert _rel(out, truth) < 1e-6
+    into = torch.full((m, n), float("nan"), dtype=torch.float64)
+    torch.ops.idid_kernels.cpu_mm_out(a, b, into)
+    assert torch.equal(into, truth)
     big = m * n * k >= 128 ** 3
-    assert _onednn_calls() - before == (1 if engine == "onednn" and big else 0)
+    for out_variant in (False, True):
+        before = _onednn_calls()
+        if out_variant:
+            out = torch.full((m, n), float("nan"))
+            torch.ops.idid_kernels.cpu_mm_out(a.float(), b.float(), out)
+        else:
+            out = torch.ops.idid_kernels.cpu_mm(a.float(), b.float())
+        assert out.dtype == torch.float32 and out.shape == (m, n)
+        assert _rel(out, truth) < 1e-6
+        assert _onednn_calls() - before == (1 if engine == "onednn" and big else 0)
 
 
 def test_cpu_mm_rejects_bad_shapes():
@@ -64,6 +72,30 @@ def test_cpu_mm_rejects_bad_shapes():
         torch.ops.idid_kernels.cpu_mm(torch.ones(3, 4), torch.ones(5, 2))
     with pytest.raises(RuntimeError, match="dtypes differ"):
         torch.ops.idid_kernels.cpu_mm(torch.ones(3, 4), torch.ones(4, 2, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="expected"):
+        torch.ops.idid_kernels.cpu_mm_out(torch.ones(3, 4), torch.ones(5, 2), torch.empty(3, 2))
+    with pytest.raises(RuntimeError, match="out must be"):
+        torch.ops.idid_kernels.cpu_mm_out(torch.ones(3, 4), torch.ones(4, 2), torch.empty(2, 3))
+    with pytest.raises(RuntimeError, match="out is"):
+        torch.ops.idid_kernels.cpu_mm_out(torch.ones(3, 4), torch.ones(4, 2), torch.empty(3, 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("engine", ENGINES, indirect=True)
+def test_bench_floor_runs_in_the_kernels_engine(engine):
+    """The bench's floor multiplies in the engine the kernels use, so its fraction counts only the work
+    around their GEMMs; float64 floors keep torch.mm."""
+    from idid_kernels.bench.cases import _linear_gemms, floor_mm
+
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(256, 128, generator=g), torch.randn(192, 128, generator=g)
+    assert (floor_mm(x) is torch.mm) == (engine == "aten")
+    assert floor_mm(x.double()) is torch.mm
+    a, b = x[:64], w.t()
+    assert _rel(floor_mm(x)(a, b), a.double() @ b.double()) < 1e-6
+    run = _linear_gemms([x, w])
+    before = _onednn_calls()
+    run()
+    assert _onednn_calls() - before == (3 if engine == "onednn" else 0)
 
 
 def _cm(x, w, y, backend):

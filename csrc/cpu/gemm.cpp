@@ -125,8 +125,6 @@ bool use_onednn(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b)
 
 bool onednn_available() { return &at::native::mkldnn_matmul != nullptr && at::hasMKLDNN(); }
 
-GemmEngine gemm_engine_setting() { return setting(); }
-
 void set_gemm_engine(GemmEngine engine) {
   TORCH_CHECK(engine != GemmEngine::kOneDnn || onednn_available(),
               "cpu_gemm('onednn'): this torch build has no oneDNN matmul");
@@ -163,16 +161,35 @@ void addmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double al
 }  // namespace cpu
 }  // namespace idid_kernels
 
-// cpu_mm(a, b): a b through the kernels' GEMM path above, for the bench's floor in the kernels' own
-// engine and for tests. CPU only; no autograd.
-TORCH_LIBRARY_FRAGMENT(idid_kernels, m) { m.def("cpu_mm(Tensor a, Tensor b) -> Tensor"); }
+// cpu_mm(a, b) and cpu_mm_out(a, b, out): a b through the kernels' GEMM path above, for the bench's
+// floor in the kernels' own engine and for tests. CPU only; no autograd.
+TORCH_LIBRARY_FRAGMENT(idid_kernels, m) {
+  m.def("cpu_mm(Tensor a, Tensor b) -> Tensor");
+  m.def("cpu_mm_out(Tensor a, Tensor b, Tensor(a!) out) -> ()");
+}
+
+namespace {
+
+void check_cpu_mm(const char* name, const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), name, ": expected (m, k) and (k, n), got ",
+              a.sizes(), " and ", b.sizes());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), name, ": dtypes differ: ", a.scalar_type(), " and ",
+              b.scalar_type());
+}
+
+}  // namespace
 
 TORCH_LIBRARY_IMPL(idid_kernels, CPU, m) {
   m.impl("cpu_mm", [](const at::Tensor& a, const at::Tensor& b) {
-    TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "cpu_mm: expected (m, k) and (k, n), got ",
-                a.sizes(), " and ", b.sizes());
-    TORCH_CHECK(a.scalar_type() == b.scalar_type(), "cpu_mm: dtypes differ: ", a.scalar_type(), " and ",
-                b.scalar_type());
+    check_cpu_mm("cpu_mm", a, b);
     return idid_kernels::cpu::mm(a, b);
+  });
+  m.impl("cpu_mm_out", [](const at::Tensor& a, const at::Tensor& b, at::Tensor out) {
+    check_cpu_mm("cpu_mm_out", a, b);
+    TORCH_CHECK(out.dim() == 2 && out.size(0) == a.size(0) && out.size(1) == b.size(1), "cpu_mm_out: out must be (",
+                a.size(0), ", ", b.size(1), "), got ", out.sizes());
+    TORCH_CHECK(out.scalar_type() == a.scalar_type(), "cpu_mm_out: out is ", out.scalar_type(), ", the operands ",
+                a.scalar_type());
+    idid_kernels::cpu::mm_out(out, a, b);
   });
 }

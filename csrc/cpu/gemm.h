@@ -31,9 +31,8 @@ at::Tensor mm(const at::Tensor& a, const at::Tensor& b);
 // out += alpha a b.
 void addmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double alpha = 1.0);
 
-// The setting (auto, aten, onednn) and the engine float32 GEMMs take under it ("aten" or "onednn";
-// under auto the first call times both). set_gemm_engine throws if oneDNN is asked for but missing.
-GemmEngine gemm_engine_setting();
+// Sets the engine (auto, aten, onednn); throws if oneDNN is asked for but missing. The engine
+// float32 GEMMs take under the setting: "aten" or "onednn" (under auto the first call times both).
 void set_gemm_engine(GemmEngine engine);
 const char* gemm_engine_in_use();
 bool onednn_available();

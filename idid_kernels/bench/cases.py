@@ -20,6 +20,8 @@ from typing import Callable
 
 import torch
 
+from .._gemm import cpu_gemm
+
 SUITES = ("cm", "heads", "idid", "primitives")
 # Named case lists outside "all": "gpu-goals" holds the sizes a GPU run is judged by.
 GOAL_SUITES = ("gpu-goals",)
@@ -86,15 +88,34 @@ def _idid_make(b, d, c):
     return make
 
 
+def floor_mm(t: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """``mm(a, b, out=None)`` for a floor of operands like ``t``: the GEMMs the fused kernels run, so
+    that a floor fraction counts only the work around them. On a CPU whose kernels multiply float32
+    through oneDNN (``idid_kernels.cpu_gemm()``, chosen where it is the faster engine) that is
+    ``torch.ops.idid_kernels.cpu_mm_out``; elsewhere (other dtypes, torch.mm's BLAS, GPUs) torch.mm."""
+    if t.device.type != "cpu" or t.dtype != torch.float32 or cpu_gemm() != "onednn":
+        return torch.mm
+    op = torch.ops.idid_kernels.cpu_mm_out
+
+    def mm(a, b, out=None):
+        if out is None:
+            out = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype, device=a.device)
+        op(a, b, out)
+        return out
+    return mm
+
+
 def _linear_gemms(inputs):
-    """X W^T, G W, G^T X: the three GEMMs of a linear layer's forward + backward (6 N d C flops)."""
+    """X W^T, G W, G^T X: the three GEMMs of a linear layer's forward + backward (6 N d C flops), in
+    the kernels' GEMM engine (:func:`floor_mm`)."""
     x, w = (t.detach() for t in inputs[:2])
     s = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+    mm = floor_mm(x)
 
     def run():
-        torch.mm(x, w.t(), out=s)
-        torch.mm(s, w)
-        torch.mm(s.t(), x)
+        mm(x, w.t(), out=s)
+        mm(s, w)
+        mm(s.t(), x)
     return run
 
 
@@ -299,18 +320,19 @@ def _idid_floor(inputs):
     s = torch.empty(b, c, dtype=x.dtype, device=x.device)
     gram = torch.empty(m, m, dtype=x.dtype, device=x.device)
     xm = x[:m]
+    mm = floor_mm(x)
 
     def run():
-        torch.mm(x, w.t(), out=s)
+        mm(x, w.t(), out=s)
         torch.exp_(s)
-        torch.mm(s, w)
-        torch.mm(s.t(), x)
+        mm(s, w)
+        mm(s.t(), x)
         r = torch.softmax(theta[:k] + theta[:, :k].t(), dim=1)
         dtheta = torch.zeros(c, c, dtype=x.dtype, device=x.device)
         dtheta[:k] += r
         dtheta[:, :k] += r.t()
-        torch.mm(xm, xm.t(), out=gram)
-        torch.mm(gram, xm)
+        mm(xm, xm.t(), out=gram)
+        mm(gram, xm)
     return run
 
 

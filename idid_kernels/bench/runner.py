@@ -531,6 +531,10 @@ def _versions() -> dict:
     return out
 
 
+def _engine_name(engine: str) -> str:
+    return "torch.mm's BLAS" if engine == "aten" else "oneDNN"
+
+
 def run_bench(cases: list[Case], cfg: BenchConfig, *, command: str | None = None) -> BenchResult:
     """Run ``cases`` under ``cfg``; returns every row with the run's metadata and notes."""
     device = torch.device(cfg.device)
@@ -568,8 +572,8 @@ def run_bench(cases: list[Case], cfg: BenchConfig, *, command: str | None = None
                         f"~{cfg.budget_s:g} s per implementation"),
         "memory": memory_method(device),
         "gemm": ("cuBLAS (torch.mm) for every implementation and the floor" if device.type == "cuda"
-                 else f"this package's CPU kernels: {cpu_gemm()} (idid_kernels.cpu_gemm); eager, compile and the floor: "
-                      f"torch.mm's BLAS"),
+                 else f"this package's CPU kernels and the floor: {_engine_name(cpu_gemm())} (idid_kernels.cpu_gemm); "
+                      f"eager and compile: torch.mm's BLAS"),
         "load_avg_start": load_start,
         "load_avg_end": _loadavg(),
         "other_busy_cores": contention.stop(),
