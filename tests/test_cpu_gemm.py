@@ -96,6 +96,9 @@ def test_bench_floor_runs_in_the_kernels_engine(engine):
     before = _onednn_calls()
     run()
     assert _onednn_calls() - before == (3 if engine == "onednn" else 0)
+    from idid_kernels.bench.runner import _gemm_line
+    line = _gemm_line(torch.device("cpu"))
+    assert ("oneDNN" in line) == (engine == "onednn") and "floor" in line
 
 
 def _cm(x, w, y, backend):

@@ -531,8 +531,14 @@ def _versions() -> dict:
     return out
 
 
-def _engine_name(engine: str) -> str:
-    return "torch.mm's BLAS" if engine == "aten" else "oneDNN"
+def _gemm_line(device: torch.device) -> str:
+    """Which GEMMs the implementations and the floor run (the bench header's "GEMMs:" line)."""
+    if device.type == "cuda":
+        return "cuBLAS (torch.mm) for every implementation and the floor"
+    if cpu_gemm() == "aten":
+        return "torch.mm's BLAS for every implementation and the floor (idid_kernels.cpu_gemm: aten)"
+    return ("this package's CPU kernels and the floor: oneDNN (idid_kernels.cpu_gemm); eager and compile: "
+            "torch.mm's BLAS")
 
 
 def run_bench(cases: list[Case], cfg: BenchConfig, *, command: str | None = None) -> BenchResult:
@@ -571,9 +577,7 @@ def run_bench(cases: list[Case], cfg: BenchConfig, *, command: str | None = None
                         f"each, the implementations and the floor interleaved in rounds of short blocks within "
                         f"~{cfg.budget_s:g} s per implementation"),
         "memory": memory_method(device),
-        "gemm": ("cuBLAS (torch.mm) for every implementation and the floor" if device.type == "cuda"
-                 else f"this package's CPU kernels and the floor: {_engine_name(cpu_gemm())} (idid_kernels.cpu_gemm); "
-                      f"eager and compile: torch.mm's BLAS"),
+        "gemm": _gemm_line(device),
         "load_avg_start": load_start,
         "load_avg_end": _loadavg(),
         "other_busy_cores": contention.stop(),
