@@ -7,7 +7,6 @@
 // of cuda/*.cu run by the emulator (backend="cuda" on CPU tensors, IDID_KERNELS_CUDA_EMULATE=1).
 #include <Python.h>
 
-#include <cstring>
 #include <torch/library.h>
 
 #include "cpu/gemm.h"
@@ -134,16 +133,22 @@ PyObject* scratch_keep(PyObject*, PyObject* args) {
 // cpu_gemm([engine]): engine 0, 1 or 2 (GemmEngine: auto, aten, onednn; idid_kernels/_gemm.py
 // maps the names) sets the CPU GEMM engine (cpu/gemm.h); returns the one float32 GEMMs take.
 PyObject* cpu_gemm(PyObject*, PyObject* args) {
-  int engine = -1;
-  if (!PyArg_ParseTuple(args, "|i", &engine)) return nullptr;
+  PyObject* engine = nullptr;
+  if (!PyArg_ParseTuple(args, "|O", &engine)) return nullptr;
   try {
     using idid_kernels::cpu::GemmEngine;
-    if (engine != -1) {
-      if (engine < static_cast<int>(GemmEngine::kAuto) || engine > static_cast<int>(GemmEngine::kOneDnn)) {
-        PyErr_Format(PyExc_ValueError, "cpu_gemm: engine index must be 0, 1 or 2, got %d", engine);
+    if (engine != nullptr) {
+      if (!PyLong_Check(engine)) {
+        PyErr_Format(PyExc_TypeError, "cpu_gemm: engine index must be an int, got %s", Py_TYPE(engine)->tp_name);
         return nullptr;
       }
-      idid_kernels::cpu::set_gemm_engine(static_cast<GemmEngine>(engine));
+      const long e = PyLong_AsLong(engine);
+      if (e == -1 && PyErr_Occurred()) return nullptr;
+      if (e < static_cast<long>(GemmEngine::kAuto) || e > static_cast<long>(GemmEngine::kOneDnn)) {
+        PyErr_Format(PyExc_ValueError, "cpu_gemm: engine index must be 0, 1 or 2, got %ld", e);
+        return nullptr;
+      }
+      idid_kernels::cpu::set_gemm_engine(static_cast<GemmEngine>(e));
     }
     return PyUnicode_FromString(idid_kernels::cpu::gemm_engine_in_use());
   } catch (const std::exception& exc) {

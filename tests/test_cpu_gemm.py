@@ -78,6 +78,9 @@ def test_cpu_mm_rejects_bad_shapes():
         torch.ops.idid_kernels.cpu_mm_out(torch.ones(3, 4), torch.ones(4, 2), torch.empty(2, 3))
     with pytest.raises(RuntimeError, match="out is"):
         torch.ops.idid_kernels.cpu_mm_out(torch.ones(3, 4), torch.ones(4, 2), torch.empty(3, 2, dtype=torch.float64))
+    a = torch.ones(4, 4)
+    with pytest.raises(RuntimeError, match="single memory location"):
+        torch.ops.idid_kernels.cpu_mm_out(a, torch.ones(4, 4), a)
 
 
 @pytest.mark.parametrize("engine", ENGINES, indirect=True)
@@ -99,6 +102,18 @@ def test_bench_floor_runs_in_the_kernels_engine(engine):
     from idid_kernels.bench.runner import _gemm_line
     line = _gemm_line(torch.device("cpu"))
     assert ("oneDNN" in line) == (engine == "onednn") and "floor" in line
+    assert "oneDNN (" not in _gemm_line(torch.device("cpu"), torch.float64)  # a float64 floor is torch.mm's
+
+
+def test_binding_takes_an_engine_index():
+    ext = _backends.extension()
+    with pytest.raises(ValueError, match="engine index"):
+        ext.cpu_gemm(3)
+    with pytest.raises(ValueError, match="engine index"):
+        ext.cpu_gemm(-1)
+    with pytest.raises(TypeError):
+        ext.cpu_gemm("aten")
+    assert ext.cpu_gemm() in ("aten", "onednn")
 
 
 def _cm(x, w, y, backend):

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <mutex>
 
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 // oneDNN's matmul behind torch's own mkldnn matmuls (result = beta result + alpha mat1 mat2), in
@@ -190,6 +191,8 @@ TORCH_LIBRARY_IMPL(idid_kernels, CPU, m) {
                 a.size(0), ", ", b.size(1), "), got ", out.sizes());
     TORCH_CHECK(out.scalar_type() == a.scalar_type(), "cpu_mm_out: out is ", out.scalar_type(), ", the operands ",
                 a.scalar_type());
+    at::assert_no_overlap(out, a);  // oneDNN would write into an operand it is still reading
+    at::assert_no_overlap(out, b);
     idid_kernels::cpu::mm_out(out, a, b);
   });
 }

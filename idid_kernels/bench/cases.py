@@ -89,10 +89,12 @@ def _idid_make(b, d, c):
 
 
 def floor_mm(t: torch.Tensor) -> Callable[..., torch.Tensor]:
-    """``mm(a, b, out=None)`` for a floor of operands like ``t``: the GEMMs the fused kernels run, so
-    that a floor fraction counts only the work around them. On a CPU whose kernels multiply float32
-    through oneDNN (``idid_kernels.cpu_gemm()``, chosen where it is the faster engine) that is
-    ``torch.ops.idid_kernels.cpu_mm_out``; elsewhere (other dtypes, torch.mm's BLAS, GPUs) torch.mm."""
+    """``mm(a, b, out=None)`` for a floor of operands like ``t``, in the GEMM engine of the fused
+    kernels, so that a floor fraction is not moved by one GEMM library being faster than another. On
+    a CPU whose kernels multiply float32 through oneDNN (``idid_kernels.cpu_gemm()``, chosen where
+    it is the faster engine) a float32 floor takes ``torch.ops.idid_kernels.cpu_mm_out``; everything
+    else (torch.mm's BLAS as the engine, float64, half dtypes, GPUs) takes torch.mm in the floor's
+    dtype (the kernels multiply CPU half inputs as float32, so a half CPU floor stays torch.mm's)."""
     if t.device.type != "cpu" or t.dtype != torch.float32 or cpu_gemm() != "onednn":
         return torch.mm
     op = torch.ops.idid_kernels.cpu_mm_out

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from .runner import MISMATCH, NOISY_IQR, OK, BenchResult, Row
 
-META_COLUMNS = ("date", "device", "device_name", "torch_threads", "version_torch", "version_idid_kernels", "command")
+META_COLUMNS = ("date", "device", "device_name", "torch_threads", "version_torch", "version_idid_kernels", "command",
+                "gemm")
 
 
 def _num(x: float | None, digits: int = 3) -> str:

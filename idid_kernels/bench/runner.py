@@ -531,12 +531,15 @@ def _versions() -> dict:
     return out
 
 
-def _gemm_line(device: torch.device) -> str:
+def _gemm_line(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     """Which GEMMs the implementations and the floor run (the bench header's "GEMMs:" line)."""
     if device.type == "cuda":
         return "cuBLAS (torch.mm) for every implementation and the floor"
     if cpu_gemm() == "aten":
         return "torch.mm's BLAS for every implementation and the floor (idid_kernels.cpu_gemm: aten)"
+    if dtype != torch.float32:
+        return (f"torch.mm's BLAS for eager, compile and the {str(dtype).replace('torch.', '')} floor; this "
+                f"package's CPU kernels: oneDNN for float32 GEMMs (idid_kernels.cpu_gemm)")
     return ("this package's CPU kernels and the floor: oneDNN (idid_kernels.cpu_gemm); eager and compile: "
             "torch.mm's BLAS")
 
@@ -577,7 +580,7 @@ def run_bench(cases: list[Case], cfg: BenchConfig, *, command: str | None = None
                         f"each, the implementations and the floor interleaved in rounds of short blocks within "
                         f"~{cfg.budget_s:g} s per implementation"),
         "memory": memory_method(device),
-        "gemm": _gemm_line(device),
+        "gemm": _gemm_line(device, cfg.dtype),
         "load_avg_start": load_start,
         "load_avg_end": _loadavg(),
         "other_busy_cores": contention.stop(),
