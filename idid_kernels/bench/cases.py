@@ -88,21 +88,27 @@ def _idid_make(b, d, c):
     return make
 
 
+def floor_uses_onednn(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a floor on ``device`` in ``dtype`` multiplies through oneDNN (:func:`floor_mm`)."""
+    return device.type == "cpu" and dtype == torch.float32 and cpu_gemm() == "onednn"
+
+
 def floor_mm(t: torch.Tensor) -> Callable[..., torch.Tensor]:
     """``mm(a, b, out=None)`` for a floor of operands like ``t``, in the GEMM engine of the fused
     kernels, so that a floor fraction is not moved by one GEMM library being faster than another. On
     a CPU whose kernels multiply float32 through oneDNN (``idid_kernels.cpu_gemm()``, chosen where
-    it is the faster engine) a float32 floor takes ``torch.ops.idid_kernels.cpu_mm_out``; everything
-    else (torch.mm's BLAS as the engine, float64, half dtypes, GPUs) takes torch.mm in the floor's
-    dtype (the kernels multiply CPU half inputs as float32, so a half CPU floor stays torch.mm's)."""
-    if t.device.type != "cpu" or t.dtype != torch.float32 or cpu_gemm() != "onednn":
+    it is the faster engine) a float32 floor takes ``torch.ops.idid_kernels.cpu_mm`` /
+    ``cpu_mm_out``; everything else (torch.mm's BLAS as the engine, float64, half dtypes, GPUs) takes
+    torch.mm in the floor's dtype (the kernels multiply CPU half inputs as float32, so a half CPU
+    floor stays torch.mm's)."""
+    if not floor_uses_onednn(t.device, t.dtype):
         return torch.mm
-    op = torch.ops.idid_kernels.cpu_mm_out
+    ops = torch.ops.idid_kernels
 
     def mm(a, b, out=None):
         if out is None:
-            out = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype, device=a.device)
-        op(a, b, out)
+            return ops.cpu_mm(a, b)
+        ops.cpu_mm_out(a, b, out)
         return out
     return mm
 

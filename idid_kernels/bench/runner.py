@@ -38,7 +38,7 @@ from .. import functional, reference
 from .._gemm import cpu_gemm
 from .._backends import BACKENDS, IMPLEMENTED, available_backends, missing, runs_on
 from ..check import TOLERANCES, _rel
-from .cases import Case
+from .cases import Case, floor_uses_onednn
 from .measure import ContentionMonitor, Timing, memory_method, peak_memory_mb, proc_table, time_step, time_steps
 from .progress import Progress
 
@@ -537,11 +537,11 @@ def _gemm_line(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
         return "cuBLAS (torch.mm) for every implementation and the floor"
     if cpu_gemm() == "aten":
         return "torch.mm's BLAS for every implementation and the floor (idid_kernels.cpu_gemm: aten)"
-    if dtype != torch.float32:
-        return (f"torch.mm's BLAS for eager, compile and the {str(dtype).replace('torch.', '')} floor; this "
-                f"package's CPU kernels: oneDNN for float32 GEMMs (idid_kernels.cpu_gemm)")
-    return ("this package's CPU kernels and the floor: oneDNN (idid_kernels.cpu_gemm); eager and compile: "
-            "torch.mm's BLAS")
+    if floor_uses_onednn(device, dtype):
+        return ("this package's CPU kernels and the floor: oneDNN (idid_kernels.cpu_gemm); eager and compile: "
+                "torch.mm's BLAS")
+    return (f"torch.mm's BLAS for eager, compile and the {str(dtype).replace('torch.', '')} floor; this "
+            f"package's CPU kernels: oneDNN for float32 GEMMs (idid_kernels.cpu_gemm)")
 
 
 def run_bench(cases: list[Case], cfg: BenchConfig, *, command: str | None = None) -> BenchResult:
