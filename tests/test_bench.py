@@ -7,6 +7,7 @@ import importlib.util
 import io
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -383,6 +384,26 @@ def test_compile_workers_are_stopped_before_timing(monkeypatch):
     assert order[0] == "quiesce" and order.count("quiesce") == 1 and "measure" in order
     assert not any("child processes still alive" in n for n in result.notes)
     assert real() == []
+
+
+def test_quiesce_reports_live_children_but_not_multiprocessing_helpers():
+    """A child the process started is reported; multiprocessing's resource tracker (resident once
+    anything used spawn, e.g. an earlier mp.spawn of the caller) is not: it waits on a pipe and
+    cannot be stopped without breaking the caller's multiprocessing."""
+    import multiprocessing.resource_tracker as tracker
+    import subprocess
+
+    tracker.ensure_running()
+    helper = tracker._resource_tracker._pid
+    assert isinstance(helper, int) and helper in runner_mod._resident_helpers()
+    assert helper not in runner_mod._quiesce()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert child.pid in runner_mod._quiesce()
+    finally:
+        child.kill()
+        child.wait()
+    assert child.pid not in runner_mod._quiesce()
 
 
 def test_heads_suite_runs_every_backend_against_the_official_formula():

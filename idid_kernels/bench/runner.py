@@ -402,10 +402,25 @@ def _noisy(row: Row) -> bool:
     return row.median_ms > 0 and (row.q3_ms - row.q1_ms) > NOISY_IQR * row.median_ms
 
 
+def _resident_helpers() -> set[int]:
+    """Pids of the helper processes multiprocessing keeps for the life of the process once anything
+    used its spawn or forkserver start methods (the resource tracker, the fork server): they wait on a
+    pipe, run nothing of this package, and cannot be stopped without breaking the caller's own use of
+    multiprocessing."""
+    pids = set()
+    for module, holder, attr in (("multiprocessing.resource_tracker", "_resource_tracker", "_pid"),
+                                 ("multiprocessing.forkserver", "_forkserver", "_forkserver_pid")):
+        mod = sys.modules.get(module)
+        pid = getattr(getattr(mod, holder, None), attr, None)
+        if isinstance(pid, int):
+            pids.add(pid)
+    return pids
+
+
 def _quiesce() -> list[int]:
     """Stop torch.compile's compiler worker processes (the first compilation starts a pool of them,
     which would otherwise share the cores with the rows being timed) and return the pids of any
-    child process still alive."""
+    other child process still alive (multiprocessing's resident helpers aside: _resident_helpers)."""
     try:
         from torch._inductor import async_compile
         async_compile.shutdown_compile_workers()
@@ -416,7 +431,8 @@ def _quiesce() -> list[int]:
         table = proc_table()
     except OSError:  # no /proc
         return []
-    return [pid for pid, (state, parent, _) in table.items() if parent == me and state != "Z"]
+    helpers = _resident_helpers()
+    return [pid for pid, (state, parent, _) in table.items() if parent == me and state != "Z" and pid not in helpers]
 
 
 # Bytes of float64 reference intermediates the full-size check may take; above, it runs on fewer rows.
